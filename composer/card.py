@@ -1,0 +1,56 @@
+"""The model card (README.md): Hub front matter for lineage, then the method, the layer map and the recipe."""
+from __future__ import annotations
+
+import yaml
+
+from composer.plan import Plan
+from composer.report import layer_runs
+
+METHODS = {
+    "depth-upscaling": (
+        "depth up-scaling",
+        "[SOLAR 10.7B: Scaling Large Language Models with Simple yet Effective Depth Up-Scaling]"
+        "(https://arxiv.org/abs/2312.15166)",
+    ),
+    "block-expansion": (
+        "block expansion: each inserted layer copies the one before it with `o_proj` and `down_proj` zeroed, "
+        "so the model computes exactly what the original did until the new blocks are trained",
+        "[LLaMA Pro: Progressive LLaMA with Block Expansion](https://arxiv.org/abs/2401.02415)",
+    ),
+    "interleave": (
+        "interleaving overlapping windows of layers from several models (passthrough)",
+        "[SOLAR 10.7B](https://arxiv.org/abs/2312.15166) for depth up-scaling by layer stacking",
+    ),
+    "passthrough": ("passthrough: layers stacked as the recipe lists them", ""),
+}
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def model_card(plan: Plan) -> str:
+    bases = list(dict.fromkeys([plan.base, *(la.model for la in plan.layers)]))
+    front = {
+        "base_model": bases[0] if len(bases) == 1 else bases,
+        "tags": ["composer", "merge", plan.operation],
+        "library_name": "transformers",
+    }
+    what, paper = METHODS[plan.operation]
+    rows = "\n".join(
+        f"| {_span(*r['out'])} | {r['model']} | {_span(*r['source'])} | {r['status']}"
+        f"{' (' + ', '.join(r['zeroed']) + ' zeroed)' if r['zeroed'] else ''} |"
+        for r in layer_runs(plan)
+    )
+    counts = ", ".join(f"`{m}` ({plan.sources[m].num_layers} layers)" for m in bases if m in plan.sources)
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# {plan.recipe_path.rsplit('/', 1)[-1].rsplit('.', 1)[0] if plan.recipe_path else 'composed model'}\n\n"
+        f"This model was built with composer from {counts}.\n\n"
+        f"## Method\n\n{what[0].upper() + what[1:]}.{' Paper: ' + paper + '.' if paper else ''}\n\n"
+        f"## Layers\n\n{len(plan.layers)} layers, {plan.num_parameters:,} parameters.\n\n"
+        "| output layers | model | source layers | status |\n|---|---|---|---|\n"
+        f"{rows}\n\n"
+        "`composer_provenance.json` lists where every tensor came from; layers marked *new* are the ones to train.\n\n"
+        f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"
+    )

@@ -1,0 +1,418 @@
+"""Build a recipe into a Plan: every output tensor's op, sources, parameters and dtype, from headers alone."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from composer.errors import PlanError, SourceError
+from composer.params import resolve_parameter
+from composer.recipe import DTYPES, Recipe
+from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ITEMSIZE, ST_DTYPE
+from composer.sources import SourceModel, TensorInfo
+from composer.writer import ShardPlan, layout_shards
+
+LAYER_RE = re.compile(r"^(.*?\blayers)\.(\d+)\.(.+)$")
+# Architectures whose decoder block is x + attn(norm(x)) then x + mlp(norm(x)), with the attention ending in
+# o_proj and the MLP in down_proj: zeroing those two (and their biases) makes the block an exact identity.
+IDENTITY_SAFE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+ZEROED_IN_COPIES = ("o_proj", "down_proj")
+# Config entries that hold one value per layer and must follow the new layer order.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+DEFAULT_SHARD_SIZE = 5_000_000_000
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements per compute chunk: bounds working memory whatever the tensor size
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: what op makes it, from which source tensors, with which parameters, in which dtype."""
+
+    name: str
+    op: str  # "copy" | "zeros" | "scale"
+    inputs: tuple[TensorInfo, ...]
+    models: tuple[str, ...]
+    dtype: str
+    via: str | None = None  # the recipe's `dtype`: values are rounded through it first, as mergekit does
+    params: tuple[tuple[str, float], ...] = ()
+    layer: int | None = None
+    source_layer: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
+
+    @property
+    def numel(self) -> int:
+        return self.inputs[0].numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def is_byte_copy(self) -> bool:
+        src = self.inputs[0].dtype
+        return self.op == "copy" and src == self.dtype and self.via in (None, src)
+
+    @property
+    def status(self) -> str:
+        if self.op == "zeros" or (self.op == "scale" and dict(self.params).get("scale") == 0):
+            return "zeroed"
+        if self.op == "scale":
+            return "scaled"
+        return "copied" if self.is_byte_copy else "converted"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One output layer: which model and layer it comes from, and whether it is new (an identity block)."""
+
+    index: int
+    model: str
+    source_layer: int
+    status: str  # "copied" | "new" | "scaled"
+    zeroed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    operation: str
+    base: str
+    tokenizer_from: str
+    sources: Mapping[str, SourceModel]
+    tensors: tuple[TensorPlan, ...]
+    layers: tuple[LayerPlan, ...]
+    config: Mapping[str, Any]
+    shards: tuple[ShardPlan, ...]
+    recipe_text: str = ""
+    recipe_path: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def peak_memory(self) -> int:
+        """Working memory for tensor data: the largest chunk buffers one computed tensor needs; copies need none."""
+        worst = 0
+        for t in self.tensors:
+            if not t.is_byte_copy:
+                worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
+        return worst
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """An output layer before tensors are planned: source, and where its parameters come from."""
+
+    model: str
+    source_layer: int
+    t: float
+    scopes: tuple[Mapping[str, Any] | None, ...] = ()
+    expanded: bool = False
+
+
+def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInfo]], dict[str, TensorInfo]]:
+    """Split a model's tensors into (layer prefix, {layer: {suffix: info}}, {non-layer name: info})."""
+    prefixes, layers, other = set(), {}, {}
+    for name, info in model.tensors.items():
+        m = LAYER_RE.match(name)
+        if m:
+            prefixes.add(m.group(1))
+            layers.setdefault(int(m.group(2)), {})[m.group(3)] = info
+        else:
+            other[name] = info
+    if len(prefixes) > 1:
+        raise PlanError(
+            f"model '{model.name}' has layers under several prefixes ({', '.join(sorted(prefixes))}): "
+            "multi-module models are not supported yet"
+        )
+    if not prefixes:
+        raise PlanError(f"model '{model.name}' has no decoder layers (no tensor named like '*.layers.N.*')")
+    n = model.num_layers
+    if sorted(layers) != list(range(n)):
+        raise PlanError(
+            f"model '{model.name}': config.json says num_hidden_layers={n} but its weights hold layers "
+            f"{min(layers)}..{max(layers)} ({len(layers)} layers)"
+        )
+    return prefixes.pop(), layers, other
+
+
+def _check_range(model: SourceModel, start: int, end: int, where: str) -> None:
+    if end > model.num_layers:
+        raise PlanError(
+            f"{where}: layer_range [{start}, {end}] is out of range for '{model.name}', which has "
+            f"{model.num_layers} layers: use an end of at most {model.num_layers}"
+        )
+
+
+def expansion_layers(n: int, *, num_layers: int | None = None, every: int | None = None) -> list[tuple[int, bool]]:
+    """LLaMA Pro's placement (scripts/block_expansion.py): after layer i, where (i+1) % split == 0, a copy of i.
+
+    Returns [(source layer, is_copy)] in output order.
+    """
+    if every is not None:
+        split = every
+        if split > n:
+            raise PlanError(f"block_expansion every={every} is more than the model's {n} layers: use at most {n}")
+    else:
+        assert num_layers is not None
+        added = num_layers - n
+        if added < 1 or added > n:
+            raise PlanError(
+                f"block_expansion num_layers={num_layers} must be between {n + 1} and {2 * n} for a {n}-layer model"
+            )
+        split = n // added
+        if n // split != added:
+            valid = sorted({n + n // s for s in range(1, n + 1)})
+            lower = max([v for v in valid if v < num_layers], default=None)
+            upper = min([v for v in valid if v > num_layers], default=None)
+            options = [f"{v} (a copy every {n // (v - n)})" for v in (lower, upper) if v is not None]
+            raise PlanError(
+                f"block_expansion num_layers={num_layers} cannot be placed evenly in {n} layers: use "
+                + " or ".join(options)
+            )
+    out: list[tuple[int, bool]] = []
+    for i in range(n):
+        out.append((i, False))
+        if (i + 1) % split == 0:
+            out.append((i, True))
+    return out
+
+
+def _compile_layers(recipe: Recipe, sources: Mapping[str, SourceModel]) -> tuple[list[_Layer], list[str]]:
+    """The output layer sequence for any recipe form, plus the models giving the pre and post tensors."""
+    g = recipe.parameters
+    if recipe.block_expansion is not None:
+        be = recipe.block_expansion
+        n = sources[be.model].num_layers
+        seq = expansion_layers(n, num_layers=be.num_layers, every=be.every)
+        return [_Layer(be.model, i, 0.0, (), copy) for i, copy in seq], [be.model, be.model]
+    if recipe.models is not None:
+        entry = recipe.models[0]
+        n = sources[entry.model].num_layers
+        layers = [_Layer(entry.model, i, i / (n - 1) if n > 1 else 1.0, (entry.parameters, g)) for i in range(n)]
+        return layers, [entry.model, entry.model]
+    if recipe.interleave is not None:
+        il = recipe.interleave
+        counts = {sources[m].num_layers for m in il.models}
+        if len(counts) != 1:
+            raise PlanError("interleave needs models with the same number of layers: " + ", ".join(
+                f"'{m}' has {sources[m].num_layers}" for m in il.models))
+        n, step = counts.pop(), il.window - il.overlap
+        if il.window > n or (n - il.window) % step:
+            raise PlanError(
+                f"interleave window={il.window} overlap={il.overlap} does not tile {n} layers: "
+                f"(layers - window) must be a multiple of window - overlap = {step}"
+            )
+        layers = []
+        for k, start in enumerate(range(0, n - il.window + 1, step)):
+            model = il.models[k % len(il.models)]
+            layers += [_Layer(model, start + i, i / (il.window - 1) if il.window > 1 else 1.0) for i in range(il.window)]
+        return layers, [il.models[0], il.models[(len(range(0, n - il.window + 1, step)) - 1) % len(il.models)]]
+    assert recipe.slices is not None
+    layers = []
+    for i, sl in enumerate(recipe.slices):
+        src = sl.sources[0]
+        start, end = src.layer_range
+        _check_range(sources[src.model], start, end, f"slices[{i}]")
+        count = end - start
+        for k in range(count):
+            t = k / (count - 1) if count > 1 else 1.0
+            layers.append(_Layer(src.model, start + k, t, (src.parameters, sl.parameters, g)))
+    return layers, [recipe.slices[0].sources[0].model, recipe.slices[-1].sources[0].model]
+
+
+def _edge_scopes(recipe: Recipe, which: int) -> tuple[Mapping[str, Any] | None, ...]:
+    """Parameter scopes for embeddings (which=0, first slice) and final norm/head (which=-1, last slice)."""
+    if recipe.slices:
+        sl = recipe.slices[which]
+        return (sl.sources[0].parameters, sl.parameters, recipe.parameters)
+    if recipe.models:
+        return (recipe.models[0].parameters, recipe.parameters)
+    return ()
+
+
+def _check_same_shape(info: TensorInfo, expected: TensorInfo, model: str, out_name: str) -> None:
+    if info.shape != expected.shape:
+        raise PlanError(
+            f"shape mismatch: '{model}' tensor '{info.name}' is {list(info.shape)} but output tensor '{out_name}' "
+            f"needs {list(expected.shape)} (from the base model): the models do not share an architecture"
+        )
+
+
+def _make_tensor(
+    recipe: Recipe, out_name: str, info: TensorInfo, model: str, scopes: tuple, t: float, *,
+    zero: bool = False, layer: int | None = None, source_layer: int | None = None,
+) -> TensorPlan:
+    via = ST_DTYPE[DTYPES[recipe.dtype]] if recipe.dtype else None
+    out = ST_DTYPE[DTYPES[recipe.out_dtype]] if recipe.out_dtype else (via or info.dtype)
+    if info.dtype not in FLOAT_DTYPES:
+        via, out = None, info.dtype
+    common = dict(name=out_name, inputs=(info,), models=(model,), dtype=out, via=via, layer=layer,
+                  source_layer=source_layer)
+    if zero:
+        return TensorPlan(op="zeros", **common)
+    scale = resolve_parameter("scale", scopes, info.name, t)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise PlanError(f"parameter scale for '{info.name}' is {scale!r}: it must be a number")
+        if scale != 1:
+            if info.dtype not in FLOAT_DTYPES:
+                raise PlanError(f"cannot scale '{info.name}' of '{model}': its dtype {info.dtype} is not a float")
+            return TensorPlan(op="scale", params=(("scale", float(scale)),), **common)
+    return TensorPlan(op="copy", **common)
+
+
+def _operation(recipe: Recipe, layers: list[_Layer], tensors: list[TensorPlan], sources) -> str:
+    if recipe.block_expansion is not None:
+        return "block-expansion"
+    if recipe.interleave is not None:
+        return "interleave"
+    zeroed = {t.layer for t in tensors if t.status == "zeroed" and t.layer is not None}
+    if zeroed:
+        return "block-expansion"
+    models = {layer.model for layer in layers}
+    if len(models) == 1 and len(layers) > sources[next(iter(models))].num_layers:
+        return "depth-upscaling"
+    return "passthrough"
+
+
+def _output_config(base: SourceModel, layers: list[_Layer], sources, out_dtype: str | None) -> dict[str, Any]:
+    config = dict(base.config)
+    config["num_hidden_layers"] = len(layers)
+    if "torch_dtype" in config:
+        config.setdefault("dtype", config.pop("torch_dtype"))
+    if out_dtype:
+        config["dtype"] = out_dtype
+    for key in PER_LAYER_KEYS:
+        if isinstance(config.get(key), list):
+            values = []
+            for layer in layers:
+                src = sources[layer.model].config.get(key)
+                if not isinstance(src, list) or len(src) != sources[layer.model].num_layers:
+                    raise PlanError(
+                        f"config key '{key}' is per-layer in the base model but '{layer.model}' "
+                        f"does not have one entry per layer"
+                    )
+                values.append(src[layer.source_layer])
+            config[key] = values
+    return config
+
+
+def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], used: set[str]) -> None:
+    arch = base.config.get("architectures")
+    for name in sorted(used):
+        other = sources[name].config.get("architectures")
+        if other != arch:
+            raise PlanError(f"models have different architectures: '{base.name}' is {arch}, '{name}' is {other}")
+
+
+def _tokenizer_model(recipe: Recipe, base: str) -> str:
+    ts = recipe.tokenizer_source
+    return base if ts in (None, "base") else ts
+
+
+def build_plan(
+    recipe: Recipe, sources: Mapping[str, SourceModel], *, shard_size: int = DEFAULT_SHARD_SIZE,
+    recipe_text: str = "", recipe_path: str = "",
+) -> Plan:
+    """Every check that can run before the first byte is written runs here."""
+    missing = [m for m in recipe.referenced_models() if m not in sources]
+    if missing:
+        raise SourceError(f"model '{missing[0]}' was not resolved")
+    layers, (pre_model, post_model) = _compile_layers(recipe, sources)
+    base_name = recipe.base_model or pre_model
+    base = sources[base_name]
+    _check_compatible(base, sources, {layer.model for layer in layers} | {pre_model, post_model})
+    prefix, base_layers, base_other = _layer_table(base)
+    template = base_layers[0]
+    tables = {name: _layer_table(sources[name]) for name in {layer.model for layer in layers} | {pre_model, post_model}}
+
+    tensors: list[TensorPlan] = []
+    edge = {"pre": (pre_model, _edge_scopes(recipe, 0)), "post": (post_model, _edge_scopes(recipe, -1))}
+    pre_names = [n for n in base_other if "embed" in n]
+    post_names = [n for n in base_other if n not in pre_names]
+
+    def edge_tensors(names: list[str], which: str) -> None:
+        model, scopes = edge[which]
+        other = tables[model][2]
+        for name in names:
+            if name not in other:
+                raise SourceError(f"model '{model}' has no tensor '{name}' (the base model '{base_name}' has it)")
+            _check_same_shape(other[name], base_other[name], model, name)
+            tensors.append(_make_tensor(recipe, name, other[name], model, scopes, 0.0))
+
+    edge_tensors(pre_names, "pre")
+    layer_plans: list[LayerPlan] = []
+    for out_idx, layer in enumerate(layers):
+        src_layers = tables[layer.model][1]
+        suffixes = src_layers[layer.source_layer]
+        if set(suffixes) != set(template):
+            diff = sorted(set(suffixes) ^ set(template))
+            raise PlanError(
+                f"'{layer.model}' layer {layer.source_layer} does not have the base model's tensors "
+                f"(differs in: {', '.join(diff[:3])}): the models do not share an architecture"
+            )
+        if layer.expanded and not all(any(z in s for s in suffixes) for z in ZEROED_IN_COPIES):
+            raise PlanError(
+                f"block expansion needs o_proj and down_proj in every layer; '{layer.model}' layer "
+                f"{layer.source_layer} lacks one"
+            )
+        made = []
+        for suffix in template:
+            info = suffixes[suffix]
+            out_name = f"{prefix}.{out_idx}.{suffix}"
+            _check_same_shape(info, template[suffix], layer.model, out_name)
+            zero = layer.expanded and any(z in suffix for z in ZEROED_IN_COPIES)
+            made.append(_make_tensor(recipe, out_name, info, layer.model, layer.scopes, layer.t, zero=zero,
+                                     layer=out_idx, source_layer=layer.source_layer))
+        tensors += made
+        zeroed = tuple(t.name.rsplit(f".{out_idx}.", 1)[1] for t in made if t.status == "zeroed")
+        status = "new" if zeroed else ("scaled" if any(t.op == "scale" for t in made) else "copied")
+        layer_plans.append(LayerPlan(out_idx, layer.model, layer.source_layer, status, zeroed))
+    edge_tensors(post_names, "post")
+
+    if recipe.block_expansion is not None:
+        arch = (base.config.get("architectures") or ["unknown"])[0]
+        if arch not in IDENTITY_SAFE:
+            raise PlanError(
+                f"block expansion keeps the model's function only for pre-norm residual blocks ending in o_proj "
+                f"and down_proj; verified for {', '.join(sorted(IDENTITY_SAFE))}, not for {arch}"
+            )
+
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    config = _output_config(base, layers, sources, out_dtype)
+    if out_dtype is None and "dtype" not in config and tensors:
+        config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
+    tok = _tokenizer_model(recipe, base_name)
+    notes = []
+    if sources[tok].path is not None and not _tokenizer_files(sources[tok].path):
+        notes.append(f"'{tok}' has no tokenizer files: the output will have none")
+    return Plan(
+        recipe=recipe, operation=_operation(recipe, layers, tensors, sources), base=base_name, tokenizer_from=tok,
+        sources=sources, tensors=tuple(tensors), layers=tuple(layer_plans), config=config,
+        shards=layout_shards(tensors, shard_size), recipe_text=recipe_text, recipe_path=recipe_path,
+        notes=tuple(notes),
+    )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
+)
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]

@@ -1,0 +1,320 @@
+"""Recipe schema: mergekit's YAML plus composer's depth sugar, validated strictly before any work starts."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+
+from composer.errors import RecipeError
+
+SUPPORTED_METHODS = {"passthrough": ("scale",)}
+# mergekit methods we know by name but do not run yet: refused by name, never ignored.
+KNOWN_UNSUPPORTED_METHODS = (
+    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap",
+    "multislerp", "core_space", "ram", "goliath", "ram_ties",
+)
+DTYPES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilteredValue(_Strict):
+    """One entry of a `[{filter, value}]` parameter list; the first entry whose filter is in the tensor name wins."""
+
+    value: Union[Scalar, list[Scalar]]
+    filter: StrictStr | None = None
+
+
+ParameterValue = Union[Scalar, list[Scalar], list[FilteredValue], FilteredValue]
+Parameters = dict[StrictStr, ParameterValue]
+
+
+class SourceSlice(_Strict):
+    model: StrictStr
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _range_forward(self) -> SourceSlice:
+        start, end = self.layer_range
+        if start < 0 or end <= start:
+            raise ValueError(
+                f"layer_range [{start}, {end}] is empty or reversed: it is [start, end) with 0 <= start < end"
+            )
+        return self
+
+
+class OutputSlice(_Strict):
+    sources: list[SourceSlice]
+    base_model: StrictStr | None = None
+    residual_weight: StrictFloat | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_or_more(self) -> OutputSlice:
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        return self
+
+
+class ModelEntry(_Strict):
+    model: StrictStr
+    parameters: Parameters | None = None
+
+
+class BlockExpansion(_Strict):
+    """LLaMA Pro: insert a zero-output copy after every `every`-th layer, or grow to `num_layers` layers."""
+
+    model: StrictStr
+    num_layers: StrictInt | None = None
+    every: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BlockExpansion:
+        if (self.num_layers is None) == (self.every is None):
+            raise ValueError("give exactly one of num_layers (the target depth) or every (a copy every n layers)")
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"every={self.every} must be at least 1")
+        return self
+
+
+class Interleave(_Strict):
+    """Goliath-style stacking: windows of `window` layers, taken from each model in turn, overlapping by `overlap`."""
+
+    models: list[StrictStr]
+    window: StrictInt
+    overlap: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _sane(self) -> Interleave:
+        if len(self.models) < 2:
+            raise ValueError("interleave needs at least two models")
+        if self.window < 1:
+            raise ValueError(f"window={self.window} must be at least 1")
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap={self.overlap} must be at least 0 and less than window={self.window}")
+        return self
+
+
+class Recipe(_Strict):
+    merge_method: StrictStr | None = None
+    slices: list[OutputSlice] | None = None
+    models: list[ModelEntry] | None = None
+    block_expansion: BlockExpansion | None = None
+    interleave: Interleave | None = None
+    base_model: StrictStr | None = None
+    dtype: StrictStr | None = None
+    out_dtype: StrictStr | None = None
+    tokenizer_source: StrictStr | None = None
+    parameters: Parameters | None = None
+    # mergekit keys composer knows but does not support yet: accepted by the schema, refused by name below.
+    modules: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: StrictStr | None = None
+
+    @property
+    def form(self) -> str:
+        for key in ("slices", "models", "block_expansion", "interleave"):
+            if getattr(self, key) is not None:
+                return key
+        raise AssertionError("validated recipes have a form")
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, in the order it names them, without repeats."""
+        names: list[str] = []
+        if self.slices:
+            names += [s.model for sl in self.slices for s in sl.sources]
+            names += [sl.base_model for sl in self.slices if sl.base_model]
+        if self.models:
+            names += [m.model for m in self.models]
+        if self.block_expansion:
+            names.append(self.block_expansion.model)
+        if self.interleave:
+            names += self.interleave.models
+        if self.base_model:
+            names.append(self.base_model)
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+            names.append(self.tokenizer_source)
+        return list(dict.fromkeys(names))
+
+
+def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line in the YAML text of the value at `loc`, or of its nearest ancestor that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at the mapping that holds `loc` (for 'did you mean')."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cls in (OutputSlice, SourceSlice, ModelEntry, BlockExpansion, Interleave, FilteredValue):
+            if cls.__name__ in repr(ann):
+                model = cls
+                break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list", "tuple"))))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        return loc, f"unknown key '{key}'{_suggest(key, _model_fields_at(loc))}"
+    if kind == "missing":
+        return loc, f"missing required key '{loc[-1]}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    return loc, msg
+
+
+def _fail(path: str, node: yaml.Node | None, loc: tuple[Any, ...], message: str, extra: int = 0) -> RecipeError:
+    line = _line_of(node, loc)
+    where = f"{path}:{line}" if line else path
+    place = f" {_loc_str(loc)}:" if loc else ""
+    more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+    return RecipeError(f"{where}:{place} {message}{more}")
+
+
+def _check_parameters(params: Parameters | None, allowed: tuple[str, ...], method: str) -> tuple[str, str] | None:
+    for name in params or {}:
+        if name not in allowed:
+            hint = _suggest(name, allowed)
+            ok = ", ".join(allowed) or "none"
+            return name, f"unknown parameter '{name}' for merge_method {method} (it takes: {ok}){hint}"
+    return None
+
+
+def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
+    """Checks that need the whole recipe; returns (location, message) of the first problem."""
+    forms = [k for k in ("slices", "models", "block_expansion", "interleave") if getattr(recipe, k) is not None]
+    if len(forms) != 1:
+        return (), (
+            "give exactly one of slices, models, block_expansion or interleave"
+            + (f" (found {', '.join(forms)})" if forms else "")
+        )
+    if recipe.modules is not None:
+        return ("modules",), "'modules' (multi-module models) is not supported yet: use slices or models"
+    if recipe.tokenizer is not None:
+        return ("tokenizer",), "'tokenizer' (token surgery) is not supported yet: use tokenizer_source"
+    if recipe.chat_template is not None:
+        return ("chat_template",), "'chat_template' is not supported yet: edit tokenizer_config.json after composing"
+    if recipe.tokenizer_source == "union":
+        return ("tokenizer_source",), (
+            "tokenizer_source 'union' (vocabulary merging) is not supported yet: use 'base' or name one model"
+        )
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None and value not in DTYPES:
+            return (key,), f"unknown {key} '{value}'{_suggest(value, list(DTYPES))} (use bfloat16, float16 or float32)"
+    method = recipe.merge_method
+    if recipe.form in ("slices", "models"):
+        if method is None:
+            return (), "missing required key 'merge_method' (composer runs: passthrough)"
+    if method is not None and method not in SUPPORTED_METHODS:
+        if method in KNOWN_UNSUPPORTED_METHODS:
+            return ("merge_method",), f"merge_method '{method}' is not supported yet (composer runs: passthrough)"
+        return ("merge_method",), (
+            f"unknown merge_method '{method}'{_suggest(method, [*SUPPORTED_METHODS, *KNOWN_UNSUPPORTED_METHODS])}"
+        )
+    if recipe.form in ("block_expansion", "interleave") and method not in (None, "passthrough"):
+        return ("merge_method",), f"{recipe.form} is a passthrough operation: drop merge_method or set it to passthrough"
+    allowed = SUPPORTED_METHODS.get(method or "passthrough", ())
+    places: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
+    for i, sl in enumerate(recipe.slices or []):
+        if sl.residual_weight is not None:
+            return ("slices", i, "residual_weight"), "residual_weight is not supported: remove it"
+        places.append((("slices", i, "parameters"), sl.parameters))
+        places += [(("slices", i, "sources", j, "parameters"), s.parameters) for j, s in enumerate(sl.sources)]
+    places += [(("models", i, "parameters"), m.parameters) for i, m in enumerate(recipe.models or [])]
+    for loc, params in places:
+        bad = _check_parameters(params, allowed, method or "passthrough")
+        if bad:
+            return (*loc, bad[0]), bad[1]
+    if recipe.form == "models" and method == "passthrough" and len(recipe.models or []) != 1:
+        return ("models",), "passthrough takes exactly one model in 'models' (use slices to stack several)"
+    for i, sl in enumerate(recipe.slices or []):
+        if method == "passthrough" and len(sl.sources) != 1:
+            return ("slices", i, "sources"), "passthrough takes exactly one source per slice: split it into slices"
+    for name in recipe.referenced_models():
+        if "+" in name:
+            return (), f"model '{name}': LoRA references ('model+adapter') are not supported yet: merge the adapter first"
+    return None
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    """Validate recipe text; every problem is a RecipeError naming the file, the line, the key and the fix."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (merge_method, slices, ...), not {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc, message = _describe(errors[0])
+        raise _fail(path, node, loc, message, len(errors) - 1) from None
+    problem = _semantic_checks(recipe)
+    if problem:
+        raise _fail(path, node, *problem)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
+    return parse_recipe(text, str(path))

@@ -1,0 +1,132 @@
+"""What a plan says, for people (`--dry-run`), programs (`--json`) and trainers (the provenance file)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from composer.dtypes import DTYPE_NAME
+from composer.plan import Plan
+from composer.sources import free_bytes
+
+BASE_MEMORY = 120 * 2**20  # the interpreter with composer loaded
+TORCH_MEMORY = 250 * 2**20  # torch's own footprint once a tensor has to be computed, not copied
+
+
+def layer_runs(plan: Plan) -> list[dict[str, Any]]:
+    """The layer map in runs: consecutive output layers from consecutive layers of one model, same status."""
+    runs: list[dict[str, Any]] = []
+    for layer in plan.layers:
+        last = runs[-1] if runs else None
+        if (
+            last and last["model"] == layer.model and last["status"] == layer.status
+            and last["zeroed"] == list(layer.zeroed) and last["source"][1] + 1 == layer.source_layer
+            and layer.status != "new"
+        ):
+            last["out"][1] = layer.index
+            last["source"][1] = layer.source_layer
+        else:
+            runs.append({"out": [layer.index, layer.index], "model": layer.model,
+                         "source": [layer.source_layer, layer.source_layer], "status": layer.status,
+                         "zeroed": list(layer.zeroed)})
+    return runs
+
+
+def peak_memory_estimate(plan: Plan, workers: int = 2) -> int:
+    computed = any(not t.is_byte_copy and t.op != "zeros" for t in plan.tensors)
+    return BASE_MEMORY + (TORCH_MEMORY + workers * plan.peak_memory if computed else 0)
+
+
+def summary(plan: Plan, out: str | Path | None = None, workers: int = 2) -> dict[str, Any]:
+    source_layers = {name: plan.sources[name].num_layers for name in dict.fromkeys(la.model for la in plan.layers)}
+    dtypes = sorted({DTYPE_NAME.get(t.dtype, t.dtype) for t in plan.tensors})
+    result: dict[str, Any] = {
+        "recipe": plan.recipe_path,
+        "operation": plan.operation,
+        "base_model": plan.base,
+        "tokenizer_from": plan.tokenizer_from,
+        "source_layers": source_layers,
+        "layers": len(plan.layers),
+        "layer_map": layer_runs(plan),
+        "new_layers": [la.index for la in plan.layers if la.status == "new"],
+        "tensors": len(plan.tensors),
+        "parameters": plan.num_parameters,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "output_bytes": plan.file_bytes,
+        "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.entries)} for s in plan.shards],
+        "peak_memory_bytes": peak_memory_estimate(plan, workers),
+        "notes": list(plan.notes),
+    }
+    if out is not None:
+        free = free_bytes(Path(out))
+        result["destination"] = {"path": str(Path(out).resolve()), "free_bytes": free,
+                                 "enough_space": free >= plan.file_bytes}
+    return result
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def render(s: dict[str, Any]) -> str:
+    counts = ", ".join(f"{m} ({n})" for m, n in s["source_layers"].items())
+    lines = [
+        f"recipe:      {s['recipe'] or '-'}",
+        f"operation:   {s['operation']}",
+        f"base model:  {s['base_model']}   tokenizer from: {s['tokenizer_from']}",
+        f"layers:      {counts} -> {s['layers']}",
+        "layer map:   output <- model:layer",
+    ]
+    width = max(len(_span(*r["out"])) for r in s["layer_map"]) if s["layer_map"] else 1
+    for r in s["layer_map"]:
+        what = r["status"]
+        if r["zeroed"]:
+            what += f" ({', '.join(sorted({z.split('.')[-2] for z in r['zeroed']}))} zeroed)"
+        lines.append(f"  {_span(*r['out']):>{width}} <- {r['model']}:{_span(*r['source'])}  {what}")
+    dtype = s["dtype"] if isinstance(s["dtype"], str) else "/".join(s["dtype"])
+    lines += [
+        f"tensors:     {s['tensors']:,}",
+        f"parameters:  {s['parameters']:,}",
+        f"output:      {human_bytes(s['output_bytes'])} in {len(s['shards'])} shard"
+        f"{'s' if len(s['shards']) != 1 else ''} ({dtype})",
+        f"peak memory: about {human_bytes(s['peak_memory_bytes'])} (estimate; does not grow with model size)",
+    ]
+    dest = s.get("destination")
+    if dest:
+        verdict = "ok" if dest["enough_space"] else "NOT ENOUGH"
+        lines.append(f"free space:  {human_bytes(dest['free_bytes'])} at {dest['path']} ({verdict})")
+    lines += [f"note:        {n}" for n in s["notes"]]
+    return "\n".join(lines)
+
+
+def provenance(plan: Plan) -> dict[str, Any]:
+    """Where every output tensor came from, and which layers are new: what LLaMA-Pro-style training freezes by."""
+    return {
+        "format": "composer-provenance/1",
+        "operation": plan.operation,
+        "base_model": plan.base,
+        "layers": [
+            {"layer": la.index, "model": la.model, "source_layer": la.source_layer, "status": la.status,
+             "zeroed": list(la.zeroed)}
+            for la in plan.layers
+        ],
+        "new_layers": [la.index for la in plan.layers if la.status == "new"],
+        "tensors": {
+            t.name: {
+                "op": t.op,
+                "status": t.status,
+                "sources": [{"model": m, "tensor": i.name} for m, i in zip(t.models, t.inputs)],
+                "dtype": t.dtype,
+                **({"params": dict(t.params)} if t.params else {}),
+                **({"layer": t.layer, "source_layer": t.source_layer} if t.layer is not None else {}),
+            }
+            for t in plan.tensors
+        },
+    }
