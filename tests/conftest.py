@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random checkpoints of each architecture, made once per session, and a recipe writer."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tinymodels import make_checkpoint
+
+ARCHS = {
+    # name: (arch, sharded) - Qwen2 carries q/k/v biases and tied embeddings by default.
+    "llama": ("llama", False),
+    "mistral": ("mistral", True),
+    "qwen2": ("qwen2", True),
+    "qwen2-single": ("qwen2", False),
+}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    made = {name: make_checkpoint(root / name, arch, sharded=sharded) for name, (arch, sharded) in ARCHS.items()}
+    made["llama-b"] = make_checkpoint(root / "llama-b", "llama", seed=1)
+    made["llama-bf16"] = make_checkpoint(root / "llama-bf16", "llama", dtype=__import__("torch").bfloat16, seed=2)
+    return made
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Hash of every file under a folder, to prove inputs are never modified."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }

@@ -1,0 +1,65 @@
+"""The shard writer's bytes equal safetensors.torch.save_file's for the same tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from click.testing import CliRunner
+
+from composer.cli import main
+from composer.writer import layout_shards, safetensors_header
+from composer.sources import TensorInfo
+from tinymodels import load_state_dict
+
+
+class _T:
+    def __init__(self, name, dtype, shape, nbytes):
+        self.name, self.dtype, self.shape, self.nbytes = name, dtype, shape, nbytes
+
+
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, None])
+def test_header_equals_save_file(tmp_path, metadata):
+    tensors = {
+        "b.weight": torch.zeros(3, 5, dtype=torch.bfloat16), "a.weight": torch.ones(2, 2),
+        "c": torch.zeros(1, dtype=torch.float16), "z": torch.ones(7), "empty": torch.zeros(0),
+        "i": torch.arange(3, dtype=torch.int64),
+    }
+    save_file(tensors, tmp_path / "ref.safetensors", metadata=metadata)
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    fake = [_T(n, codes[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()]
+    header, _ = safetensors_header(fake, metadata)
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    assert ref[: len(header)] == header
+
+
+def test_whole_file_equals_save_file(models, write_recipe, tmp_path):
+    """A single-model passthrough converted to bf16 writes exactly the file save_file writes for the same dict."""
+    src = models["qwen2"]
+    recipe = write_recipe(f"merge_method: passthrough\ndtype: bfloat16\nmodels: [{{model: {src}}}]\n")
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    expected = {k: v.to(torch.bfloat16) for k, v in load_state_dict(src).items()}
+    save_file(expected, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_each_shard_equals_save_file_of_its_tensors(models, write_recipe, tmp_path):
+    src = models["mistral"]
+    recipe = write_recipe(f"block_expansion: {{model: {src}, every: 2}}\n")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--shard-size", "150KB"]).exit_code == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        from safetensors.torch import load_file
+
+        tensors = {k: v.clone() for k, v in load_file(shard).items()}
+        save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+        assert shard.read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), shard.name
+
+
+def test_layout_puts_a_large_tensor_alone():
+    ts = [TensorInfo(f"t{i}", "F32", (n,), None, 0) for i, n in enumerate([10, 1000, 10, 10])]
+    shards = layout_shards(ts, 100)
+    assert [len(s.entries) for s in shards] == [1, 1, 2]
+    assert [s.file for s in shards][0] == "model-00001-of-00003.safetensors"
