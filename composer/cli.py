@@ -11,7 +11,7 @@ import click
 
 from composer import plan_recipe
 from composer.errors import ComposerError
-from composer.execute import execute
+from composer.execute import check_destination, execute
 from composer.plan import DEFAULT_SHARD_SIZE
 from composer.report import human_bytes, render, summary
 
@@ -69,6 +69,7 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
         if dry_run:
             click.echo(json.dumps(info, indent=2) if as_json else render(info))
             return
+        check_destination(plan, out, overwrite)  # refuse before a progress bar appears
         from tqdm import tqdm
 
         with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="composing", disable=quiet,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 from composer.errors import RecipeError
 
@@ -46,14 +46,15 @@ class SourceSlice(_Strict):
     layer_range: tuple[StrictInt, StrictInt]
     parameters: Parameters | None = None
 
-    @model_validator(mode="after")
-    def _range_forward(self) -> SourceSlice:
-        start, end = self.layer_range
+    @field_validator("layer_range")
+    @classmethod
+    def _range_forward(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
         if start < 0 or end <= start:
             raise ValueError(
                 f"layer_range [{start}, {end}] is empty or reversed: it is [start, end) with 0 <= start < end"
             )
-        return self
+        return value
 
 
 class OutputSlice(_Strict):
@@ -300,7 +301,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        # A typo shows up twice (an unknown key and a missing one): name the typo, which carries the fix.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc, message = _describe(errors[0])
         raise _fail(path, node, loc, message, len(errors) - 1) from None
     problem = _semantic_checks(recipe)
