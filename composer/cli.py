@@ -72,7 +72,7 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
         check_destination(plan, out, overwrite)  # refuse before a progress bar appears
         from tqdm import tqdm
 
-        with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="composing", disable=quiet,
+        with tqdm(total=plan.file_bytes, unit="B", unit_scale=True, desc="composing", disable=quiet,
                   file=sys.stderr) as bar:
             folder = execute(plan, out, overwrite=overwrite, progress=bar.update)
     except ComposerError as exc:

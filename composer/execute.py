@@ -1,9 +1,11 @@
-"""Run a Plan: write each shard's header from the plan, stream every tensor into place, then move into place."""
+"""Run a Plan: assemble each shard front to back in aligned chunks (header, copied bytes, computed values),
+write them with direct I/O, and move the finished folder into place."""
 from __future__ import annotations
 
 import errno
 import mmap
 import os
+import queue
 import shutil
 import threading
 import warnings
@@ -12,18 +14,19 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from composer.errors import OutputError
+from composer.dtypes import ITEMSIZE
+from composer.errors import CorruptFileError, OutputError
 from composer.outputs import write_metadata
-from composer.plan import CHUNK_ELEMENTS, Plan, TensorPlan
+from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan
 from composer.sources import free_bytes
-from composer.writer import index_json
+from composer.writer import ShardPlan, index_json
 
-COPY_BLOCK = 64 * 1024 * 1024
 PARTIAL = ".composer-partial-"
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 
 
 class _Sources:
-    """Open source files once, read-only: a descriptor for kernel copies, an mmap for computed tensors."""
+    """Open source files once, read-only: a descriptor for byte copies, an mmap for computed tensors."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
@@ -34,6 +37,7 @@ class _Sources:
         with self._lock:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
             return self._fds[path]
 
     def map(self, path: Path) -> mmap.mmap:
@@ -50,63 +54,140 @@ class _Sources:
             os.close(fd)
 
 
-def _copy_bytes(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
-    """Copy n bytes file to file in the kernel (copy_file_range), or through a bounded buffer where it can't."""
-    done = 0
-    try:
-        while done < n:
-            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
-            if got == 0:
-                raise OSError(errno.EIO, "source ended early")
-            done += got
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    while done < n:
-        block = os.pread(src, min(COPY_BLOCK, n - done), src_off + done)
-        os.pwrite(dst, block, dst_off + done)
-        done += len(block)
-
-
 def _torch_dtype(code: str):
     import torch
 
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
 
 
-def _compute(t: TensorPlan, sources: _Sources, dst: int, dst_off: int) -> None:
-    """Elementwise ops in chunks of CHUNK_ELEMENTS: src -> (recipe dtype) -> float32 op -> (recipe dtype) -> out."""
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CorruptFileError(f"source file ended early (descriptor {fd}): it changed while composing")
+        done += got
+
+
+def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int) -> None:
+    """Output elements [first, first + len(view) / itemsize) of an elementwise op, written straight into `view`.
+
+    src -> (the recipe's dtype) -> float32 op -> (the recipe's dtype) -> output dtype, as mergekit rounds.
+    """
     import torch
 
     info = t.inputs[0]
     src_dt, out_dt = _torch_dtype(info.dtype), _torch_dtype(t.dtype)
     work_dt = _torch_dtype(t.via) if t.via else src_dt
     scale = dict(t.params).get("scale")
+    out = torch.frombuffer(view, dtype=out_dt)
+    count = out.numel()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
-        src = torch.frombuffer(sources.map(info.file), dtype=src_dt, count=t.numel, offset=info.offset) if t.numel else None
-    out_size = torch.empty((), dtype=out_dt).element_size()
-    buf = bytearray(min(t.numel, CHUNK_ELEMENTS) * out_size)
-    out = torch.frombuffer(buf, dtype=out_dt) if buf else None
-    for start in range(0, t.numel, CHUNK_ELEMENTS):
-        stop = min(t.numel, start + CHUNK_ELEMENTS)
-        x = src[start:stop].to(work_dt)
+        src = torch.frombuffer(sources.map(info.file), dtype=src_dt, count=count,
+                               offset=info.offset + first * ITEMSIZE[info.dtype])
+    for a in range(0, count, CHUNK_ELEMENTS):
+        b = min(count, a + CHUNK_ELEMENTS)
+        x = src[a:b].to(work_dt)
         if scale is not None:
             x = (x.to(torch.float32) * scale).to(work_dt)
-        out[: stop - start].copy_(x)
-        os.pwrite(dst, memoryview(buf)[: (stop - start) * out_size], dst_off + start * out_size)
+        out[a:b].copy_(x)
 
 
-def _write_tensor(t: TensorPlan, sources: _Sources, dst: int, dst_off: int) -> int:
-    if t.op == "zeros":
-        pass  # the shard was created at full size, and unwritten ranges of a file read as zero bytes
-    elif t.is_byte_copy:
-        info = t.inputs[0]
-        _copy_bytes(sources.fd(info.file), info.offset, dst, dst_off, t.nbytes)
-    else:
-        _compute(t, sources, dst, dst_off)
-    return t.nbytes
+def _segments(shard: ShardPlan) -> list[tuple[int, int, TensorPlan | None]]:
+    """The shard file as back-to-back byte ranges: the header (None), then each tensor."""
+    return [(0, len(shard.header), None)] + [(e.offset, e.offset + e.tensor.nbytes, e.tensor) for e in shard.entries]
+
+
+def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources: _Sources) -> None:
+    """Assemble output bytes [start, end) of a shard in `buf`: header, copied bytes, zeros, computed values."""
+    for seg_start, seg_end, tensor in segs:
+        a, b = max(start, seg_start), min(end, seg_end)
+        if a >= b:
+            continue
+        view = buf[a - start: b - start]
+        if tensor is None:
+            view[:] = shard.header[a:b]
+        elif tensor.op == "zeros":
+            view[:] = bytes(b - a)
+        elif tensor.is_byte_copy:
+            info = tensor.inputs[0]
+            _read_into(sources.fd(info.file), view, info.offset + (a - seg_start))
+        else:
+            _compute_into(tensor, sources, view, (a - seg_start) // ITEMSIZE[tensor.dtype])
+
+
+def _open_output(path: Path) -> tuple[int, bool]:
+    """Open a shard for direct writes, which skip the page cache and run ~1.5x faster than buffered ones here;
+    fall back to buffered writes where the filesystem refuses O_DIRECT (tmpfs, some network filesystems)."""
+    flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct and not os.environ.get("COMPOSER_NO_DIRECT"):
+        try:
+            fd = os.open(path, flags | direct, 0o644)
+            probe = mmap.mmap(-1, ALIGN)
+            try:
+                os.pwrite(fd, probe, 0)
+                return fd, True
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno != errno.EINVAL:
+                    raise
+            finally:
+                probe.close()
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def _write_chunk(job, sources: _Sources, buffers: queue.Queue) -> int:
+    shard, segs, fd, direct, start = job
+    end = min(shard.size, start + CHUNK_BYTES)
+    buf = buffers.get()
+    try:
+        view = memoryview(buf)
+        _fill(view, start, end, shard, segs, sources)
+        length = end - start
+        if direct and length % ALIGN:  # the last chunk: pad to the block size, truncated back afterwards
+            pad = -length % ALIGN
+            view[length: length + pad] = bytes(pad)
+            length += pad
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:length], start + done)
+        view.release()
+    finally:
+        buffers.put(buf)
+    return end - start
+
+
+def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
+    """Write every shard front to back in aligned chunks, `workers` chunks in flight at once."""
+    with ExitStack() as stack:
+        sources = _Sources()
+        stack.callback(sources.close)
+        buffers: queue.Queue = queue.Queue()
+        for _ in range(max(1, workers)):
+            buffers.put(mmap.mmap(-1, CHUNK_BYTES))  # page-aligned, as O_DIRECT requires
+        jobs, files = [], []
+        for shard in plan.shards:
+            fd, direct = _open_output(tmp / shard.file)
+            stack.callback(os.close, fd)
+            files.append((fd, shard.size))
+            segs = _segments(shard)
+            jobs += [(shard, segs, fd, direct, start) for start in range(0, shard.size, CHUNK_BYTES)]
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
+        futures = [pool.submit(_write_chunk, job, sources, buffers) for job in jobs]
+        try:
+            for f in futures:
+                progress(f.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        for fd, size in files:
+            os.ftruncate(fd, size)
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -154,30 +235,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
-    with ExitStack() as stack:
-        sources = _Sources()
-        stack.callback(sources.close)
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
-        futures = []
-        for shard in plan.shards:
-            fd = os.open(tmp / shard.file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-            stack.callback(os.close, fd)
-            os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.size)
-            futures += [pool.submit(_write_tensor, e.tensor, sources, fd, e.offset) for e in shard.entries]
-        try:
-            for f in futures:
-                progress(f.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-
 def execute(
     plan: Plan, out: str | Path, *, overwrite: bool = False, progress: Callable[[int], None] | None = None,
-    workers: int = 2,
+    workers: int = WORKERS,
 ) -> Path:
     """Write the planned model to `out`. Nothing appears at `out` unless everything was written."""
     out = Path(out).resolve()

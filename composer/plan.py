@@ -21,7 +21,9 @@ ZEROED_IN_COPIES = ("o_proj", "down_proj")
 # Config entries that hold one value per layer and must follow the new layer order.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 DEFAULT_SHARD_SIZE = 5_000_000_000
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements per compute chunk: bounds working memory whatever the tensor size
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements per compute step: bounds scratch memory whatever the tensor size
+CHUNK_BYTES = 64 * 2**20  # one output chunk: the unit of reading, computing and writing
+WORKERS = 2  # chunks in flight: keeps the disk busy while another chunk is read or computed
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,11 @@ class Plan:
         return sum(s.size for s in self.shards)
 
     @property
-    def peak_memory(self) -> int:
-        """Working memory for tensor data: the largest chunk buffers one computed tensor needs; copies need none."""
+    def compute_memory(self) -> int:
+        """Scratch memory one worker needs to compute (not copy) a chunk: a float32 copy and the cast result."""
         worst = 0
         for t in self.tensors:
-            if not t.is_byte_copy:
+            if not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
         return worst
 

@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import Any
 
 from composer.dtypes import DTYPE_NAME
-from composer.plan import Plan
+from composer.plan import CHUNK_BYTES, WORKERS, Plan
 from composer.sources import free_bytes
 
-BASE_MEMORY = 120 * 2**20  # the interpreter with composer loaded
+BASE_MEMORY = 60 * 2**20  # the interpreter with composer loaded
 TORCH_MEMORY = 250 * 2**20  # torch's own footprint once a tensor has to be computed, not copied
 
 
@@ -31,12 +31,13 @@ def layer_runs(plan: Plan) -> list[dict[str, Any]]:
     return runs
 
 
-def peak_memory_estimate(plan: Plan, workers: int = 2) -> int:
-    computed = any(not t.is_byte_copy and t.op != "zeros" for t in plan.tensors)
-    return BASE_MEMORY + (TORCH_MEMORY + workers * plan.peak_memory if computed else 0)
+def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
+    """Interpreter + one aligned output chunk per worker (+ torch and its scratch when a tensor is computed)."""
+    computed = plan.compute_memory > 0
+    return BASE_MEMORY + workers * CHUNK_BYTES + (TORCH_MEMORY + workers * plan.compute_memory if computed else 0)
 
 
-def summary(plan: Plan, out: str | Path | None = None, workers: int = 2) -> dict[str, Any]:
+def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -> dict[str, Any]:
     source_layers = {name: plan.sources[name].num_layers for name in dict.fromkeys(la.model for la in plan.layers)}
     dtypes = sorted({DTYPE_NAME.get(t.dtype, t.dtype) for t in plan.tensors})
     result: dict[str, Any] = {

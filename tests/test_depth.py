@@ -137,8 +137,9 @@ slices:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_conversion_is_chunked_and_exact(models, write_recipe, tmp_path, monkeypatch, dtype):
-    """Tiny chunks force every tensor through many chunks; the result still equals a whole-tensor cast."""
+    """Tiny chunks split tensors across output chunks and compute steps; the result equals a whole-tensor cast."""
     monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", 3 * 4096)  # chunks split tensors too
     src = models["llama-bf16"]
     recipe = write_recipe(f"merge_method: passthrough\nout_dtype: {dtype}\nmodels: [{{model: {src}}}]\n")
     out = compose(recipe, tmp_path / "out")

@@ -196,11 +196,12 @@ SLOW = """
 import sys, time
 import composer.execute
 ex = sys.modules["composer.execute"]
-real = ex._write_tensor
+ex.CHUNK_BYTES = 8192
+real = ex._write_chunk
 def slow(*a):
-    time.sleep(0.05)
+    time.sleep(0.02)
     return real(*a)
-ex._write_tensor = slow
+ex._write_chunk = slow
 from composer.cli import main
 main()
 """
@@ -253,8 +254,9 @@ def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*args)
 
-    real = ex._write_tensor
-    monkeypatch.setattr(ex, "_write_tensor", failing)
+    real = ex._write_chunk
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(ex, "_write_chunk", failing)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"block_expansion: {{model: {models['llama']}, every: 2}}\n")
     result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out"), "-q"])

@@ -1,6 +1,9 @@
 """The shard writer's bytes equal safetensors.torch.save_file's for the same tensors."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -63,3 +66,30 @@ def test_layout_puts_a_large_tensor_alone():
     shards = layout_shards(ts, 100)
     assert [len(s.entries) for s in shards] == [1, 1, 2]
     assert [s.file for s in shards][0] == "model-00001-of-00003.safetensors"
+
+
+@pytest.mark.parametrize("how", ["forced", "refused"])
+def test_without_direct_io_the_bytes_are_the_same(models, write_recipe, tmp_path, monkeypatch, how):
+    """Direct I/O is an optimisation: buffered writes, asked for or forced by a filesystem that refuses O_DIRECT,
+    give the same file."""
+    src = models["llama"]
+    recipe = write_recipe(f"block_expansion: {{model: {src}, every: 2}}\ndtype: bfloat16\n")
+    direct = tmp_path / "direct"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(direct), "-q"]).exit_code == 0
+    if how == "forced":
+        monkeypatch.setenv("COMPOSER_NO_DIRECT", "1")
+    else:
+        real_open, refused = os.open, []
+
+        def no_direct(path, flags, *args):
+            if flags & os.O_DIRECT:
+                refused.append(path)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_direct)
+    other = tmp_path / "other"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(other), "-q"]).exit_code == 0
+    assert (other / "model.safetensors").read_bytes() == (direct / "model.safetensors").read_bytes()
+    if how == "refused":
+        assert refused
