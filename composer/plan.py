@@ -1,6 +1,7 @@
 """Build a recipe into a Plan: every output tensor's op, sources, parameters and dtype, from headers alone."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +400,7 @@ def build_plan(
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
     tok = _tokenizer_model(recipe, base_name)
+    _check_vocabulary(sources[tok], sources[pre_model])
     notes = []
     if sources[tok].path is not None and not _tokenizer_files(sources[tok].path):
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
@@ -418,3 +420,23 @@ TOKENIZER_FILES = (
 
 def _tokenizer_files(folder: Path) -> list[Path]:
     return [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
+
+
+def _vocabulary(folder: Path) -> object:
+    """What identifies a tokenizer's vocabulary: tokenizer.json's model and added tokens, else the vocab files."""
+    if (folder / "tokenizer.json").is_file():
+        doc = json.loads((folder / "tokenizer.json").read_text())
+        return doc.get("model"), doc.get("added_tokens")
+    return tuple((folder / f).read_bytes() for f in ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+                 if (folder / f).is_file())
+
+
+def _check_vocabulary(tokenizer: SourceModel, embeddings: SourceModel) -> None:
+    """The tokenizer the output ships must index the embedding rows it ships."""
+    if tokenizer.name == embeddings.name or tokenizer.path is None or embeddings.path is None:
+        return
+    if _vocabulary(tokenizer.path) != _vocabulary(embeddings.path):
+        raise PlanError(
+            f"tokenizer_source '{tokenizer.name}' has a different vocabulary from '{embeddings.name}', whose "
+            "embeddings the output takes: aligning vocabularies is not supported yet; use tokenizer_source: base"
+        )

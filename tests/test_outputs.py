@@ -1,0 +1,117 @@
+"""The output folder is complete: config, generation config, tokenizer, card, recipe, provenance; it loads as is."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from composer.cli import main
+from tinymodels import load_state_dict, logits, make_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose(recipe: Path, out: Path) -> Path:
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_qwen2_upscale_rewrites_layer_types_and_loads(models, write_recipe, tmp_path):
+    src = models["qwen2"]
+    out = compose(write_recipe(f"""
+merge_method: passthrough
+dtype: bfloat16
+slices:
+  - sources: [{{model: {src}, layer_range: [0, 3]}}]
+  - sources: [{{model: {src}, layer_range: [1, 4]}}]
+"""), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    source = json.loads((src / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["dtype"] == "bfloat16"
+    assert config["layer_types"] == [source["layer_types"][i] for i in (0, 1, 2, 1, 2, 3)]
+    assert config["tie_word_embeddings"] is True and "lm_head.weight" not in load_state_dict(out)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert model.dtype == torch.bfloat16
+
+
+def test_metadata_files(models, write_recipe, tmp_path):
+    a, b = models["llama"], models["llama-b"]
+    text = f"interleave: {{models: [{a}, {b}], window: 2, overlap: 1}}\n"
+    out = compose(write_recipe(text), tmp_path / "out")
+    assert (out / "composer_recipe.yaml").read_text() == text
+    assert json.loads((out / "generation_config.json").read_text()) == json.loads(
+        (a / "generation_config.json").read_text())
+
+    tok_out, tok_src = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(a)
+    assert tok_out("hello world the end")["input_ids"] == tok_src("hello world the end")["input_ids"]
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {"base_model": [str(a), str(b)], "tags": ["composer", "merge", "interleave"],
+                     "library_name": "transformers"}
+    assert "arxiv.org/abs/2312.15166" in card and text.strip() in card
+    assert f"{sum(v.numel() for v in load_state_dict(out).values()):,} parameters" in card
+    assert f"| 2-3 | {b} | 1-2 | copied |" in card
+
+    prov = json.loads((out / "composer_provenance.json").read_text())
+    sd = load_state_dict(out)
+    assert sorted(prov["tensors"]) == sorted(sd)
+    entry = prov["tensors"]["model.layers.3.mlp.up_proj.weight"]
+    assert entry["sources"] == [{"model": str(b), "tensor": "model.layers.2.mlp.up_proj.weight"}]
+    assert entry["status"] == "copied" and entry["layer"] == 3 and entry["source_layer"] == 2
+    assert [la["model"] for la in prov["layers"]] == [str(a)] * 2 + [str(b)] * 2 + [str(a)] * 2
+    assert prov["new_layers"] == []
+
+
+def test_block_expansion_card_and_provenance(models, write_recipe, tmp_path):
+    src = models["llama"]
+    out = compose(write_recipe(f"block_expansion: {{model: {src}, num_layers: 6}}\n"), tmp_path / "out")
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == str(src) and "block-expansion" in front["tags"]
+    assert "arxiv.org/abs/2401.02415" in card
+    prov = json.loads((out / "composer_provenance.json").read_text())
+    zeroed = sorted(n for n, e in prov["tensors"].items() if e["status"] == "zeroed")
+    assert zeroed == sorted(f"model.layers.{i}.{p}" for i in (2, 5)
+                            for p in ("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+    trainable = {n for n, e in prov["tensors"].items() if e.get("layer") in prov["new_layers"]}
+    assert len(trainable) == 2 * 9
+
+
+def test_tokenizer_source(models, write_recipe, tmp_path):
+    a = models["llama"]
+    same_vocab = models["llama-b"]
+    out = compose(write_recipe(f"block_expansion: {{model: {a}, every: 2}}\ntokenizer_source: {same_vocab}\n"),
+                  tmp_path / "out")
+    assert (out / "tokenizer.json").read_bytes() == (same_vocab / "tokenizer.json").read_bytes()
+    other = make_checkpoint(tmp_path / "other", "llama", vocab_size=300)
+    result = CliRunner().invoke(main, [str(write_recipe(
+        f"block_expansion: {{model: {a}, every: 2}}\ntokenizer_source: {other}\n", "r2.yaml")), "-o",
+        str(tmp_path / "out2")])
+    assert result.exit_code == 1 and "has a different vocabulary" in result.output
+
+
+def test_quick_start_example_runs_offline(tmp_path):
+    """The README's quick start: the installed `compose` command on the shipped tiny model."""
+    compose_bin = Path(sys.executable).with_name("compose")
+    proc = subprocess.run([str(compose_bin), "recipes/tiny-llama-pro.yaml", "-o", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 10
+    assert torch.equal(logits(REPO / "examples" / "tiny-llama"), logits(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_shipped_recipes_validate(recipe):
+    from composer import load_recipe
+
+    load_recipe(REPO / "recipes" / recipe)
