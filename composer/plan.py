@@ -219,11 +219,11 @@ def _compile_layers(recipe: Recipe, sources: Mapping[str, SourceModel]) -> tuple
                 f"interleave window={il.window} overlap={il.overlap} does not tile {n} layers: "
                 f"(layers - window) must be a multiple of window - overlap = {step}"
             )
-        layers = []
-        for k, start in enumerate(range(0, n - il.window + 1, step)):
-            model = il.models[k % len(il.models)]
-            layers += [_Layer(model, start + i, i / (il.window - 1) if il.window > 1 else 1.0) for i in range(il.window)]
-        return layers, [il.models[0], il.models[(len(range(0, n - il.window + 1, step)) - 1) % len(il.models)]]
+        starts = range(0, n - il.window + 1, step)
+        owners = [il.models[k % len(il.models)] for k in range(len(starts))]
+        layers = [_Layer(model, start + i, i / (il.window - 1) if il.window > 1 else 1.0)
+                  for model, start in zip(owners, starts) for i in range(il.window)]
+        return layers, [owners[0], owners[-1]]
     assert recipe.slices is not None
     layers = []
     for i, sl in enumerate(recipe.slices):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Union
 
@@ -181,23 +182,26 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def _schema_at(annotation: Any) -> type[BaseModel] | None:
+    """The recipe model inside an annotation such as `list[OutputSlice] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _schema_at(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at the mapping that holds `loc` (for 'did you mean')."""
-    model: Any = Recipe
+    """The keys allowed in the mapping that holds `loc` (for 'did you mean')."""
+    model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        for cls in (OutputSlice, SourceSlice, ModelEntry, BlockExpansion, Interleave, FilteredValue):
-            if cls.__name__ in repr(ann):
-                model = cls
-                break
-        else:
-            return []
-    return list(getattr(model, "model_fields", {}))
+        field = model.model_fields.get(part) if model else None
+        model = _schema_at(field.annotation) if field else None
+    return list(model.model_fields) if model else []
 
 
 def _describe(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
