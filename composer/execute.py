@@ -18,11 +18,12 @@ from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, OutputError
 from composer.outputs import write_metadata
 from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan
-from composer.sources import free_bytes
+from composer.sources import TensorInfo, free_bytes
 from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
+_ZEROS = memoryview(bytes(2**20))
 
 
 class _Sources:
@@ -60,13 +61,21 @@ def _torch_dtype(code: str):
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> None:
+def _read_into(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise CorruptFileError(f"source file ended early (descriptor {fd}): it changed while composing")
+            raise CorruptFileError(
+                f"{info.file}: tensor '{info.name}' ends early: the file was truncated while composing; "
+                "restore it and run again"
+            )
         done += got
+
+
+def _zero(view: memoryview) -> None:
+    for i in range(0, len(view), len(_ZEROS)):
+        view[i: i + len(_ZEROS)] = _ZEROS[: len(view) - i]
 
 
 def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int) -> None:
@@ -109,10 +118,10 @@ def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources
         if tensor is None:
             view[:] = shard.header[a:b]
         elif tensor.op == "zeros":
-            view[:] = bytes(b - a)
+            _zero(view)
         elif tensor.is_byte_copy:
             info = tensor.inputs[0]
-            _read_into(sources.fd(info.file), view, info.offset + (a - seg_start))
+            _read_into(sources.fd(info.file), view, info.offset + (a - seg_start), info)
         else:
             _compute_into(tensor, sources, view, (a - seg_start) // ITEMSIZE[tensor.dtype])
 
@@ -151,7 +160,7 @@ def _write_chunk(job, sources: _Sources, buffers: queue.Queue) -> int:
         length = end - start
         if direct and length % ALIGN:  # the last chunk: pad to the block size, truncated back afterwards
             pad = -length % ALIGN
-            view[length: length + pad] = bytes(pad)
+            _zero(view[length: length + pad])
             length += pad
         done = 0
         while done < length:

@@ -262,3 +262,19 @@ def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_source_truncated_after_planning(models, tmp_path):
+    """A file that changes between the plan and the copy is reported by file and tensor, and nothing is left."""
+    from composer import CorruptFileError, execute, plan_recipe
+
+    src = broken_copy(models, tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {src}, every: 2}}\n")
+    plan = plan_recipe(recipe)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-5000])
+    with pytest.raises(CorruptFileError, match=r"model.safetensors: tensor '.*' ends early"):
+        execute(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
