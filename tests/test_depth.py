@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import reference
 from composer.cli import main
 from conftest import tree_digest
-from tinymodels import load_state_dict, logits
+from tinymodels import load_state_dict, logits, make_checkpoint
 
 
 def compose(recipe, out, *args):
@@ -65,6 +65,19 @@ def test_block_expansion_keeps_logits_bit_for_bit(models, write_recipe, tmp_path
                 assert torch.count_nonzero(value) == 0 and not torch.signbit(value).any(), key
             else:
                 assert torch.equal(value, source), key
+
+
+def test_block_expansion_zeroes_output_biases_too(tmp_path, write_recipe):
+    """Llama with attention and MLP biases: o_proj.bias and down_proj.bias are zeroed with their weights."""
+    src = make_checkpoint(tmp_path / "biased", "llama", attention_bias=True, mlp_bias=True)
+    assert "model.layers.0.self_attn.o_proj.bias" in load_state_dict(src)
+    out = compose(write_recipe(f"block_expansion: {{model: {src}, every: 2}}\n"), tmp_path / "out")
+    sd = load_state_dict(out)
+    for layer in (2, 5):
+        for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias", "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            assert torch.count_nonzero(sd[f"model.layers.{layer}.{name}"]) == 0
+        assert torch.count_nonzero(sd[f"model.layers.{layer}.self_attn.q_proj.bias"]) > 0
+    assert torch.equal(logits(src), logits(out))
 
 
 def test_every_and_num_layers_agree(models, write_recipe, tmp_path):

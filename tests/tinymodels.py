@@ -128,8 +128,9 @@ def make_checkpoint(
     tie_word_embeddings: bool | None = None,
     seed: int = 0,
     with_tokenizer: bool = True,
+    **config_overrides,
 ) -> Path:
-    """Write a tiny random checkpoint (config, safetensors, tokenizer) to `path`."""
+    """Write a tiny random checkpoint (config, safetensors, tokenizer) to `path`; extra keywords go to the config."""
     path = Path(path)
     if tie_word_embeddings is None:
         tie_word_embeddings = arch == "qwen2"
@@ -146,6 +147,7 @@ def make_checkpoint(
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     model = _model_class(arch)(config)
