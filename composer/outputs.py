@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from composer.card import model_card
-from composer.plan import TOKENIZER_FILES, Plan
+from composer.plan import Plan
+from composer.tokenizer import tokenizer_files
 from composer.report import provenance
 
 RECIPE_FILE = "composer_recipe.yaml"
@@ -36,9 +37,8 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
     _dump(folder / "generation_config.json", generation_config(plan))
     tok = plan.sources[plan.tokenizer_from]
     if tok.path is not None:
-        for name in TOKENIZER_FILES:
-            if (tok.path / name).is_file():
-                shutil.copyfile(tok.path / name, folder / name)
+        for file in tokenizer_files(tok.path):
+            shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILE).write_text(plan.recipe_text or "")
     _dump(folder / PROVENANCE_FILE, provenance(plan))
     (folder / "README.md").write_text(model_card(plan))

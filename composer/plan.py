@@ -1,17 +1,17 @@
 """Build a recipe into a Plan: every output tensor's op, sources, parameters and dtype, from headers alone."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from composer.depth import LayerSource, compile_layers, edge_scopes
+from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ITEMSIZE, ST_DTYPE
 from composer.errors import PlanError, SourceError
 from composer.params import resolve_parameter
 from composer.recipe import DTYPES, Recipe
-from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ITEMSIZE, ST_DTYPE
 from composer.sources import SourceModel, TensorInfo
+from composer.tokenizer import check_vocabulary, tokenizer_files
 from composer.writer import ShardPlan, layout_shards
 
 LAYER_RE = re.compile(r"^(.*?\blayers)\.(\d+)\.(.+)$")
@@ -115,17 +115,6 @@ class Plan:
         return worst
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """An output layer before tensors are planned: source, and where its parameters come from."""
-
-    model: str
-    source_layer: int
-    t: float
-    scopes: tuple[Mapping[str, Any] | None, ...] = ()
-    expanded: bool = False
-
-
 def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInfo]], dict[str, TensorInfo]]:
     """Split a model's tensors into (layer prefix, {layer: {suffix: info}}, {non-layer name: info})."""
     prefixes, layers, other = set(), {}, {}
@@ -150,101 +139,6 @@ def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInf
             f"{min(layers)}..{max(layers)} ({len(layers)} layers)"
         )
     return prefixes.pop(), layers, other
-
-
-def _check_range(model: SourceModel, start: int, end: int, where: str) -> None:
-    if end > model.num_layers:
-        raise PlanError(
-            f"{where}: layer_range [{start}, {end}] is out of range for '{model.name}', which has "
-            f"{model.num_layers} layers: use an end of at most {model.num_layers}"
-        )
-
-
-def expansion_layers(n: int, *, num_layers: int | None = None, every: int | None = None) -> list[tuple[int, bool]]:
-    """LLaMA Pro's placement (scripts/block_expansion.py): after layer i, where (i+1) % split == 0, a copy of i.
-
-    Returns [(source layer, is_copy)] in output order.
-    """
-    if every is not None:
-        split = every
-        if split > n:
-            raise PlanError(f"block_expansion every={every} is more than the model's {n} layers: use at most {n}")
-    else:
-        assert num_layers is not None
-        added = num_layers - n
-        if added < 1 or added > n:
-            raise PlanError(
-                f"block_expansion num_layers={num_layers} must be between {n + 1} and {2 * n} for a {n}-layer model"
-            )
-        split = n // added
-        if n // split != added:
-            valid = sorted({n + n // s for s in range(1, n + 1)})
-            lower = max([v for v in valid if v < num_layers], default=None)
-            upper = min([v for v in valid if v > num_layers], default=None)
-            options = [f"{v} (a copy every {n // (v - n)})" for v in (lower, upper) if v is not None]
-            raise PlanError(
-                f"block_expansion num_layers={num_layers} cannot be placed evenly in {n} layers: use "
-                + " or ".join(options)
-            )
-    out: list[tuple[int, bool]] = []
-    for i in range(n):
-        out.append((i, False))
-        if (i + 1) % split == 0:
-            out.append((i, True))
-    return out
-
-
-def _compile_layers(recipe: Recipe, sources: Mapping[str, SourceModel]) -> tuple[list[_Layer], list[str]]:
-    """The output layer sequence for any recipe form, plus the models giving the pre and post tensors."""
-    g = recipe.parameters
-    if recipe.block_expansion is not None:
-        be = recipe.block_expansion
-        n = sources[be.model].num_layers
-        seq = expansion_layers(n, num_layers=be.num_layers, every=be.every)
-        return [_Layer(be.model, i, 0.0, (), copy) for i, copy in seq], [be.model, be.model]
-    if recipe.models is not None:
-        entry = recipe.models[0]
-        n = sources[entry.model].num_layers
-        layers = [_Layer(entry.model, i, i / (n - 1) if n > 1 else 1.0, (entry.parameters, g)) for i in range(n)]
-        return layers, [entry.model, entry.model]
-    if recipe.interleave is not None:
-        il = recipe.interleave
-        counts = {sources[m].num_layers for m in il.models}
-        if len(counts) != 1:
-            raise PlanError("interleave needs models with the same number of layers: " + ", ".join(
-                f"'{m}' has {sources[m].num_layers}" for m in il.models))
-        n, step = counts.pop(), il.window - il.overlap
-        if il.window > n or (n - il.window) % step:
-            raise PlanError(
-                f"interleave window={il.window} overlap={il.overlap} does not tile {n} layers: "
-                f"(layers - window) must be a multiple of window - overlap = {step}"
-            )
-        starts = range(0, n - il.window + 1, step)
-        owners = [il.models[k % len(il.models)] for k in range(len(starts))]
-        layers = [_Layer(model, start + i, i / (il.window - 1) if il.window > 1 else 1.0)
-                  for model, start in zip(owners, starts) for i in range(il.window)]
-        return layers, [owners[0], owners[-1]]
-    assert recipe.slices is not None
-    layers = []
-    for i, sl in enumerate(recipe.slices):
-        src = sl.sources[0]
-        start, end = src.layer_range
-        _check_range(sources[src.model], start, end, f"slices[{i}]")
-        count = end - start
-        for k in range(count):
-            t = k / (count - 1) if count > 1 else 1.0
-            layers.append(_Layer(src.model, start + k, t, (src.parameters, sl.parameters, g)))
-    return layers, [recipe.slices[0].sources[0].model, recipe.slices[-1].sources[0].model]
-
-
-def _edge_scopes(recipe: Recipe, which: int) -> tuple[Mapping[str, Any] | None, ...]:
-    """Parameter scopes for embeddings (which=0, first slice) and final norm/head (which=-1, last slice)."""
-    if recipe.slices:
-        sl = recipe.slices[which]
-        return (sl.sources[0].parameters, sl.parameters, recipe.parameters)
-    if recipe.models:
-        return (recipe.models[0].parameters, recipe.parameters)
-    return ()
 
 
 def _check_same_shape(info: TensorInfo, expected: TensorInfo, model: str, out_name: str) -> None:
@@ -278,7 +172,7 @@ def _make_tensor(
     return TensorPlan(op="copy", **common)
 
 
-def _operation(recipe: Recipe, layers: list[_Layer], tensors: list[TensorPlan], sources) -> str:
+def _operation(recipe: Recipe, layers: list[LayerSource], tensors: list[TensorPlan], sources) -> str:
     if recipe.block_expansion is not None:
         return "block-expansion"
     if recipe.interleave is not None:
@@ -292,7 +186,7 @@ def _operation(recipe: Recipe, layers: list[_Layer], tensors: list[TensorPlan], 
     return "passthrough"
 
 
-def _output_config(base: SourceModel, layers: list[_Layer], sources, out_dtype: str | None) -> dict[str, Any]:
+def _output_config(base: SourceModel, layers: list[LayerSource], sources, out_dtype: str | None) -> dict[str, Any]:
     config = dict(base.config)
     config["num_hidden_layers"] = len(layers)
     if "torch_dtype" in config:
@@ -335,7 +229,7 @@ def build_plan(
     missing = [m for m in recipe.referenced_models() if m not in sources]
     if missing:
         raise SourceError(f"model '{missing[0]}' was not resolved")
-    layers, (pre_model, post_model) = _compile_layers(recipe, sources)
+    layers, (pre_model, post_model) = compile_layers(recipe, sources)
     base_name = recipe.base_model or pre_model
     base = sources[base_name]
     _check_compatible(base, sources, {layer.model for layer in layers} | {pre_model, post_model})
@@ -344,7 +238,7 @@ def build_plan(
     tables = {name: _layer_table(sources[name]) for name in {layer.model for layer in layers} | {pre_model, post_model}}
 
     tensors: list[TensorPlan] = []
-    edge = {"pre": (pre_model, _edge_scopes(recipe, 0)), "post": (post_model, _edge_scopes(recipe, -1))}
+    edge = {"pre": (pre_model, edge_scopes(recipe, 0)), "post": (post_model, edge_scopes(recipe, -1))}
     pre_names = [n for n in base_other if "embed" in n]
     post_names = [n for n in base_other if n not in pre_names]
 
@@ -400,9 +294,9 @@ def build_plan(
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
     tok = _tokenizer_model(recipe, base_name)
-    _check_vocabulary(sources[tok], sources[pre_model])
+    check_vocabulary(sources[tok], sources[pre_model])
     notes = []
-    if sources[tok].path is not None and not _tokenizer_files(sources[tok].path):
+    if sources[tok].path is not None and not tokenizer_files(sources[tok].path):
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
     return Plan(
         recipe=recipe, operation=_operation(recipe, layers, tensors, sources), base=base_name, tokenizer_from=tok,
@@ -410,33 +304,3 @@ def build_plan(
         shards=layout_shards(tensors, shard_size), recipe_text=recipe_text, recipe_path=recipe_path,
         notes=tuple(notes),
     )
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
-)
-
-
-def _tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
-
-
-def _vocabulary(folder: Path) -> object:
-    """What identifies a tokenizer's vocabulary: tokenizer.json's model and added tokens, else the vocab files."""
-    if (folder / "tokenizer.json").is_file():
-        doc = json.loads((folder / "tokenizer.json").read_text())
-        return doc.get("model"), doc.get("added_tokens")
-    return tuple((folder / f).read_bytes() for f in ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
-                 if (folder / f).is_file())
-
-
-def _check_vocabulary(tokenizer: SourceModel, embeddings: SourceModel) -> None:
-    """The tokenizer the output ships must index the embedding rows it ships."""
-    if tokenizer.name == embeddings.name or tokenizer.path is None or embeddings.path is None:
-        return
-    if _vocabulary(tokenizer.path) != _vocabulary(embeddings.path):
-        raise PlanError(
-            f"tokenizer_source '{tokenizer.name}' has a different vocabulary from '{embeddings.name}', whose "
-            "embeddings the output takes: aligning vocabularies is not supported yet; use tokenizer_source: base"
-        )

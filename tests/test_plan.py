@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from composer import build_plan, load_recipe
 from composer.cli import main
 from composer.errors import PlanError
-from composer.plan import expansion_layers
+from composer.depth import expansion_layers
 from composer.report import summary
 from composer.sources import SourceModel, TensorInfo
 from tinymodels import load_state_dict
