@@ -267,6 +267,11 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
         )
     if recipe.form in ("block_expansion", "interleave") and method not in (None, "passthrough"):
         return ("merge_method",), f"{recipe.form} is a passthrough operation: drop merge_method or set it to passthrough"
+    if recipe.form in ("block_expansion", "interleave") and recipe.parameters is not None:
+        return ("parameters",), f"parameters do not apply to {recipe.form}: write the recipe as slices to scale tensors"
+    be = recipe.block_expansion
+    if be is not None and recipe.base_model not in (None, be.model):
+        return ("base_model",), f"block_expansion takes its config from '{be.model}': drop base_model"
     allowed = SUPPORTED_METHODS.get(method or "passthrough", ())
     places: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
     for i, sl in enumerate(recipe.slices or []):

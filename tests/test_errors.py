@@ -59,6 +59,8 @@ def passthrough(model, rng="[0, 4]") -> str:
     ("merge_method: passthrough\nslices: [{sources: [{model: M, layer_range: [0, 2]}]}\n", "not valid YAML"),
     ("- just\n- a list\n", "a recipe is a YAML mapping"),
     ("merge_method: passthrough\nmodels: [{model: M, parameters: {scale: yes}}]\n", "parameter scale for"),
+    ("parameters: {scale: 0.5}\nblock_expansion: {model: M, every: 2}\n", "parameters do not apply to block_expansion"),
+    ("base_model: other\nblock_expansion: {model: M, every: 2}\n", "block_expansion takes its config from"),
 ])
 def test_bad_recipes(models, tmp_path, text, expected):
     recipe = tmp_path / "recipe.yaml"
