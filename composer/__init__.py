@@ -20,20 +20,22 @@ __all__ = [
 
 
 def plan_recipe(
-    recipe_path: str | Path, *, models: Mapping[str, str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE
+    recipe_path: str | Path, *, models: Mapping[str, str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
 ) -> Plan:
     """Load a recipe file, find its models (relative paths: from the cwd, then the recipe's folder), plan it."""
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     sources = open_sources(recipe.referenced_models(), (recipe_path.parent.resolve(),), models)
     return build_plan(recipe, sources, shard_size=shard_size, recipe_text=recipe_path.read_text(),
-                      recipe_path=str(recipe_path))
+                      recipe_path=str(recipe_path), seed=seed)
 
 
 def compose(
     recipe_path: str | Path, out: str | Path, *, models: Mapping[str, str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: Callable[[int], None] | None = None,
+    seed: int = 0,
 ) -> Path:
     """Plan and write a recipe's model to `out`; returns the output folder."""
-    plan = plan_recipe(recipe_path, models=models, shard_size=shard_size)
+    plan = plan_recipe(recipe_path, models=models, shard_size=shard_size, seed=seed)
     return execute(plan, out, overwrite=overwrite, progress=progress)

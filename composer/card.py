@@ -25,18 +25,25 @@ METHODS = {
 }
 
 
+def _merge_method(name: str) -> tuple[str, str]:
+    from composer.methods import METHODS as MERGES
+
+    title, _, url = MERGES[name].paper.rpartition(", ")
+    return f"the `{name}` merge (mergekit's semantics, computed in float32)", f"[{title}]({url})"
+
+
 def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
 def model_card(plan: Plan) -> str:
-    bases = list(dict.fromkeys([plan.base, *(la.model for la in plan.layers)]))
+    bases = list(dict.fromkeys([plan.base, *(m for la in plan.layers for m, _ in la.sources)]))
     front = {
         "base_model": bases[0] if len(bases) == 1 else bases,
         "tags": ["composer", "merge", plan.operation],
         "library_name": "transformers",
     }
-    what, paper = METHODS[plan.operation]
+    what, paper = METHODS[plan.operation] if plan.operation in METHODS else _merge_method(plan.operation)
     rows = "\n".join(
         f"| {_span(*r['out'])} | {r['model']} | {_span(*r['source'])} | {r['status']}"
         f"{' (' + ', '.join(r['zeroed']) + ' zeroed)' if r['zeroed'] else ''} |"

@@ -53,10 +53,11 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
               help="Largest output shard, e.g. 5GB, 2GiB, 500MB.")
 @click.option("--model", "models", multiple=True, metavar="NAME=PATH",
               help="Use the folder PATH wherever the recipe names model NAME (repeatable).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random merge methods (DARE, DELLA).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(package_name="composer-llm", prog_name="compose")
 def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite: bool, shard_size: str,
-         models: tuple[str, ...], quiet: bool) -> None:
+         models: tuple[str, ...], seed: int, quiet: bool) -> None:
     """Compose a new model from the YAML RECIPE into the folder OUT."""
     size = parse_size(shard_size)
     overrides = _parse_models(models)
@@ -64,7 +65,7 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
         raise click.UsageError("give an output folder with -o OUT, or --dry-run to only see the plan")
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        plan = plan_recipe(recipe, models=overrides, shard_size=size)
+        plan = plan_recipe(recipe, models=overrides, shard_size=size, seed=seed)
         info = summary(plan, out)
         if dry_run:
             click.echo(json.dumps(info, indent=2) if as_json else render(info))

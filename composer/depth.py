@@ -10,14 +10,36 @@ from composer.sources import SourceModel
 
 
 @dataclass(frozen=True)
-class LayerSource:
-    """An output layer before tensors are planned: source, and where its parameters come from."""
+class LayerInput:
+    """One source of an output layer (or of the embeddings and head): a model's layer and its parameter scopes."""
 
     model: str
     source_layer: int
+    scopes: tuple[Mapping[str, Any] | None, ...] = ()  # highest precedence first: source, slice, global
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """An output layer before tensors are planned: its inputs (one for passthrough), the relative depth `t` for
+    gradient parameters, the scopes of parameters shared by all inputs, and the base model of its slice."""
+
+    inputs: tuple[LayerInput, ...]
     t: float
-    scopes: tuple[Mapping[str, Any] | None, ...] = ()
+    shared_scopes: tuple[Mapping[str, Any] | None, ...] = ()
+    base: str | None = None
     expanded: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.inputs[0].model
+
+    @property
+    def source_layer(self) -> int:
+        return self.inputs[0].source_layer
+
+
+def _single(model: str, layer: int, t: float, scopes: tuple = (), expanded: bool = False) -> LayerSource:
+    return LayerSource((LayerInput(model, layer, scopes),), t, scopes[1:], None, expanded)
 
 
 def _check_range(model: SourceModel, start: int, end: int, where: str) -> None:
@@ -62,19 +84,23 @@ def expansion_layers(n: int, *, num_layers: int | None = None, every: int | None
     return out
 
 
-def compile_layers(recipe: Recipe, sources: Mapping[str, SourceModel]) -> tuple[list[LayerSource], list[str]]:
-    """The output layer sequence for any recipe form, plus the models giving the pre and post tensors."""
+def _t(k: int, count: int) -> float:
+    """mergekit's relative depth of the k-th layer of a slice, for gradient parameters."""
+    return k / (count - 1) if count > 1 else 1.0
+
+
+def compile_layers(
+    recipe: Recipe, sources: Mapping[str, SourceModel]
+) -> tuple[list[LayerSource], LayerSource, LayerSource]:
+    """The output layer sequence for any recipe form, and the sources of the embeddings (pre) and of the final
+    norm and head (post): the first slice's and the last slice's models, as in mergekit, with t = 0."""
     g = recipe.parameters
     if recipe.block_expansion is not None:
         be = recipe.block_expansion
         n = sources[be.model].num_layers
         seq = expansion_layers(n, num_layers=be.num_layers, every=be.every)
-        return [LayerSource(be.model, i, 0.0, (), copy) for i, copy in seq], [be.model, be.model]
-    if recipe.models is not None:
-        entry = recipe.models[0]
-        n = sources[entry.model].num_layers
-        layers = [LayerSource(entry.model, i, i / (n - 1) if n > 1 else 1.0, (entry.parameters, g)) for i in range(n)]
-        return layers, [entry.model, entry.model]
+        edge = _single(be.model, -1, 0.0)
+        return [_single(be.model, i, 0.0, (), copy) for i, copy in seq], edge, edge
     if recipe.interleave is not None:
         il = recipe.interleave
         counts = {sources[m].num_layers for m in il.models}
@@ -89,27 +115,41 @@ def compile_layers(recipe: Recipe, sources: Mapping[str, SourceModel]) -> tuple[
             )
         starts = range(0, n - il.window + 1, step)
         owners = [il.models[k % len(il.models)] for k in range(len(starts))]
-        layers = [LayerSource(model, start + i, i / (il.window - 1) if il.window > 1 else 1.0)
-                  for model, start in zip(owners, starts) for i in range(il.window)]
-        return layers, [owners[0], owners[-1]]
-    assert recipe.slices is not None
-    layers = []
-    for i, sl in enumerate(recipe.slices):
-        src = sl.sources[0]
-        start, end = src.layer_range
-        _check_range(sources[src.model], start, end, f"slices[{i}]")
-        count = end - start
-        for k in range(count):
-            t = k / (count - 1) if count > 1 else 1.0
-            layers.append(LayerSource(src.model, start + k, t, (src.parameters, sl.parameters, g)))
-    return layers, [recipe.slices[0].sources[0].model, recipe.slices[-1].sources[0].model]
+        layers = [_single(model, start + i, _t(i, il.window)) for model, start in zip(owners, starts)
+                  for i in range(il.window)]
+        return layers, _single(owners[0], -1, 0.0), _single(owners[-1], -1, 0.0)
+    if recipe.models is not None:
+        # mergekit's normal form: one slice over every model's full depth, the base model added if missing.
+        entries = [(m.model, m.parameters) for m in recipe.models]
+        if recipe.base_model and recipe.base_model not in [m for m, _ in entries]:
+            entries.append((recipe.base_model, None))
+        counts = {sources[m].num_layers for m, _ in entries}
+        if len(counts) != 1:
+            raise PlanError("models to merge need the same number of layers: " + ", ".join(
+                f"'{m}' has {sources[m].num_layers}" for m, _ in entries))
+        n = counts.pop()
+        slices = [([(m, 0, params) for m, params in entries], None, recipe.base_model, n)]
+    else:
+        assert recipe.slices is not None
+        slices = []
+        for i, sl in enumerate(recipe.slices):
+            for src in sl.sources:
+                _check_range(sources[src.model], *src.layer_range, f"slices[{i}]")
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
+            if len(lengths) != 1:
+                raise PlanError(f"slices[{i}]: every source of a slice needs the same number of layers, "
+                                f"got {sorted(lengths)}")
+            slices.append(([(s.model, s.layer_range[0], s.parameters) for s in sl.sources], sl.parameters,
+                           sl.base_model or recipe.base_model, lengths.pop()))
 
+    def layer(entries, slice_params, base, first: int, t: float) -> LayerSource:
+        """Layer `first` of a slice (or, with first = -1, the slice's edge tensors)."""
+        return LayerSource(
+            tuple(LayerInput(m, (start + first) if first >= 0 else -1, (params, slice_params, g))
+                  for m, start, params in entries),
+            t, (slice_params, g), base,
+        )
 
-def edge_scopes(recipe: Recipe, which: int) -> tuple[Mapping[str, Any] | None, ...]:
-    """Parameter scopes for embeddings (which=0, first slice) and final norm/head (which=-1, last slice)."""
-    if recipe.slices:
-        sl = recipe.slices[which]
-        return (sl.sources[0].parameters, sl.parameters, recipe.parameters)
-    if recipe.models:
-        return (recipe.models[0].parameters, recipe.parameters)
-    return ()
+    layers = [layer(entries, params, base, k, _t(k, count))
+              for entries, params, base, count in slices for k in range(count)]
+    return layers, layer(*slices[0][:3], -1, 0.0), layer(*slices[-1][:3], -1, 0.0)

@@ -3,6 +3,7 @@ write them with direct I/O, and move the finished folder into place."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
 import queue
@@ -103,12 +104,65 @@ def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int
         out[a:b].copy_(x)
 
 
+def _seed(seed: int, name: str) -> int:
+    """A per-tensor seed: random methods give the same tensor whatever the order chunks run in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def _merge_tensor(t: TensorPlan, sources: _Sources, seed: int) -> bytearray:
+    """A merged tensor, whole: inputs rounded through the recipe's dtype, merged in float32, cast once."""
+    import torch
+
+    from composer.methods import METHODS
+
+    spec = METHODS[t.op]
+    loaded = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
+        for info in t.inputs:
+            x = torch.frombuffer(sources.map(info.file), dtype=_torch_dtype(info.dtype), count=info.numel,
+                                 offset=info.offset)
+            loaded.append(x.to(_torch_dtype(t.via or info.dtype)).to(torch.float32).reshape(info.shape))
+    keep = [k for k in range(len(loaded)) if k != t.base or spec.per_input_includes_base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
+    generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
+    result = spec.apply([loaded[k] for k in keep], base=loaded[t.base] if t.base is not None else None,
+                        shared=dict(t.params), per_input=per_input, generator=generator)
+    del loaded
+    out = bytearray(t.nbytes)
+    work = _torch_dtype(t.via or t.inputs[0].dtype)
+    torch.frombuffer(out, dtype=_torch_dtype(t.dtype)).copy_(result.reshape(-1).to(work))
+    return out
+
+
+class _Merged:
+    """Merged tensors are computed whole, once, and served to the chunks they span; dropped once fully served."""
+
+    def __init__(self, sources: _Sources, seed: int) -> None:
+        self._sources, self._seed = sources, seed
+        self._lock = threading.Lock()
+        self._entries: dict[str, list] = {}  # name -> [lock, bytes or None, bytes still to serve]
+
+    def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
+        with self._lock:
+            entry = self._entries.setdefault(t.name, [threading.Lock(), None, t.nbytes])
+        with entry[0]:
+            if entry[1] is None:
+                entry[1] = _merge_tensor(t, self._sources, self._seed)
+            view[:] = memoryview(entry[1])[start: start + len(view)]
+            entry[2] -= len(view)
+            done = entry[2] == 0
+        if done:
+            with self._lock:
+                del self._entries[t.name]
+
+
 def _segments(shard: ShardPlan) -> list[tuple[int, int, TensorPlan | None]]:
     """The shard file as back-to-back byte ranges: the header (None), then each tensor."""
     return [(0, len(shard.header), None)] + [(e.offset, e.offset + e.tensor.nbytes, e.tensor) for e in shard.entries]
 
 
-def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources: _Sources) -> None:
+def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources: _Sources, merged: _Merged) -> None:
     """Assemble output bytes [start, end) of a shard in `buf`: header, copied bytes, zeros, computed values."""
     for seg_start, seg_end, tensor in segs:
         a, b = max(start, seg_start), min(end, seg_end)
@@ -119,6 +173,8 @@ def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources
             view[:] = shard.header[a:b]
         elif tensor.op == "zeros":
             _zero(view)
+        elif tensor.is_merge:
+            merged.copy_into(tensor, view, a - seg_start)
         elif tensor.is_byte_copy:
             info = tensor.inputs[0]
             _read_into(sources.fd(info.file), view, info.offset + (a - seg_start), info)
@@ -150,13 +206,13 @@ def _open_output(path: Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
-def _write_chunk(job, sources: _Sources, buffers: queue.Queue) -> int:
+def _write_chunk(job, sources: _Sources, merged: _Merged, buffers: queue.Queue) -> int:
     shard, segs, fd, direct, start = job
     end = min(shard.size, start + CHUNK_BYTES)
     buf = buffers.get()
     try:
         view = memoryview(buf)
-        _fill(view, start, end, shard, segs, sources)
+        _fill(view, start, end, shard, segs, sources, merged)
         length = end - start
         if direct and length % ALIGN:  # the last chunk: pad to the block size, truncated back afterwards
             pad = -length % ALIGN
@@ -188,7 +244,8 @@ def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], worke
             segs = _segments(shard)
             jobs += [(shard, segs, fd, direct, start) for start in range(0, shard.size, CHUNK_BYTES)]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
-        futures = [pool.submit(_write_chunk, job, sources, buffers) for job in jobs]
+        merged = _Merged(sources, plan.seed)
+        futures = [pool.submit(_write_chunk, job, sources, merged, buffers) for job in jobs]
         try:
             for f in futures:
                 progress(f.result())

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from composer.depth import LayerSource, compile_layers, edge_scopes
+from composer.depth import LayerSource, compile_layers
 from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ITEMSIZE, ST_DTYPE
 from composer.errors import PlanError, SourceError
 from composer.params import resolve_parameter
@@ -32,12 +32,14 @@ class TensorPlan:
     """One output tensor: what op makes it, from which source tensors, with which parameters, in which dtype."""
 
     name: str
-    op: str  # "copy" | "zeros" | "scale"
+    op: str  # "copy" | "zeros" | "scale", or a merge method ("linear", "slerp", ...)
     inputs: tuple[TensorInfo, ...]
     models: tuple[str, ...]
     dtype: str
     via: str | None = None  # the recipe's `dtype`: values are rounded through it first, as mergekit does
-    params: tuple[tuple[str, float], ...] = ()
+    params: tuple[tuple[str, Any], ...] = ()  # shared parameters, resolved for this tensor
+    input_params: tuple[tuple[tuple[str, Any], ...], ...] = ()  # per input (merges), resolved for this tensor
+    base: int | None = None  # index in `inputs` of the base model's tensor (merges)
     layer: int | None = None
     source_layer: int | None = None
 
@@ -59,7 +61,13 @@ class TensorPlan:
         return self.op == "copy" and src == self.dtype and self.via in (None, src)
 
     @property
+    def is_merge(self) -> bool:
+        return self.op not in ("copy", "zeros", "scale")
+
+    @property
     def status(self) -> str:
+        if self.is_merge:
+            return "merged"
         if self.op == "zeros" or (self.op == "scale" and dict(self.params).get("scale") == 0):
             return "zeroed"
         if self.op == "scale":
@@ -74,8 +82,9 @@ class LayerPlan:
     index: int
     model: str
     source_layer: int
-    status: str  # "copied" | "new" | "scaled"
+    status: str  # "copied" | "new" | "scaled" | "merged"
     zeroed: tuple[str, ...] = ()
+    sources: tuple[tuple[str, int], ...] = ()  # every (model, layer) the layer is made from
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class Plan:
     recipe_text: str = ""
     recipe_path: str = ""
     notes: tuple[str, ...] = field(default=())
+    seed: int = 0  # seeds the random merge methods (DARE, DELLA), per tensor
 
     @property
     def num_parameters(self) -> int:
@@ -110,7 +120,9 @@ class Plan:
         """Scratch memory one worker needs to compute (not copy) a chunk: a float32 copy and the cast result."""
         worst = 0
         for t in self.tensors:
-            if not t.is_byte_copy and t.op != "zeros":
+            if t.is_merge:  # whole tensors for now: every input and the result in float32, then the output
+                worst = max(worst, t.numel * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
+            elif not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
         return worst
 
@@ -149,30 +161,86 @@ def _check_same_shape(info: TensorInfo, expected: TensorInfo, model: str, out_na
         )
 
 
-def _make_tensor(
-    recipe: Recipe, out_name: str, info: TensorInfo, model: str, scopes: tuple, t: float, *,
-    zero: bool = False, layer: int | None = None, source_layer: int | None = None,
-) -> TensorPlan:
+def _dtypes(recipe: Recipe, info: TensorInfo) -> tuple[str | None, str]:
+    """(the dtype values round through, the output dtype) for one source tensor."""
     via = ST_DTYPE[DTYPES[recipe.dtype]] if recipe.dtype else None
     out = ST_DTYPE[DTYPES[recipe.out_dtype]] if recipe.out_dtype else (via or info.dtype)
-    if info.dtype not in FLOAT_DTYPES:
-        via, out = None, info.dtype
-    common = dict(name=out_name, inputs=(info,), models=(model,), dtype=out, via=via, layer=layer,
-                  source_layer=source_layer)
+    return (None, info.dtype) if info.dtype not in FLOAT_DTYPES else (via, out)
+
+
+def _passthrough(recipe: Recipe, out_name: str, layer: LayerSource, info: TensorInfo, *, zero: bool,
+                 where: dict[str, Any]) -> TensorPlan:
+    via, out = _dtypes(recipe, info)
+    common = dict(name=out_name, inputs=(info,), models=(layer.model,), dtype=out, via=via, **where)
     if zero:
         return TensorPlan(op="zeros", **common)
-    scale = resolve_parameter("scale", scopes, info.name, t)
+    scale = resolve_parameter("scale", layer.inputs[0].scopes, info.name, layer.t)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise PlanError(f"parameter scale for '{info.name}' is {scale!r}: it must be a number")
         if scale != 1:
             if info.dtype not in FLOAT_DTYPES:
-                raise PlanError(f"cannot scale '{info.name}' of '{model}': its dtype {info.dtype} is not a float")
+                raise PlanError(f"cannot scale '{info.name}' of '{layer.model}': its dtype {info.dtype} is not a float")
             return TensorPlan(op="scale", params=(("scale", float(scale)),), **common)
     return TensorPlan(op="copy", **common)
 
 
+def _resolve(spec_params: Mapping[str, Any], scopes: tuple, tensor: str, t: float, method: str) -> dict[str, Any]:
+    values = {}
+    for name, default in spec_params.items():
+        value = resolve_parameter(name, scopes, tensor, t, default)
+        if value is None:
+            raise PlanError(f"merge_method {method} needs parameter '{name}' for tensor '{tensor}': set it under "
+                            "parameters (globally, per slice or per model)")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise PlanError(f"parameter {name} for '{tensor}' is {value!r}: it must be true or false")
+        if not isinstance(default, bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PlanError(f"parameter {name} for '{tensor}' is {value!r}: it must be a number")
+        values[name] = value
+    return values
+
+
+def _merge(recipe: Recipe, out_name: str, layer: LayerSource, infos: list[TensorInfo], where: dict) -> TensorPlan:
+    """A merged tensor: inputs in recipe order, parameters resolved as mergekit resolves them (shared ones on the
+    output name over slice and global scopes; per-input ones on each input's own name, source scope first)."""
+    from composer.methods import METHODS
+
+    method = recipe.merge_method
+    spec = METHODS[method]
+    models = [i.model for i in layer.inputs]
+    base = layer.base if layer.base in models else None
+    if layer.base is not None and base is None and spec.needs_base:
+        raise PlanError(f"merge_method {method}: base_model '{layer.base}' is not among the sources of the slice "
+                        f"that makes '{out_name}': add it as a source")
+    if spec.needs_base and base is None:
+        raise PlanError(f"merge_method {method} needs a base model: set base_model")
+    base_index = models.index(base) if base is not None else None
+    shared = _resolve(spec.shared, layer.shared_scopes, out_name, layer.t, method)
+    per_input = []
+    for k, (inp, info) in enumerate(zip(layer.inputs, infos)):
+        takes = spec.per_input if (k != base_index or spec.per_input_includes_base) else {}
+        per_input.append(tuple(_resolve(takes, inp.scopes, info.name, layer.t, method).items()))
+    if method == "slerp" and not 0 <= shared["t"] <= 1:
+        raise PlanError(f"slerp t={shared['t']} for '{out_name}' is outside [0, 1]")
+    weights = [dict(p).get("weight") for p in per_input if "weight" in dict(p)]
+    if weights and shared.get("normalize") and sum(weights) == 0:
+        raise PlanError(f"the weights for '{out_name}' sum to 0, so normalize cannot divide by them: "
+                        "change a weight or set normalize: false")
+    n_other = len(infos) - (base_index is not None and not spec.per_input_includes_base)
+    if spec.min_inputs and len(infos) < spec.min_inputs or spec.max_inputs and len(infos) > spec.max_inputs:
+        raise PlanError(f"merge_method {method} takes {spec.min_inputs}"
+                        f"{'-' + str(spec.max_inputs) if spec.max_inputs != spec.min_inputs else ''} models "
+                        f"(base included), got {len(infos)}")
+    if spec.min_non_base and n_other < spec.min_non_base or spec.max_non_base and n_other > spec.max_non_base:
+        raise PlanError(f"merge_method {method} takes {spec.min_non_base} models besides the base, got {n_other}")
+    via, out = _dtypes(recipe, infos[0])
+    return TensorPlan(name=out_name, op=method, inputs=tuple(infos), models=tuple(models), dtype=out, via=via,
+                      params=tuple(shared.items()), input_params=tuple(per_input), base=base_index, **where)
+
+
 def _operation(recipe: Recipe, layers: list[LayerSource], tensors: list[TensorPlan], sources) -> str:
+    if recipe.merge_method not in (None, "passthrough"):
+        return recipe.merge_method
     if recipe.block_expansion is not None:
         return "block-expansion"
     if recipe.interleave is not None:
@@ -223,63 +291,77 @@ def _tokenizer_model(recipe: Recipe, base: str) -> str:
 
 def build_plan(
     recipe: Recipe, sources: Mapping[str, SourceModel], *, shard_size: int = DEFAULT_SHARD_SIZE,
-    recipe_text: str = "", recipe_path: str = "",
+    recipe_text: str = "", recipe_path: str = "", seed: int = 0,
 ) -> Plan:
     """Every check that can run before the first byte is written runs here."""
     missing = [m for m in recipe.referenced_models() if m not in sources]
     if missing:
         raise SourceError(f"model '{missing[0]}' was not resolved")
-    layers, (pre_model, post_model) = compile_layers(recipe, sources)
-    base_name = recipe.base_model or pre_model
+    layers, pre, post = compile_layers(recipe, sources)
+    base_name = recipe.base_model or pre.model
     base = sources[base_name]
-    _check_compatible(base, sources, {layer.model for layer in layers} | {pre_model, post_model})
+    used = {i.model for la in (*layers, pre, post) for i in la.inputs}
+    _check_compatible(base, sources, used)
     prefix, base_layers, base_other = _layer_table(base)
     template = base_layers[0]
-    tables = {name: _layer_table(sources[name]) for name in {layer.model for layer in layers} | {pre_model, post_model}}
+    tables = {name: _layer_table(sources[name]) for name in used}
+    merging = recipe.merge_method not in (None, "passthrough")
 
-    tensors: list[TensorPlan] = []
-    edge = {"pre": (pre_model, edge_scopes(recipe, 0)), "post": (post_model, edge_scopes(recipe, -1))}
-    pre_names = [n for n in base_other if "embed" in n]
-    post_names = [n for n in base_other if n not in pre_names]
+    def make(out_name: str, src: LayerSource, infos: list[TensorInfo], zero: bool, **where) -> TensorPlan:
+        for inp, info in zip(src.inputs, infos):
+            _check_same_shape(info, infos[0], inp.model, out_name)
+        if merging:
+            return _merge(recipe, out_name, src, infos, where)
+        return _passthrough(recipe, out_name, src, infos[0], zero=zero, where=where)
 
-    def edge_tensors(names: list[str], which: str) -> None:
-        model, scopes = edge[which]
-        other = tables[model][2]
+    def edge_tensors(names: list[str], edge: LayerSource) -> list[TensorPlan]:
+        made = []
         for name in names:
-            if name not in other:
-                raise SourceError(f"model '{model}' has no tensor '{name}' (the base model '{base_name}' has it)")
-            _check_same_shape(other[name], base_other[name], model, name)
-            tensors.append(_make_tensor(recipe, name, other[name], model, scopes, 0.0))
+            infos = []
+            for inp in edge.inputs:
+                other = tables[inp.model][2]
+                if name not in other:
+                    raise SourceError(f"model '{inp.model}' has no tensor '{name}' (the base model '{base_name}' has it)")
+                _check_same_shape(other[name], base_other[name], inp.model, name)
+                infos.append(other[name])
+            made.append(make(name, edge, infos, False))
+        return made
 
-    edge_tensors(pre_names, "pre")
+    pre_names = [n for n in base_other if "embed" in n]
+    tensors: list[TensorPlan] = edge_tensors(pre_names, pre)
     layer_plans: list[LayerPlan] = []
     for out_idx, layer in enumerate(layers):
-        src_layers = tables[layer.model][1]
-        suffixes = src_layers[layer.source_layer]
-        if set(suffixes) != set(template):
-            diff = sorted(set(suffixes) ^ set(template))
-            raise PlanError(
-                f"'{layer.model}' layer {layer.source_layer} does not have the base model's tensors "
-                f"(differs in: {', '.join(diff[:3])}): the models do not share an architecture"
-            )
-        if layer.expanded and not all(any(z in s for s in suffixes) for z in ZEROED_IN_COPIES):
+        per_input = []
+        for inp in layer.inputs:
+            suffixes = tables[inp.model][1][inp.source_layer]
+            if set(suffixes) != set(template):
+                diff = sorted(set(suffixes) ^ set(template))
+                raise PlanError(
+                    f"'{inp.model}' layer {inp.source_layer} does not have the base model's tensors "
+                    f"(differs in: {', '.join(diff[:3])}): the models do not share an architecture"
+                )
+            per_input.append(suffixes)
+        if layer.expanded and not all(any(z in s for s in per_input[0]) for z in ZEROED_IN_COPIES):
             raise PlanError(
                 f"block expansion needs o_proj and down_proj in every layer; '{layer.model}' layer "
                 f"{layer.source_layer} lacks one"
             )
         made = []
         for suffix in template:
-            info = suffixes[suffix]
             out_name = f"{prefix}.{out_idx}.{suffix}"
-            _check_same_shape(info, template[suffix], layer.model, out_name)
+            infos = [suffixes[suffix] for suffixes in per_input]
+            for inp, info in zip(layer.inputs, infos):
+                _check_same_shape(info, template[suffix], inp.model, out_name)
             zero = layer.expanded and any(z in suffix for z in ZEROED_IN_COPIES)
-            made.append(_make_tensor(recipe, out_name, info, layer.model, layer.scopes, layer.t, zero=zero,
-                                     layer=out_idx, source_layer=layer.source_layer))
+            made.append(make(out_name, layer, infos, zero, layer=out_idx, source_layer=layer.source_layer))
         tensors += made
         zeroed = tuple(t.name.rsplit(f".{out_idx}.", 1)[1] for t in made if t.status == "zeroed")
-        status = "new" if zeroed else ("scaled" if any(t.op == "scale" for t in made) else "copied")
-        layer_plans.append(LayerPlan(out_idx, layer.model, layer.source_layer, status, zeroed))
-    edge_tensors(post_names, "post")
+        status = ("merged" if merging else "new" if zeroed else
+                  "scaled" if any(t.op == "scale" for t in made) else "copied")
+        names = tuple((i.model, i.source_layer) for i in layer.inputs)
+        layer_plans.append(LayerPlan(out_idx, " + ".join(m for m, _ in names), layer.source_layer, status, zeroed,
+                                     names))
+    tensors += edge_tensors([n for n in base_other if n not in pre_names], post)
 
     if recipe.block_expansion is not None:
         arch = (base.config.get("architectures") or ["unknown"])[0]
@@ -294,7 +376,8 @@ def build_plan(
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
     tok = _tokenizer_model(recipe, base_name)
-    check_vocabulary(sources[tok], sources[pre_model])
+    for inp in pre.inputs:
+        check_vocabulary(sources[tok], sources[inp.model])
     notes = []
     if sources[tok].path is not None and not tokenizer_files(sources[tok].path):
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
@@ -302,5 +385,5 @@ def build_plan(
         recipe=recipe, operation=_operation(recipe, layers, tensors, sources), base=base_name, tokenizer_from=tok,
         sources=sources, tensors=tuple(tensors), layers=tuple(layer_plans), config=config,
         shards=layout_shards(tensors, shard_size), recipe_text=recipe_text, recipe_path=recipe_path,
-        notes=tuple(notes),
+        notes=tuple(notes), seed=seed,
     )

@@ -11,13 +11,25 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from composer.errors import RecipeError
 
-SUPPORTED_METHODS = {"passthrough": ("scale",)}
+# The merge methods of composer.methods (named here so that validating a recipe does not import torch).
+MERGE_METHODS = (
+    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock",
+)
+SUPPORTED_METHODS = ("passthrough", *MERGE_METHODS)
 # mergekit methods we know by name but do not run yet: refused by name, never ignored.
 KNOWN_UNSUPPORTED_METHODS = (
-    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap",
-    "multislerp", "core_space", "ram", "goliath", "ram_ties",
+    "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "core_space", "ram", "goliath", "ram_ties",
 )
+
+
+def method_parameters(method: str) -> tuple[str, ...]:
+    """The parameter names a method takes, as mergekit names them."""
+    if method == "passthrough":
+        return ("scale",)
+    from composer.methods import METHODS
+
+    return tuple(sorted(METHODS[method].parameters))
 DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
@@ -258,10 +270,12 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     method = recipe.merge_method
     if recipe.form in ("slices", "models"):
         if method is None:
-            return (), "missing required key 'merge_method' (composer runs: passthrough)"
+            return (), f"missing required key 'merge_method' (one of: {', '.join(SUPPORTED_METHODS)})"
     if method is not None and method not in SUPPORTED_METHODS:
         if method in KNOWN_UNSUPPORTED_METHODS:
-            return ("merge_method",), f"merge_method '{method}' is not supported yet (composer runs: passthrough)"
+            return ("merge_method",), (
+                f"merge_method '{method}' is not supported yet (composer runs: {', '.join(SUPPORTED_METHODS)})"
+            )
         return ("merge_method",), (
             f"unknown merge_method '{method}'{_suggest(method, [*SUPPORTED_METHODS, *KNOWN_UNSUPPORTED_METHODS])}"
         )
@@ -272,7 +286,7 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     be = recipe.block_expansion
     if be is not None and recipe.base_model not in (None, be.model):
         return ("base_model",), f"block_expansion takes its config from '{be.model}': drop base_model"
-    allowed = SUPPORTED_METHODS.get(method or "passthrough", ())
+    allowed = method_parameters(method or "passthrough")
     places: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
     for i, sl in enumerate(recipe.slices or []):
         if sl.residual_weight is not None:

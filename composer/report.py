@@ -38,7 +38,8 @@ def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
 
 
 def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -> dict[str, Any]:
-    source_layers = {name: plan.sources[name].num_layers for name in dict.fromkeys(la.model for la in plan.layers)}
+    used = dict.fromkeys(m for la in plan.layers for m, _ in la.sources)
+    source_layers = {name: plan.sources[name].num_layers for name in used}
     dtypes = sorted({DTYPE_NAME.get(t.dtype, t.dtype) for t in plan.tensors})
     result: dict[str, Any] = {
         "recipe": plan.recipe_path,
@@ -55,6 +56,7 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "output_bytes": plan.file_bytes,
         "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.entries)} for s in plan.shards],
         "peak_memory_bytes": peak_memory_estimate(plan, workers),
+        "merged": any(t.is_merge for t in plan.tensors),
         "notes": list(plan.notes),
     }
     if out is not None:
@@ -97,7 +99,8 @@ def render(s: dict[str, Any]) -> str:
         f"parameters:  {s['parameters']:,}",
         f"output:      {human_bytes(s['output_bytes'])} in {len(s['shards'])} shard"
         f"{'s' if len(s['shards']) != 1 else ''} ({dtype})",
-        f"peak memory: about {human_bytes(s['peak_memory_bytes'])} (estimate; does not grow with model size)",
+        f"peak memory: about {human_bytes(s['peak_memory_bytes'])} (estimate; "
+        + ("the largest merged tensor is held whole, in float32)" if s["merged"] else "does not grow with model size)"),
     ]
     dest = s.get("destination")
     if dest:
@@ -115,7 +118,7 @@ def provenance(plan: Plan) -> dict[str, Any]:
         "base_model": plan.base,
         "layers": [
             {"layer": la.index, "model": la.model, "source_layer": la.source_layer, "status": la.status,
-             "zeroed": list(la.zeroed)}
+             "zeroed": list(la.zeroed), "sources": [{"model": m, "layer": i} for m, i in la.sources]}
             for la in plan.layers
         ],
         "new_layers": [la.index for la in plan.layers if la.status == "new"],
@@ -126,6 +129,8 @@ def provenance(plan: Plan) -> dict[str, Any]:
                 "sources": [{"model": m, "tensor": i.name} for m, i in zip(t.models, t.inputs)],
                 "dtype": t.dtype,
                 **({"params": dict(t.params)} if t.params else {}),
+                **({"input_params": [dict(p) for p in t.input_params]} if t.input_params else {}),
+                **({"base": t.models[t.base]} if t.base is not None else {}),
                 **({"layer": t.layer, "source_layer": t.source_layer} if t.layer is not None else {}),
             }
             for t in plan.tensors
