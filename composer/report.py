@@ -31,6 +31,33 @@ def layer_runs(plan: Plan) -> list[dict[str, Any]]:
     return runs
 
 
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def merge_parameters(plan: Plan) -> list[dict[str, Any]]:
+    """Per output layer, the parameters each group of its merged tensors resolved to (what `t` layer 17's
+    attention gets): [{"layer": 17, "groups": [{"modules": ["self_attn"], "params": "t=0.42"}, ...]}]."""
+    rows: dict[Any, dict[str, list[str]]] = {}
+    for t in plan.tensors:
+        if not t.is_merge:
+            continue
+        shared = [f"{k}={_fmt(v)}" for k, v in t.params]
+        per = {}
+        for params in t.input_params:
+            for k, v in params:
+                per.setdefault(k, []).append(_fmt(v))
+        text = ", ".join(shared + [f"{k}=[{', '.join(v)}]" for k, v in per.items()]) or "defaults"
+        module = t.name.split(f".{t.layer}.", 1)[1].split(".")[0] if t.layer is not None else t.name
+        key = t.layer if t.layer is not None else ("edge", t.name)
+        groups = rows.setdefault(key, {})
+        if module not in groups.setdefault(text, []):
+            groups[text].append(module)
+    return [{"layer": key if isinstance(key, int) else key[1],
+             "groups": [{"params": text, "modules": mods} for text, mods in groups.items()]}
+            for key, groups in rows.items()]
+
+
 def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
     """Interpreter + one aligned output chunk per worker (+ torch and its scratch when a tensor is computed)."""
     computed = plan.compute_memory > 0
@@ -57,6 +84,7 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.entries)} for s in plan.shards],
         "peak_memory_bytes": peak_memory_estimate(plan, workers),
         "merged": any(t.is_merge for t in plan.tensors),
+        "merge_parameters": merge_parameters(plan),
         "notes": list(plan.notes),
     }
     if out is not None:
@@ -106,6 +134,12 @@ def render(s: dict[str, Any]) -> str:
     if dest:
         verdict = "ok" if dest["enough_space"] else "NOT ENOUGH"
         lines.append(f"free space:  {human_bytes(dest['free_bytes'])} at {dest['path']} ({verdict})")
+    if s["merge_parameters"]:
+        lines.append("parameters:  output layer (or tensor): resolved values")
+        for row in s["merge_parameters"]:
+            named = isinstance(row["layer"], int)  # a layer's groups name their modules; an edge tensor is one
+            groups = "; ".join(g["params"] + (f" ({', '.join(g['modules'])})" if named else "") for g in row["groups"])
+            lines.append(f"  {row['layer']}: {groups}")
     lines += [f"note:        {n}" for n in s["notes"]]
     return "\n".join(lines)
 

@@ -156,3 +156,19 @@ def test_bad_merges(models, tmp_path, body, expected):
     result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
     assert result.exit_code == 1, result.output
     assert expected in result.output
+
+
+def test_dry_run_shows_resolved_parameters(models, write_recipe):
+    a, b = models["llama"], models["llama-b"]
+    recipe = write_recipe(f"""merge_method: slerp
+base_model: {a}
+parameters: {{t: [{{filter: self_attn, value: [0, 1]}}, {{value: 0.5}}]}}
+models: [{{model: {a}}}, {{model: {b}}}]
+""")
+    result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "  2: t=0.5 (input_layernorm, mlp, post_attention_layernorm); t=0.6667 (self_attn)" in result.output
+    assert "  model.embed_tokens.weight: t=0.5\n" in result.output
+    info = json.loads(CliRunner().invoke(main, [str(recipe), "--dry-run", "--json"]).output)
+    layer1 = next(r for r in info["merge_parameters"] if r["layer"] == 1)
+    assert {"params": "t=0.3333", "modules": ["self_attn"]} in layer1["groups"]
