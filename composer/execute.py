@@ -18,7 +18,7 @@ from typing import Callable
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, OutputError
 from composer.outputs import write_metadata
-from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan
+from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan, merge_mode
 from composer.sources import TensorInfo, free_bytes
 from composer.writer import ShardPlan, index_json
 
@@ -109,52 +109,89 @@ def _seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def _merge_tensor(t: TensorPlan, sources: _Sources, seed: int) -> bytearray:
-    """A merged tensor, whole: inputs rounded through the recipe's dtype, merged in float32, cast once."""
+def _load(info: TensorInfo, t: TensorPlan, sources: _Sources, start: int = 0, stop: int | None = None):
+    """Elements [start, stop) of an input, flat, rounded through the recipe's dtype, as float32."""
+    import torch
+
+    stop = info.numel if stop is None else stop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
+        x = torch.frombuffer(sources.map(info.file), dtype=_torch_dtype(info.dtype), count=stop - start,
+                             offset=info.offset + start * ITEMSIZE[info.dtype])
+    return x.to(_torch_dtype(t.via or info.dtype)).to(torch.float32)
+
+
+def _apply(t: TensorPlan, inputs: list, seed: int, coefficients=None):
+    """The method on loaded inputs (whole tensors, or one block of an elementwise merge)."""
     import torch
 
     from composer.methods import METHODS
 
     spec = METHODS[t.op]
-    loaded = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
-        for info in t.inputs:
-            x = torch.frombuffer(sources.map(info.file), dtype=_torch_dtype(info.dtype), count=info.numel,
-                                 offset=info.offset)
-            loaded.append(x.to(_torch_dtype(t.via or info.dtype)).to(torch.float32).reshape(info.shape))
-    keep = [k for k in range(len(loaded)) if k != t.base or spec.per_input_includes_base]
+    if coefficients is not None:  # slerp, its statistics already streamed
+        other = 1 - t.base
+        return coefficients[0] * inputs[t.base] + coefficients[1] * inputs[other]
+    keep = [k for k in range(len(inputs)) if k != t.base or spec.per_input_includes_base]
     per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
     generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
-    result = spec.apply([loaded[k] for k in keep], base=loaded[t.base] if t.base is not None else None,
-                        shared=dict(t.params), per_input=per_input, generator=generator)
-    del loaded
-    out = bytearray(t.nbytes)
-    work = _torch_dtype(t.via or t.inputs[0].dtype)
-    torch.frombuffer(out, dtype=_torch_dtype(t.dtype)).copy_(result.reshape(-1).to(work))
-    return out
+    base = inputs[t.base] if t.base is not None and spec.base != "ignored" else None
+    return spec.apply([inputs[k] for k in keep], base=base,
+                      shared=dict(t.params), per_input=per_input, generator=generator)
 
 
 class _Merged:
-    """Merged tensors are computed whole, once, and served to the chunks they span; dropped once fully served."""
+    """Merged tensors, computed block by block where the method allows (slerp after two streamed passes for its
+    statistics), else whole, once, and served to the chunks they span until fully served."""
 
     def __init__(self, sources: _Sources, seed: int) -> None:
         self._sources, self._seed = sources, seed
         self._lock = threading.Lock()
-        self._entries: dict[str, list] = {}  # name -> [lock, bytes or None, bytes still to serve]
+        self._entries: dict[str, list] = {}  # name -> [lock, whole bytes or slerp coefficients, bytes to serve]
 
-    def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
+    def _entry(self, t: TensorPlan) -> list:
         with self._lock:
-            entry = self._entries.setdefault(t.name, [threading.Lock(), None, t.nbytes])
+            return self._entries.setdefault(t.name, [threading.Lock(), None, t.nbytes])
+
+    def _served(self, t: TensorPlan, entry: list, n: int) -> None:
         with entry[0]:
-            if entry[1] is None:
-                entry[1] = _merge_tensor(t, self._sources, self._seed)
-            view[:] = memoryview(entry[1])[start: start + len(view)]
-            entry[2] -= len(view)
+            entry[2] -= n
             done = entry[2] == 0
         if done:
             with self._lock:
                 del self._entries[t.name]
+
+    def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
+        import torch
+
+        mode, entry = merge_mode(t), self._entry(t)
+        work, out_dt = _torch_dtype(t.via or t.inputs[0].dtype), _torch_dtype(t.dtype)
+        if mode == "whole":
+            with entry[0]:
+                if entry[1] is None:
+                    result = _apply(t, [_load(i, t, self._sources).reshape(i.shape) for i in t.inputs], self._seed)
+                    entry[1] = bytearray(t.nbytes)
+                    torch.frombuffer(entry[1], dtype=out_dt).copy_(result.reshape(-1).to(work))
+                view[:] = memoryview(entry[1])[start: start + len(view)]
+        else:
+            coefficients = None
+            if mode == "slerp":
+                with entry[0]:
+                    if entry[1] is None:
+                        from composer.methods import slerp_coefficients
+
+                        base, other = t.inputs[t.base], t.inputs[1 - t.base]
+                        entry[1] = slerp_coefficients(
+                            lambda s, e: (_load(base, t, self._sources, s, e).reshape(1, -1),
+                                          _load(other, t, self._sources, s, e).reshape(1, -1)),
+                            t.numel, dict(t.params)["t"])
+                    coefficients = entry[1]
+            out = torch.frombuffer(view, dtype=out_dt)
+            first = start // ITEMSIZE[t.dtype]
+            for a in range(0, out.numel(), CHUNK_ELEMENTS):
+                b = min(out.numel(), a + CHUNK_ELEMENTS)
+                inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
+                out[a:b].copy_(_apply(t, inputs, self._seed, coefficients).reshape(-1).to(work))
+        self._served(t, entry, len(view))
 
 
 def _segments(shard: ShardPlan) -> list[tuple[int, int, TensorPlan | None]]:

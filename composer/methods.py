@@ -89,30 +89,42 @@ def slerp(base: Tensor, other: Tensor, t: float) -> Tensor:
     """
     v0, v1 = _float32([base, other])
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    coef_a, coef_b = slerp_coefficients(lambda s, e: (a[:, s:e], b[:, s:e]), a.shape[1], t)
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+def slerp_coefficients(
+    read: Callable[[int, int], tuple[Tensor, Tensor]], numel: int, t: float
+) -> tuple[Tensor, Tensor]:
+    """SLERP's whole-tensor statistics, streamed: (c0, c1), each of shape [1, 1], such that the result is
+    c0 * base + c1 * other elementwise. `read(start, stop)` returns float32 [1, stop - start] slices of the
+    flattened base and other; they are read in mergekit's chunks of 2**20 elements, twice (norms, then the dot
+    product of the normalised chunks), so the result is bit-identical to slerp() on whole tensors."""
     tt = torch.tensor([float(t)], dtype=torch.float32).reshape(-1, 1)
-    if not a.shape[1]:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+    if not numel:
+        return 1 - tt, tt
     dot_threshold, eps = 0.9995, 1e-8
-    size = _CHUNK_ELEMENTS
-    starts = range(0, a.shape[1], size)
-    norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(a[:, s : s + size], dim=1, keepdim=True) for s in starts]), dim=0
-    )
-    norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(b[:, s : s + size], dim=1, keepdim=True) for s in starts]), dim=0
-    )
+    starts = [(s, min(numel, s + _CHUNK_ELEMENTS)) for s in range(0, numel, _CHUNK_ELEMENTS)]
+    chunk_norms_a, chunk_norms_b = [], []
+    for s, e in starts:
+        a, b = read(s, e)
+        chunk_norms_a.append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+        chunk_norms_b.append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+    norm_a = torch.linalg.vector_norm(torch.stack(chunk_norms_a), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(chunk_norms_b), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack(
-        [((a[:, s : s + size] / norm_a) * (b[:, s : s + size] / norm_b)).sum(dim=1, keepdim=True) for s in starts]
-    )
-    dot = dot.sum(dim=0).clamp(-1, 1)
+    dots = []
+    for s, e in starts:
+        a, b = read(s, e)
+        dots.append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True))
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(lerp, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape)
+    return coef_a, coef_b
 
 
 def nuslerp(

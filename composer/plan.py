@@ -75,6 +75,22 @@ class TensorPlan:
         return "copied" if self.is_byte_copy else "converted"
 
 
+def merge_mode(t: TensorPlan) -> str:
+    """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (two streamed
+    passes for its statistics, then elementwise) or "whole" (the whole tensor at once: magnitude ranking,
+    random masks drawn in order, model_stock's angles)."""
+    from composer.methods import METHODS, locality
+
+    spec = METHODS[t.op]
+    if t.op == "slerp":
+        return "slerp"
+    keep = [k for k in range(len(t.inputs)) if k != t.base or spec.per_input_includes_base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
+    if not spec.random and locality(t.op, dict(t.params), per_input) == "elementwise":
+        return "elementwise"
+    return "whole"
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One output layer: which model and layer it comes from, and whether it is new (an identity block)."""
@@ -120,8 +136,9 @@ class Plan:
         """Scratch memory one worker needs to compute (not copy) a chunk: a float32 copy and the cast result."""
         worst = 0
         for t in self.tensors:
-            if t.is_merge:  # whole tensors for now: every input and the result in float32, then the output
-                worst = max(worst, t.numel * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
+            if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
+                block = t.numel if merge_mode(t) == "whole" else min(t.numel, CHUNK_ELEMENTS)
+                worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
         return worst
