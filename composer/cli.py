@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from composer import plan_recipe
 from composer.errors import ComposerError
-from composer.execute import check_destination, execute
+from composer.execute import check_destination, check_empty, execute
+from composer.stages import plan_stages
 from composer.plan import DEFAULT_SHARD_SIZE
 from composer.report import human_bytes, render, summary
 
@@ -64,29 +64,42 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
     if out is None and not dry_run:
         raise click.UsageError("give an output folder with -o OUT, or --dry-run to only see the plan")
     signal.signal(signal.SIGTERM, _terminate)
+    infos, wrote = [], []
     try:
-        plan = plan_recipe(recipe, models=overrides, shard_size=size, seed=seed)
-        info = summary(plan, out)
-        if dry_run:
-            click.echo(json.dumps(info, indent=2) if as_json else render(info))
-            return
-        check_destination(plan, out, overwrite)  # refuse before a progress bar appears
-        from tqdm import tqdm
+        if out is not None and not dry_run:
+            check_empty(out.resolve(), overwrite)  # refuse before any stage runs
+        stages = plan_stages(recipe, out, models=overrides, shard_size=size, seed=seed, dry_run=dry_run)
+        for stage, plan in stages:
+            if plan is None:  # said even with --quiet: the run did less than the recipe asks, on purpose
+                click.echo(f"stage {stage.name}: already built in {stage.out}, skipped", err=True)
+                continue
+            final = stage.out == out
+            info = summary(plan, stage.out)
+            infos.append({"stage": stage.name, **info} if stage.name else info)
+            if dry_run:
+                if not as_json:
+                    click.echo((f"== stage {stage.name}\n" if stage.name else "") + render(info))
+                continue
+            check_destination(plan, stage.out, overwrite or not final)  # refuse before a progress bar appears
+            from tqdm import tqdm
 
-        with tqdm(total=plan.file_bytes, unit="B", unit_scale=True, desc="composing", disable=quiet,
-                  file=sys.stderr) as bar:
-            folder = execute(plan, out, overwrite=overwrite, progress=bar.update)
+            label = "composing" if final else f"stage {stage.name}"
+            with tqdm(total=plan.file_bytes, unit="B", unit_scale=True, desc=label, disable=quiet,
+                      file=sys.stderr) as bar:
+                folder = execute(plan, stage.out, overwrite=overwrite or not final, progress=bar.update)
+            wrote.append({**infos[-1], "output": str(folder)})
+            if not quiet:
+                click.echo(f"wrote {folder} ({len(plan.layers)} layers, {plan.num_parameters:,} parameters, "
+                           f"{human_bytes(plan.file_bytes)})", err=True)
     except ComposerError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
+        click.echo("interrupted: the stage being written was removed", err=True)
         sys.exit(130)
     if as_json:
-        click.echo(json.dumps({**info, "output": str(folder)}, indent=2))
-    elif not quiet:
-        click.echo(f"wrote {folder} ({len(plan.layers)} layers, {plan.num_parameters:,} parameters, "
-                   f"{human_bytes(plan.file_bytes)})", err=True)
-
+        shown = infos if dry_run else wrote
+        click.echo(json.dumps(shown[0] if len(shown) == 1 and "stage" not in shown[0] else {"stages": shown},
+                              indent=2))
 
 if __name__ == "__main__":
     main()

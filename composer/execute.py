@@ -298,6 +298,14 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def check_empty(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"destination {out} exists and is not a folder: remove it or choose another")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError(f"destination {out} is not empty: pass --overwrite to replace it")
+
+
 def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
     """Refuse, before any work, a destination that is not ours to write."""
     out = out.resolve()
@@ -308,11 +316,7 @@ def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
             raise OutputError(f"destination {out} is inside source model '{name}' ({src.path}): choose another folder")
         if _is_within(src.path, out):
             raise OutputError(f"source model '{name}' ({src.path}) is inside destination {out}: choose another folder")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"destination {out} exists and is not a folder: remove it or choose another")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputError(f"destination {out} is not empty: pass --overwrite to replace it")
+    check_empty(out, overwrite)
     needed, free = plan.file_bytes, free_bytes(out)
     if free < needed:
         raise OutputError(

@@ -123,6 +123,7 @@ class Interleave(_Strict):
 
 
 class Recipe(_Strict):
+    name: StrictStr | None = None  # names a stage of a multi-document recipe, for later stages to use as a model
     merge_method: StrictStr | None = None
     slices: list[OutputSlice] | None = None
     models: list[ModelEntry] | None = None
@@ -309,16 +310,14 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     return None
 
 
-def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
-    """Validate recipe text; every problem is a RecipeError naming the file, the line, the key and the fix."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{where}: not valid YAML: {problem}") from None
+def _yaml_error(exc: yaml.YAMLError, path: str) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else path
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return RecipeError(f"{where}: not valid YAML: {problem}")
+
+
+def _validate(data: Any, node: yaml.Node, path: str) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (merge_method, slices, ...), not {type(data).__name__}")
     try:
@@ -334,12 +333,55 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def parse_recipes(text: str, path: str = "<recipe>") -> list[tuple[Recipe, str]]:
+    """Validate a recipe of one or more YAML documents (`---`); returns each recipe with its own text.
+
+    In a multi-document recipe every document but the last needs a `name`, which later documents can use as
+    a model; names are unique.
+    """
+    try:
+        nodes = [n for n in yaml.compose_all(text) if n is not None]
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, path) from None
+    if not nodes:
+        raise RecipeError(f"{path}: the recipe is empty")
+    out, names = [], set()
+    for k, node in enumerate(nodes):
+        doc_text = text[node.start_mark.index: node.end_mark.index].strip() + "\n"
+        recipe = _validate(yaml.safe_load(doc_text), node, path)
+        last = k == len(nodes) - 1
+        if len(nodes) > 1 and not last and not recipe.name:
+            raise _fail(path, node, (), "every document of a multi-document recipe but the last needs a name, "
+                        "which later documents use as a model")
+        if recipe.name is not None:
+            if recipe.name in names or "/" in recipe.name or not recipe.name.strip(". "):
+                raise _fail(path, node, ("name",), f"name '{recipe.name}' is used twice or is not a folder name")
+            names.add(recipe.name)
+        out.append((recipe, doc_text if len(nodes) > 1 else text))
+    return out
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    """Validate single-document recipe text; every problem is a RecipeError naming the file, line, key and fix."""
+    recipes = parse_recipes(text, path)
+    if len(recipes) > 1:
+        raise RecipeError(f"{path}: has {len(recipes)} documents: load it with load_recipes")
+    return recipes[0][0]
+
+
+def read_recipe_text(path: str | Path) -> str:
     path = Path(path)
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
-    return parse_recipe(text, str(path))
+
+
+def load_recipes(path: str | Path) -> list[tuple[Recipe, str]]:
+    return parse_recipes(read_recipe_text(path), str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_recipe_text(path), str(path))
