@@ -293,6 +293,13 @@ def _output_config(base: SourceModel, layers: list[LayerSource], sources, out_dt
     return config
 
 
+def _tied_head(model: SourceModel, other: Mapping[str, TensorInfo], name: str) -> TensorInfo | None:
+    """A model with tied embeddings stores no LM head: its head is its embedding matrix."""
+    if name != "lm_head.weight" or not model.config.get("tie_word_embeddings"):
+        return None
+    return next((info for n, info in other.items() if n.endswith("embed_tokens.weight")), None)
+
+
 def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], used: set[str]) -> None:
     arch = base.config.get("architectures")
     for name in sorted(used):
@@ -337,10 +344,11 @@ def build_plan(
             infos = []
             for inp in edge.inputs:
                 other = tables[inp.model][2]
-                if name not in other:
+                info = other.get(name) or _tied_head(sources[inp.model], other, name)
+                if info is None:
                     raise SourceError(f"model '{inp.model}' has no tensor '{name}' (the base model '{base_name}' has it)")
-                _check_same_shape(other[name], base_other[name], inp.model, name)
-                infos.append(other[name])
+                _check_same_shape(info, base_other[name], inp.model, name)
+                infos.append(info)
             made.append(make(name, edge, infos, False))
         return made
 

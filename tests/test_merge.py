@@ -211,3 +211,26 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
             expected = spec.apply([so[name]], base=sb[name], shared=dict(p.params),
                                   per_input={k: [v] for k, v in p.input_params[1]})
         assert torch.equal(value, expected), name
+
+
+def test_tied_and_untied_embeddings(write_recipe, tmp_path):
+    """The output is tied exactly when the base config says so; a tied model's head is its embedding matrix."""
+    from tinymodels import make_checkpoint
+
+    tied = make_checkpoint(tmp_path / "tied", "qwen2")
+    untied = make_checkpoint(tmp_path / "untied", "qwen2", tie_word_embeddings=False, seed=5)
+    recipe = f"merge_method: linear\n{F32}parameters: {{weight: 0.5}}\nmodels: [{{model: {tied}}}, {{model: {untied}}}]\n"
+    st, su = load_state_dict(tied), load_state_dict(untied)
+    assert "lm_head.weight" not in st and "lm_head.weight" in su
+
+    out = run(write_recipe(recipe + f"base_model: {untied}\n", "a.yaml"), tmp_path / "untied-out")
+    head = METHODS["linear"].apply([st["model.embed_tokens.weight"], su["lm_head.weight"]],
+                                   per_input={"weight": [0.5, 0.5]})
+    assert torch.equal(out["lm_head.weight"], head)
+    assert json.loads((tmp_path / "untied-out" / "config.json").read_text())["tie_word_embeddings"] is False
+    logits(tmp_path / "untied-out")
+
+    out = run(write_recipe(recipe + f"base_model: {tied}\n", "b.yaml"), tmp_path / "tied-out")
+    assert "lm_head.weight" not in out
+    assert json.loads((tmp_path / "tied-out" / "config.json").read_text())["tie_word_embeddings"] is True
+    logits(tmp_path / "tied-out")
