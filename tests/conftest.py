@@ -23,6 +23,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     made = {name: make_checkpoint(root / name, arch, sharded=sharded) for name, (arch, sharded) in ARCHS.items()}
     made["llama-b"] = make_checkpoint(root / "llama-b", "llama", seed=1)
     made["llama-bf16"] = make_checkpoint(root / "llama-bf16", "llama", dtype=__import__("torch").bfloat16, seed=2)
+    # For the merge cross-checks of test_mergekit: a third llama (3-model methods), a second sharded mistral and
+    # a second qwen2 (tied embeddings, q/k/v biases).
+    made["llama-c"] = make_checkpoint(root / "llama-c", "llama", seed=3)
+    made["mistral-b"] = make_checkpoint(root / "mistral-b", "mistral", sharded=True, seed=1)
+    made["qwen2-b"] = make_checkpoint(root / "qwen2-b", "qwen2", seed=1)
     return made
 
 

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import reference
 from test_depth import compose
@@ -81,6 +82,7 @@ import runpy, sys, traceback
 script, pairs = sys.argv[1], sys.argv[2:]
 for recipe, out in zip(pairs[::2], pairs[1::2]):
     sys.argv = [script, recipe, out]
+    __import__("torch").manual_seed(0)  # DARE/DELLA draw from torch's global generator: same masks every run
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
@@ -128,7 +130,7 @@ def mergekit_outputs(mergekit, models, tmp_path_factory) -> dict[str, tuple[Path
     """Every case's recipe (with real paths) and mergekit's output folder for it."""
     root = tmp_path_factory.mktemp("mergekit")
     jobs = {}
-    for case, text in CASES.items():
+    for case, text in {**CASES, **{f"merge-{name}": text for name, (text, _) in MERGES.items()}}.items():
         recipe = root / f"{case}.yml"
         recipe.write_text(re.sub(r"@([\w-]+)", lambda m: str(models[m.group(1)]), text))
         jobs[case] = (recipe, root / case)
@@ -154,3 +156,183 @@ def test_same_output_as_mergekit(mergekit_outputs, tmp_path, case):
         logits(ours)
     else:
         assert json.loads((theirs / "config.json").read_text())["num_hidden_layers"] == config["num_hidden_layers"]
+
+
+# ------------------------------------------------------------------------------------------------------- merges
+#
+# The same merge recipes give mergekit's tensors. How close depends on the recipe's `dtype` (what mergekit loads
+# the inputs as and computes in):
+# - float32: composer's methods.py is mergekit's arithmetic step for step in float32, in the same order, so every
+#   deterministic method must agree bit for bit (torch.equal).
+# - bfloat16: both round the inputs to bf16 first. linear and slerp compute in float32 in both tools (mergekit
+#   upcasts) and round once, so they too must agree bit for bit. The task-arithmetic family, nuslerp and
+#   model_stock compute in the inputs' dtype in mergekit (every intermediate rounded to bf16, weights included:
+#   0.6 becomes 0.6015625) but in float32 in composer (rounded once at the end): see BF16_ROUNDINGS.
+# - ties and breadcrumbs rank |delta| by magnitude: in bf16 many deltas tie or swap rank after rounding, so the
+#   kept set differs (measured: up to ~40 elements per tensor off by up to 0.07, a whole delta, not a rounding error).
+#   They are compared in float32 only.
+# - DARE and DELLA draw random masks from different streams: compared by distribution, not by value.
+
+
+def _models(method: str, entries: list[tuple[str, str]], base: str | None = None, params: str = "") -> str:
+    """A `models:` recipe; {dtype} is filled in per case. entries: (model, its per-model parameters or "")."""
+    lines = [f"merge_method: {method}", "dtype: {dtype}"] + ([f"base_model: @{base}"] if base else [])
+    lines += [f"parameters: {params}"] if params else []
+    lines += ["models:"] + [f"  - {{model: @{m}{', parameters: ' + p if p else ''}}}" for m, p in entries]
+    return "\n".join(lines) + "\n"
+
+
+def _upscaled(method: str, sources: list[tuple[str, str]], base: str | None, ranges, params: str = "",
+              slice_params: str = "") -> str:
+    """Slices, each merging the same sources over one layer range (overlapping ranges up-scale the depth)."""
+    lines = [f"merge_method: {method}", "dtype: {dtype}"] + ([f"base_model: @{base}"] if base else [])
+    lines += [f"parameters: {params}"] if params else []
+    lines += ["slices:"]
+    for a, b in ranges:
+        lines.append("  - sources:")
+        lines += [f"      - {{model: @{m}, layer_range: [{a}, {b}]{', parameters: ' + p if p else ''}}}"
+                  for m, p in sources]
+        lines += [f"    parameters: {slice_params}"] if slice_params else []
+    return "\n".join(lines) + "\n"
+
+
+TWO = [("llama-b", "{weight: 0.6, density: 0.5}"), ("llama-c", "{weight: 0.4, density: 0.5}")]
+# name: (recipe with {dtype}, how it is compared). "exact": bit for bit in float32 and bfloat16; "close": bit for bit
+# in float32, within BF16_ROUNDINGS in bfloat16; "float32": bit for bit, float32 only; "random": distributions.
+MERGE_RECIPES = {
+    "linear-normalize": (_models("linear", [("llama", "{weight: 0.7}"), ("llama-b", "{weight: 0.5}")],
+                                 params="{normalize: true}"), "exact"),
+    "linear-sum": (_models("linear", [("llama", "{weight: 0.7}"), ("llama-b", "{weight: 0.5}"),
+                                      ("llama-c", "{weight: -0.2}")], params="{normalize: false}"), "exact"),
+    "linear-qwen2": (_models("linear", [("qwen2", "{weight: 1.0}"), ("qwen2-b", "{weight: 3.0}")]), "exact"),
+    "slerp-gradient": (_models("slerp", [("llama", ""), ("llama-b", "")], "llama", "{t: [0, 0.5, 1]}"), "exact"),
+    "slerp-filter": (_models("slerp", [("llama", ""), ("llama-b", "")], "llama",
+                             "{t: [{filter: self_attn, value: 0.3}, {value: 0.7}]}"), "exact"),
+    "slerp-mistral": (_models("slerp", [("mistral", ""), ("mistral-b", "")], "mistral-b", "{t: 0.4}"), "exact"),
+    "nuslerp": (_models("nuslerp", [("llama", "{weight: 0.3}"), ("llama-b", "{weight: 0.7}")]), "close"),
+    "nuslerp-base": (_models("nuslerp", [("llama", ""), ("llama-b", "{weight: 0.3}"), ("llama-c", "{weight: 0.7}")],
+                             "llama"), "close"),
+    "task-arithmetic": (_models("task_arithmetic", [("llama", ""), *TWO], "llama"), "close"),
+    "task-arithmetic-qwen2": (_models("task_arithmetic", [("qwen2", ""), ("qwen2-b", "{weight: 0.5}")], "qwen2",
+                                      "{lambda: 0.8}"), "close"),
+    "model-stock": (_models("model_stock", [("llama", ""), ("llama-b", ""), ("llama-c", "")], "llama"), "close"),
+    "ties": (_models("ties", [("llama", ""), *TWO], "llama"), "float32"),
+    "ties-mistral": (_models("ties", [("mistral", ""), ("mistral-b", "{weight: 1.0, density: 0.3}")], "mistral"),
+                     "float32"),
+    "breadcrumbs": (_models("breadcrumbs", [("llama", ""), ("llama-b", "{weight: 0.6, density: 0.8, gamma: 0.05}"),
+                                            ("llama-c", "{weight: 0.4, density: 0.8, gamma: 0.05}")], "llama"),
+                    "float32"),
+    "breadcrumbs-ties": (_models("breadcrumbs_ties", [("llama", ""), *TWO], "llama"), "float32"),
+    "slices-slerp": (_upscaled("slerp", [("llama", ""), ("llama-b", "")], "llama", [(0, 3), (1, 4)],
+                               "{t: [0, 0.5, 1]}"), "exact"),
+    "slices-linear": (_upscaled("linear", [("llama", "{weight: 0.25}"), ("llama-b", "{weight: 0.75}")], None,
+                                [(0, 3), (1, 4)], slice_params="{normalize: false}"), "exact"),
+    "slices-task-arithmetic": (_upscaled("task_arithmetic", [("llama", ""), *TWO], "llama", [(0, 2), (2, 4)],
+                                         slice_params="{lambda: 0.5}"), "close"),
+    "slices-ties": (_upscaled("ties", [("llama", ""), ("llama-b", "{weight: 0.6}"), ("llama-c", "{weight: 0.4}")],
+                              "llama", [(0, 3), (1, 4)],
+                              slice_params="{density: [{filter: mlp, value: 0.3}, {value: 0.7}]}"), "float32"),
+    **{m: (_models(m, [("llama", ""), *TWO], "llama"), "random")
+       for m in ("dare_linear", "dare_ties", "della", "della_linear")},
+}
+MERGES = {
+    f"{name}-{dtype}": (text.replace("{dtype}", dtype), kind)
+    for name, (text, kind) in MERGE_RECIPES.items()
+    for dtype in (("float32", "bfloat16") if kind in ("exact", "close") else ("float32",))
+}
+
+
+# bf16 tolerance. U_BF16 is bf16's unit roundoff (8 significant bits): one rounding moves a value v by at most
+# |v| * 2^-8 (half an ulp). With the inputs x_0 (the base, where there is one), x_1, ... already rounded to bf16 in
+# both tools, every intermediate of these methods is bounded elementwise by S = sum|x_i| + sum_{i>0}|x_i - x_0|
+# (all weights, t and lambda here are <= 1 in size). Composer rounds once (its float32 result to bf16); mergekit
+# rounds each intermediate to bf16: task arithmetic ~6 times (x_i - base, the weight itself - 0.6 is stored as
+# 0.6015625 -, w * delta, the sum over models, lambda, base + mixed); nuslerp ~7 (the unit vectors, cos, the two
+# sin coefficients, each product, their sum over sin(theta), + base); model_stock ~6 (the offsets, cos, t,
+# t * avg, (1 - t) * base, their sum). So |composer - mergekit| <= BF16_ROUNDINGS * U_BF16 * S elementwise, with
+# BF16_ROUNDINGS = 8 covering the longest chain plus composer's own rounding. (Observed: at most 2.4.)
+U_BF16 = 2.0**-8
+BF16_ROUNDINGS = 8
+
+
+def _pair(mergekit_outputs, tmp_path, case: str) -> tuple[dict, dict, Path]:
+    recipe, theirs = mergekit_outputs[f"merge-{case}"]
+    failure = Path(f"{theirs}.err")
+    assert not failure.exists(), failure.read_text()
+    ours, theirs_sd = load_state_dict(compose(recipe, tmp_path / "out")), load_state_dict(theirs)
+    assert sorted(ours) == sorted(theirs_sd)
+    for name, t in theirs_sd.items():
+        assert (ours[name].dtype, ours[name].shape) == (t.dtype, t.shape), name
+    return ours, theirs_sd, recipe
+
+
+def _differences(ours: dict, theirs: dict) -> dict[str, str]:
+    return {name: f"max |diff| {(ours[name].float() - t.float()).abs().max().item():.3g} in "
+                  f"{(ours[name] != t).sum().item()}/{t.numel()} elements"
+            for name, t in theirs.items() if not torch.equal(ours[name], t)}
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items()
+                                  if kind in ("exact", "float32") or (kind == "close" and c.endswith("float32"))])
+def test_merge_bit_identical_to_mergekit(mergekit_outputs, tmp_path, case):
+    ours, theirs, _ = _pair(mergekit_outputs, tmp_path, case)
+    assert not _differences(ours, theirs), _differences(ours, theirs)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "close" and c.endswith("bfloat16")])
+def test_merge_bf16_within_rounding_of_mergekit(mergekit_outputs, models, tmp_path, case):
+    ours, theirs, recipe = _pair(mergekit_outputs, tmp_path, case)
+    names = list(dict.fromkeys(re.findall(r"@([\w-]+)", MERGE_RECIPES[case.rsplit("-", 1)[0]][0])))
+    inputs = [load_state_dict(models[m]) for m in names]  # base first where there is one
+    worst = 0.0
+    for name, t in theirs.items():
+        xs = [sd[name].to(torch.bfloat16).float() for sd in inputs]
+        scale = sum(x.abs() for x in xs) + sum((x - xs[0]).abs() for x in xs[1:])
+        diff = (ours[name].float() - t.float()).abs()
+        worst = max(worst, (diff / (U_BF16 * scale)).max().item())
+    assert worst <= BF16_ROUNDINGS, f"{case}: off by {worst:.2f} roundings of bf16 (allowed {BF16_ROUNDINGS})"
+
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "random"])
+def test_random_merge_distributed_as_mergekit(mergekit_outputs, models, tmp_path, case):
+    """DARE / DELLA masks come from different random streams (mergekit: torch's global generator, seeded to 0 by
+    DRIVER; composer: a generator per tensor seeded from its name), so compare what the masks do, not bits.
+
+    Each model keeps a delta element with probability 0.5 (DELLA: 0.5 on average over a row), so the output equals
+    the base where every model's element was dropped (~0.25 here). Per tensor of n >= 4096 elements:
+    - that fraction is a mean of n Bernoulli draws: std <= sqrt(0.25 / n) per tool, so the two tools' fractions
+      differ by at most 4 * sqrt(0.5 / n) (4 sigma: 0.044 at n = 4096) if they draw from the same distribution;
+    - the mean of (output - base) has std = std(output - base) / sqrt(n) per tool: allowed 5 * sqrt(2 / n) stds;
+    - the sample std of (output - base) errs by ~sqrt((kurtosis - 1) / 4n) relative, ~2% at n = 4096 for these
+      sparse deltas: allowed 10%;
+    - which elements are dropped: the mean of r = sum_i |x_i - base| over the dropped elements, over its mean over
+      all, is ~1 for DARE (uniform drop) and ~0.83 for DELLA (small deltas dropped more often). It averages ~n/4
+      values of coefficient of variation ~0.6: std ~0.6 / sqrt(n / 4) <= 0.019 per tool, allowed 0.12 (~4.5 sigma).
+      (DELLA with its rank probabilities reversed gives 1.14.)
+    Observed (torch 2.13, seeds above): fractions within 0.021, means within 0.05 std, stds within 2.6%, drop
+    magnitudes within 0.033.
+    Both tools are seeded, so the outcome is fixed: these bounds cannot flake, they only say what is expected.
+    """
+    ours, theirs, _ = _pair(mergekit_outputs, tmp_path, case)
+    inputs = [load_state_dict(models[m]) for m in ("llama", "llama-b", "llama-c")]
+    base = inputs[0]
+    checked = 0
+    for name, t in theirs.items():
+        n = t.numel()
+        if n < 4096:
+            continue
+        checked += 1
+        stats = []
+        for out in (ours[name], t):
+            delta = out - base[name]
+            stats.append(((delta == 0).float().mean().item(), delta.mean().item(), delta.std().item()))
+        (dropped_ours, mean_ours, std_ours), (dropped_theirs, mean_theirs, std_theirs) = stats
+        assert 0.1 < dropped_theirs < 0.5, (name, stats)  # the masks do drop some, not all, of the deltas
+        assert abs(dropped_ours - dropped_theirs) < 4 * (0.5 / n) ** 0.5, (name, stats)
+        assert abs(mean_ours - mean_theirs) < 5 * (2 / n) ** 0.5 * std_theirs, (name, stats)
+        assert abs(std_ours / std_theirs - 1) < 0.1, (name, stats)
+        r = sum((sd[name] - base[name]).abs() for sd in inputs[1:])
+        ours_r, theirs_r = ((r[out == base[name]].mean() / r.mean()).item() for out in (ours[name], t))
+        assert abs(ours_r - theirs_r) < 0.12, (name, ours_r, theirs_r)
+    assert checked >= 20
