@@ -124,6 +124,7 @@ DEFAULT_MERGEKIT_CMD = (
     else "/tmp/mkvenv/bin/mergekit-yaml {recipe} {out}"
 )
 SETTLE_S = 10
+DEFAULT_WORKDIR = Path("/work/bench-data")
 
 # --------------------------------------------------------------------------
 # Model shape
@@ -276,15 +277,18 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def ensure_checkpoint(spec: ModelSpec, model_dir: Path, seed: int) -> float | None:
+def ensure_checkpoint(spec: ModelSpec, model_dir: Path, seed: int, write: Callable | None = None,
+                      extra: dict | None = None) -> float | None:
     """Generate the checkpoint unless a complete one exists.
 
+    ``write(path, tensors, gen)`` writes one shard (default ``write_shard``: random weights); ``extra`` is
+    recorded in the marker file too, so a checkpoint made differently is not reused.
     Returns the generation time in seconds, or None if it was reused.
     """
     shards = plan_shards(spec)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     marker = model_dir / ".complete"
-    want = {"spec": dataclasses.asdict(spec), "seed": seed, "shards": names}
+    want = {"spec": dataclasses.asdict(spec), "seed": seed, "shards": names, **(extra or {})}
     if marker.exists():
         try:
             ok = json.loads(marker.read_text()) == want and all(
@@ -299,7 +303,7 @@ def ensure_checkpoint(spec: ModelSpec, model_dir: Path, seed: int) -> float | No
 
     print(f"generating {spec.num_params():,}-parameter checkpoint in {model_dir} ...", flush=True)
     t0 = time.perf_counter()
-    in_fresh_process(generate_checkpoint, spec, model_dir, names, shards, seed)
+    in_fresh_process(generate_checkpoint, spec, model_dir, names, shards, seed, write or write_shard)
     marker.write_text(json.dumps(want))
     dt = time.perf_counter() - t0
     print(f"generated in {dt:.1f} s", flush=True)
@@ -317,7 +321,8 @@ def in_fresh_process(fn: Callable, *args) -> None:
         pool.submit(fn, *args).result()
 
 
-def generate_checkpoint(spec: ModelSpec, model_dir: Path, names: list[str], shards: list, seed: int) -> None:
+def generate_checkpoint(spec: ModelSpec, model_dir: Path, names: list[str], shards: list, seed: int,
+                        write: Callable | None = None) -> None:
     import torch
 
     if model_dir.exists():
@@ -329,7 +334,7 @@ def generate_checkpoint(spec: ModelSpec, model_dir: Path, names: list[str], shar
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     for name, tensors in zip(names, shards):
-        write_shard(tmp / name, tensors, gen)
+        (write or write_shard)(tmp / name, tensors, gen)
         weight_map.update({t: name for t, _ in tensors})
         print(f"  wrote {name} ({(tmp / name).stat().st_size / GB:.2f} GB)", flush=True)
     index = {
@@ -669,7 +674,7 @@ def report(results: list[Result], machine: dict, argv: list[str], cache_mode: st
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("/work/bench-data"),
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="input cache and scratch outputs (default: %(default)s); must have room for "
                         "input + 1.5x input + filler")
     scale = p.add_argument_group("scale (default: full Mistral-7B-v0.1 shape)")

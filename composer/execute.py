@@ -2,6 +2,7 @@
 write them with direct I/O, and move the finished folder into place."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import mmap
@@ -264,8 +265,23 @@ def _write_chunk(job, sources: _Sources, merged: _Merged, buffers: queue.Queue) 
     return end - start
 
 
+def _return_freed_memory() -> None:
+    """Have glibc map every block of 1 MiB or more on its own and unmap it when freed.
+
+    By default glibc raises that threshold after such frees (up to 32 MiB), so the float32 blocks of merges are
+    then carved from the heap, where freed memory stays counted as ours: about 1.5 GB after a 1.1B slerp.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic threshold
+    libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give the heap's free top back to the system beyond 1 MiB
+
+
 def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
     """Write every shard front to back in aligned chunks, `workers` chunks in flight at once."""
+    _return_freed_memory()
     with ExitStack() as stack:
         sources = _Sources()
         stack.callback(sources.close)

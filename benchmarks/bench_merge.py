@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""Benchmark merges of three 1.1B Llama checkpoints: composer vs mergekit (linear, slerp, ties).
+
+Steps
+-----
+1. **Inputs.**  Three random bf16 checkpoints shaped like
+   ``TinyLlama/TinyLlama-1.1B`` (hidden 2048, intermediate 5632, 22 layers,
+   32 heads, 4 KV heads, vocab 32000, untied ``lm_head``: 201 tensors,
+   1,100,048,384 parameters, 2.2 GB each) are generated in ``--workdir`` and
+   reused by later runs.  ``base`` is N(0, 0.02) (RMSNorm weights 1) drawn
+   with seed ``--seed``; ``ft1`` and ``ft2`` are ``base + 0.002 * N(0, 1)``
+   (every tensor, norms included, rounded to bf16) with seeds ``--seed + 1``
+   and ``--seed + 2``, so they look like two fine-tunes of one base.  Each is
+   written tensor by tensor in small chunks (~100 MB of memory) with
+   ``bench_solar``'s generator, so shards are cut the way bench_solar cuts
+   them (2 shards per model, index + ``config.json``).
+
+2. **Recipes** (mergekit syntax, ``dtype: bfloat16``), one per method:
+
+   * ``linear``: ft1 + ft2, weight 0.5 each;
+   * ``slerp``: base + ft1 over all layers, ``t`` a gradient as in
+     ``recipes/slerp-gradient.yaml`` (self_attn 0 -> 0.5 -> 0.3 -> 0.7 -> 1,
+     mlp the reverse, 0.5 elsewhere);
+   * ``ties``: base + ft1 + ft2, density 0.5 and weight 0.5 each.
+
+3. **Runs**: for each method, composer then mergekit, one after the other,
+   writing to ``--workdir``.  Measurement is ``bench_solar``'s: before each
+   run the disk settles and the page cache is dropped (or, if that is not
+   permitted, the inputs are pre-read), the process tree's summed ``VmRSS``
+   and ``RssAnon`` are sampled every 20 ms, and the wall time includes a final
+   ``sync``; the CPU time other processes used meanwhile is reported too
+   (runs where they kept > 0.25 CPUs busy are flagged).  Each output's safetensors headers are read (names, dtypes,
+   shapes, plus the bytes of a few small tensor samples) before it is
+   deleted; composer's and mergekit's are then compared: same tensor names,
+   dtypes and shapes is required, the largest difference of the sampled
+   values is reported.
+
+4. **Report**: a Markdown table and the targets (composer peak anon <= 1 GB;
+   composer wall <= 0.5x mergekit for linear and ties, <= 0.25x for slerp).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_merge.py --small          # smoke test, ~90 MB models
+    .venv/bin/python benchmarks/bench_merge.py --json bench-merge.json
+
+Standard library, PyYAML and torch (only in a spawned generator process);
+the script does not import composer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shlex
+import shutil
+import struct
+import sys
+from array import array
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_solar import (  # noqa: E402
+    DEFAULT_COMPOSER_CMD,
+    DEFAULT_MERGEKIT_CMD,
+    DEFAULT_WORKDIR,
+    GB,
+    REPO,
+    ModelSpec,
+    Result,
+    ensure_checkpoint,
+    machine_info,
+    prepare_cache,
+    run_measured,
+    safetensors_header,
+)
+
+METHODS = ("linear", "slerp", "ties")
+DELTA_STD = 0.002
+# composer wall (incl. sync) / mergekit wall (incl. sync) must not exceed this
+WALL_TARGETS = {"linear": 0.5, "slerp": 0.25, "ties": 0.5}
+ANON_TARGET = 1 * GB
+SAMPLE_ELEMS = 65536  # values compared per sampled tensor
+BUSY_WARN = 0.25  # warn when other processes kept this many CPUs busy on average during a run
+
+
+# --------------------------------------------------------------------------
+# Model shape and inputs
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaSpec(ModelSpec):
+    """Shape of a Llama checkpoint (tensors as bench_solar's Mistral spec); TinyLlama-1.1B by default."""
+
+    layers: int = 22
+    hidden: int = 2048
+    intermediate: int = 5632
+    heads: int = 32
+    kv_heads: int = 4
+    vocab: int = 32000
+
+    def config(self) -> dict:
+        """config.json as published for TinyLlama-1.1B, with this shape."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate,
+            "max_position_embeddings": 2048,
+            "model_type": "llama",
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": None,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "dtype": "bfloat16",
+            "transformers_version": "4.35.0",
+            "use_cache": True,
+            "vocab_size": self.vocab,
+        }
+
+
+FULL = LlamaSpec()
+SMALL = LlamaSpec(layers=4, hidden=512, intermediate=1408, heads=8, kv_heads=2)
+
+
+def write_finetune_shard(path: Path, tensors: list, gen, base_dir: Path, std: float,
+                         chunk: int = 8 << 20) -> None:
+    """Write ``base shard + std * N(0, 1)`` (bf16) to ``path``, chunk by chunk.
+
+    The base shard of the same name has exactly this header (same spec), so its data section is streamed
+    through in order, whatever tensor the chunk belongs to.
+    """
+    import torch
+
+    header = safetensors_header(tensors)
+    buf = bytearray(2 * chunk)
+    noise = torch.empty(chunk, dtype=torch.float32)
+    with open(base_dir / path.name, "rb") as src, open(path, "wb") as dst:
+        if src.read(len(header)) != header:
+            raise RuntimeError(f"{base_dir / path.name}: header differs from the planned one")
+        dst.write(header)
+        while n := src.readinto(buf):
+            x = torch.frombuffer(buf, dtype=torch.bfloat16, count=n // 2).float()
+            x += noise[: n // 2].normal_(0.0, std, generator=gen)
+            dst.write(x.to(torch.bfloat16).view(torch.int16).numpy())
+
+
+def ensure_inputs(spec: LlamaSpec, work: Path, seed: int) -> tuple[dict[str, Path], dict[str, float | None]]:
+    """Generate (or reuse) base, ft1, ft2; returns their folders and generation times (None = reused)."""
+    tag = "tinyllama-1.1b-random" if spec == FULL else f"llama-random-L{spec.layers}-H{spec.hidden}"
+    dirs = {name: work / f"{tag}-{name}" for name in ("base", "ft1", "ft2")}
+    times = {"base": ensure_checkpoint(spec, dirs["base"], seed)}
+    for k, name in enumerate(("ft1", "ft2"), 1):
+        write = functools.partial(write_finetune_shard, base_dir=dirs["base"], std=DELTA_STD)
+        extra = {"base": str(dirs["base"]), "base_seed": seed, "delta_std": DELTA_STD}
+        # a regenerated base is identical (same seed), so the fine-tunes stay valid
+        times[name] = ensure_checkpoint(spec, dirs[name], seed + k, write=write, extra=extra)
+    return dirs, times
+
+
+def recipe_for(method: str, dirs: dict[str, Path], layers: int) -> dict:
+    base, ft1, ft2 = (str(dirs[k]) for k in ("base", "ft1", "ft2"))
+    if method == "linear":
+        return {
+            "models": [{"model": ft1, "parameters": {"weight": 0.5}},
+                       {"model": ft2, "parameters": {"weight": 0.5}}],
+            "merge_method": "linear",
+            "dtype": "bfloat16",
+        }
+    if method == "slerp":
+        return {
+            "slices": [{"sources": [{"model": base, "layer_range": [0, layers]},
+                                    {"model": ft1, "layer_range": [0, layers]}]}],
+            "merge_method": "slerp",
+            "base_model": base,
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                 {"value": 0.5}]},
+            "dtype": "bfloat16",
+        }
+    if method == "ties":
+        return {
+            "models": [{"model": base},
+                       {"model": ft1, "parameters": {"density": 0.5, "weight": 0.5}},
+                       {"model": ft2, "parameters": {"density": 0.5, "weight": 0.5}}],
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"normalize": True},
+            "dtype": "bfloat16",
+        }
+    raise ValueError(method)
+
+
+def recipe_inputs(method: str, dirs: dict[str, Path]) -> list[Path]:
+    names = {"linear": ("ft1", "ft2"), "slerp": ("base", "ft1"), "ties": ("base", "ft1", "ft2")}[method]
+    return [p for n in names for p in sorted(dirs[n].glob("*.safetensors"))]
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (not idle, not iowait) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the contender's tree once it was waited for)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_with_load(tool: str, cmd: list[str], log: Path, interval: float) -> tuple[Result, float]:
+    """bench_solar's run_measured, plus the average number of CPUs that other processes kept busy meanwhile
+
+    (machine busy time minus the contender's and this sampler's; kernel writeback threads count as other).
+    """
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
+    res = run_measured(tool, cmd, log, interval)
+    other = (busy_cpu_s() - busy0) - (own_cpu_s() - own0)
+    return res, max(0.0, other) / max(res.wall_sync_s, 1e-9)
+
+
+# --------------------------------------------------------------------------
+# Output comparison
+# --------------------------------------------------------------------------
+
+
+def sample_names(spec: LlamaSpec) -> list[str]:
+    mid = spec.layers // 2
+    return ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight",
+            "model.layers.0.self_attn.k_proj.weight", f"model.layers.{mid}.self_attn.q_proj.weight",
+            f"model.layers.{mid}.mlp.down_proj.weight", f"model.layers.{spec.layers - 1}.mlp.up_proj.weight"]
+
+
+def read_output(out: Path, samples: list[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, bytes]]:
+    """Tensor name -> (dtype, shape) over all safetensors files, and the first bytes of ``samples``."""
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    data: dict[str, bytes] = {}
+    for p in sorted(out.rglob("*.safetensors")):
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                if name in tensors:
+                    raise ValueError(f"{name} appears twice in {out}")
+                tensors[name] = (info["dtype"], tuple(info["shape"]))
+                if name in samples and info["dtype"] == "BF16":
+                    start, end = info["data_offsets"]
+                    f.seek(8 + n + start)
+                    data[name] = f.read(min(end - start, 2 * SAMPLE_ELEMS))
+    return tensors, data
+
+
+def bf16_floats(raw: bytes) -> array:
+    words = array("H", raw)
+    if sys.byteorder != "little":
+        words.byteswap()
+    return array("f", array("I", (w << 16 for w in words)).tobytes())
+
+
+def compare_outputs(a: dict, b: dict) -> dict:
+    """Compare read_output() results of composer (a) and mergekit (b)."""
+    ta, da = a["tensors"], a["samples"]
+    tb, db = b["tensors"], b["samples"]
+    only_a, only_b = sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta))
+    differ = sorted(n for n in set(ta) & set(tb) if ta[n] != tb[n])
+    per_tensor = {}
+    for name in sorted(set(da) & set(db)):
+        xa, xb = bf16_floats(da[name]), bf16_floats(db[name])
+        diffs = [abs(u - v) for u, v in zip(xa, xb)]
+        per_tensor[name] = {"values": len(diffs), "differ": sum(d > 0 for d in diffs),
+                            "max_abs_diff": max(diffs, default=0.0),
+                            "max_abs_value": max(map(abs, xb), default=0.0)}
+    worst = max(per_tensor, key=lambda n: per_tensor[n]["max_abs_diff"], default=None)
+    return {
+        "same_headers": not (only_a or only_b or differ),
+        "tensors": len(ta),
+        "only_composer": only_a[:10],
+        "only_mergekit": only_b[:10],
+        "dtype_or_shape_differs": [f"{n}: {ta[n]} vs {tb[n]}" for n in differ[:10]],
+        "sampled_values": sum(t["values"] for t in per_tensor.values()),
+        "sampled_differ": sum(t["differ"] for t in per_tensor.values()),
+        "worst_sample": worst,
+        "samples": per_tensor,
+    }
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict[str, dict[str, float]],
+           gen: dict, machine: dict,
+           argv: list[str], cache_mode: str) -> tuple[list[str], bool]:
+    lines = [
+        "| method | tool | wall s (incl. sync) | ratio composer/mergekit | peak RSS GB | peak anon GB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    targets: list[str] = []
+    all_pass = True
+    for method, rs in results.items():
+        comp = next((r for r in rs if r.tool == "composer" and r.returncode == 0), None)
+        mk = next((r for r in rs if r.tool == "mergekit" and r.returncode == 0), None)
+        ratio = comp.wall_sync_s / mk.wall_sync_s if comp and mk else None
+        for r in rs:
+            name = r.tool if r.returncode == 0 else f"{r.tool} (FAILED rc={r.returncode})"
+            cell = f"{ratio:.2f}x" if ratio is not None and r.tool == "composer" else ""
+            lines.append(f"| {method} | {name} | {r.wall_sync_s:.1f} | {cell} | {r.peak_rss_bytes / GB:.2f} "
+                         f"| {r.peak_anon_bytes / GB:.3f} |")
+        if comp:
+            ok = comp.peak_anon_bytes <= ANON_TARGET
+            all_pass &= ok
+            targets.append(f"- {method}: composer peak anon <= 1 GB: {comp.peak_anon_bytes / GB:.3f} GB "
+                           f"-> {'PASS' if ok else 'FAIL'}")
+        if ratio is not None:
+            ok = ratio <= WALL_TARGETS[method]
+            all_pass &= ok
+            targets.append(f"- {method}: composer wall <= {WALL_TARGETS[method]}x mergekit: {ratio:.2f}x "
+                           f"-> {'PASS' if ok else 'FAIL'}")
+        elif not comp:
+            all_pass = False
+            targets.append(f"- {method}: composer not run or failed, targets not checked")
+    lines += ["", "Targets:"] + targets
+    lines += ["", "Output check (composer vs mergekit):"]
+    for method, c in checks.items():
+        if c["same_headers"]:
+            w = c["samples"].get(c["worst_sample"], {})
+            lines.append(f"- {method}: same {c['tensors']} tensor names, dtypes and shapes; "
+                         f"{c['sampled_differ']:,} of {c['sampled_values']:,} sampled values differ"
+                         + (f", worst {c['worst_sample']}: {w['differ']:,} of {w['values']:,} by up to "
+                            f"{w['max_abs_diff']:.3g} (its largest |value| {w['max_abs_value']:.3g})"
+                            if c["sampled_differ"] else ""))
+        else:
+            lines.append(f"- {method}: HEADERS DIFFER: only composer {c['only_composer']}, only mergekit "
+                         f"{c['only_mergekit']}, differing {c['dtype_or_shape_differs']}")
+    busy = [f"{m} {t} {v:.2f}" for m, d in load.items() for t, v in d.items()]
+    lines += ["", "CPUs kept busy by other processes during each run (average; kernel writeback included): "
+              + ", ".join(busy) + "."]
+    noisy = [f"{m} {t}" for m, d in load.items() for t, v in d.items() if v > BUSY_WARN]
+    if noisy:
+        lines.append(f"WARNING: the machine was not quiet (> {BUSY_WARN} CPUs busy elsewhere) during: "
+                     + ", ".join(noisy) + "; those timings are unreliable.")
+    gen_txt = ", ".join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in gen.items())
+    lines += ["", f"Input generation: {gen_txt}.",
+              f"Page cache before each run: {cache_mode}"
+              + (" (dropped: every run starts cold)" if cache_mode == "drop" else
+                 " (drop_caches not permitted: inputs pre-read with cat, every run starts warm)")]
+    lines += ["", "Command lines:", "", "```", shlex.join(argv)]
+    lines += [f"{m} {r.tool}: {r.cmd}" for m, rs in results.items() for r in rs] + ["```"]
+    lines += ["", f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), "
+              f"{machine['mem_total_bytes'] / 2**30:.1f} GiB RAM, {machine['filesystem']} on the workdir, "
+              f"Linux {machine['kernel']}, Python {machine['python']}"]
+    return lines, all_pass
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR.with_name(DEFAULT_WORKDIR.name + "-merge"),
+                   help="input cache and scratch outputs (default: %(default)s); needs ~9 GB free at full size")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--small", action="store_true",
+                   help="smoke test: 4 layers, hidden 512, intermediate 1408, 8/2 heads (~90 MB per model)")
+    p.add_argument("--composer-cmd", default=DEFAULT_COMPOSER_CMD,
+                   help="composer command; {recipe} and {out} are substituted (default: %(default)s)")
+    p.add_argument("--mergekit-cmd", default=DEFAULT_MERGEKIT_CMD,
+                   help="mergekit command, same placeholders (default: %(default)s)")
+    p.add_argument("--skip-composer", action="store_true", help="do not run composer")
+    p.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
+    p.add_argument("--cache", choices=("auto", "drop", "warm"), default="auto",
+                   help="before each run: drop the page cache (auto: if permitted) or pre-read the inputs")
+    p.add_argument("--interval", type=float, default=0.02, help="memory sampling period, s (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base weights (fine-tune deltas: +1, +2)")
+    p.add_argument("--json", type=Path, help="also save the results as JSON here")
+    p.add_argument("--clean", action="store_true", help="delete the generated inputs at the end")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    spec = SMALL if args.small else FULL
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    print(f"shape: {spec} ({spec.num_params():,} parameters, {2 * spec.num_params() / GB:.2f} GB per model)")
+    dirs, gen = ensure_inputs(spec, work, args.seed)
+    samples = sample_names(spec)
+
+    tools = [(t, c) for t, c, skip in (("composer", args.composer_cmd, args.skip_composer),
+                                       ("mergekit", args.mergekit_cmd, args.skip_mergekit)) if not skip]
+    results: dict[str, list[Result]] = {}
+    outputs: dict[str, dict[str, dict]] = {}
+    checks: dict[str, dict] = {}
+    modes: set[str] = set()
+    load: dict[str, dict[str, float]] = {}
+    failed = False
+    for method in args.methods:
+        recipe = work / f"{method}.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_for(method, dirs, spec.layers), sort_keys=False))
+        results[method], outputs[method], load[method] = [], {}, {}
+        for tool, template in tools:
+            out = work / f"out-{method}-{tool}"
+            if out.exists():
+                shutil.rmtree(out)
+            cmd = shlex.split(template.format(recipe=shlex.quote(str(recipe)), out=shlex.quote(str(out)),
+                                              repo=shlex.quote(str(REPO))))
+            mode = prepare_cache(args.cache, recipe_inputs(method, dirs))
+            modes.add(mode)
+            print(f"\n== {method} / {tool} (page cache: {mode}): {shlex.join(cmd)}", flush=True)
+            res, others = run_with_load(tool, cmd, work / "logs" / f"{method}-{tool}.log", args.interval)
+            load[method][tool] = others
+            res.cache_mode = mode
+            if out.exists():
+                tensors, data = read_output(out, samples)
+                res.output_files = len(list(out.rglob("*.safetensors")))
+                res.output_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+                res.output_tensors = len(tensors)
+                if res.returncode == 0:
+                    outputs[method][tool] = {"tensors": tensors, "samples": data}
+                shutil.rmtree(out)
+                os.sync()
+            print(f"   rc={res.returncode} wall={res.wall_s:.1f}s (+sync {res.wall_sync_s:.1f}s) "
+                  f"peak RSS {res.peak_rss_bytes / GB:.2f} GB, peak anon {res.peak_anon_bytes / GB:.3f} GB, "
+                  f"{res.output_bytes:,} bytes, {res.output_tensors} tensors in {res.output_files} files; "
+                  f"other processes kept {others:.2f} CPUs busy", flush=True)
+            if res.returncode:
+                failed = True
+                print(f"   FAILED, last lines of {res.log}:")
+                print("   " + "\n   ".join(Path(res.log).read_text(errors="replace").splitlines()[-15:]))
+            elif res.output_tensors != len(spec.tensors()):
+                print(f"   WARNING: {res.output_tensors} tensors in the output, expected {len(spec.tensors())}")
+            results[method].append(res)
+        if len(outputs[method]) == 2:
+            checks[method] = compare_outputs(outputs[method]["composer"], outputs[method]["mergekit"])
+            failed |= not checks[method]["same_headers"]
+
+    machine = machine_info(work)
+    cache_mode = "/".join(sorted(modes))
+    full_argv = [sys.executable, str(Path(__file__).resolve())] + argv
+    lines, all_pass = report(results, checks, load, gen, machine, full_argv, cache_mode)
+    print("\n" + "\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "argv": full_argv,
+            "spec": dataclasses.asdict(spec),
+            "num_params": spec.num_params(),
+            "delta_std": DELTA_STD,
+            "generation_s": gen,
+            "cache_mode": cache_mode,
+            "machine": machine,
+            "recipes": {m: recipe_for(m, dirs, spec.layers) for m in args.methods},
+            "results": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()},
+            "checks": checks,
+            "other_busy_cpus": load,
+            "targets_pass": all_pass,
+        }, indent=2) + "\n")
+        print(f"\nsaved {args.json}")
+    if args.clean:
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+        print("removed the generated inputs")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
