@@ -20,7 +20,7 @@ from torch import Tensor
 #   number per element, in order); "rows" methods need whole rows; "tensor" methods need whole-tensor statistics.
 #   See locality().
 
-_CHUNK_ELEMENTS = 1024 * 1024  # mergekit's slerp reduces norms and the dot product over chunks of this size
+SLERP_CHUNK = 1024 * 1024  # mergekit's slerp reduces norms and the dot product over chunks of this size
 _KWARGS = {"weight": "weights", "density": "densities", "gamma": "gammas", "epsilon": "epsilons", "lambda": "lambda_"}
 
 
@@ -89,7 +89,7 @@ def slerp(base: Tensor, other: Tensor, t: float) -> Tensor:
     """
     v0, v1 = _float32([base, other])
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    coef_a, coef_b = slerp_coefficients(lambda s, e: (a[:, s:e], b[:, s:e]), a.shape[1], t)
+    coef_a, coef_b = slerp_coefficients(lambda s, e: (a[:, s:e].clone(), b[:, s:e].clone()), a.shape[1], t)
     return (coef_a * a + coef_b * b).reshape(v0.shape)
 
 
@@ -98,13 +98,13 @@ def slerp_coefficients(
 ) -> tuple[Tensor, Tensor]:
     """SLERP's whole-tensor statistics, streamed: (c0, c1), each of shape [1, 1], such that the result is
     c0 * base + c1 * other elementwise. `read(start, stop)` returns float32 [1, stop - start] slices of the
-    flattened base and other; they are read in mergekit's chunks of 2**20 elements, twice (norms, then the dot
+    flattened base and other (this function may overwrite them); they are read in mergekit's chunks of 2**20 elements, twice (norms, then the dot
     product of the normalised chunks), so the result is bit-identical to slerp() on whole tensors."""
     tt = torch.tensor([float(t)], dtype=torch.float32).reshape(-1, 1)
     if not numel:
         return 1 - tt, tt
     dot_threshold, eps = 0.9995, 1e-8
-    starts = [(s, min(numel, s + _CHUNK_ELEMENTS)) for s in range(0, numel, _CHUNK_ELEMENTS)]
+    starts = [(s, min(numel, s + SLERP_CHUNK)) for s in range(0, numel, SLERP_CHUNK)]
     chunk_norms_a, chunk_norms_b = [], []
     for s, e in starts:
         a, b = read(s, e)
@@ -116,8 +116,8 @@ def slerp_coefficients(
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     dots = []
     for s, e in starts:
-        a, b = read(s, e)
-        dots.append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True))
+        a, b = read(s, e)  # in place: the same arithmetic, without three temporaries of 4 MiB
+        dots.append(a.div_(norm_a).mul_(b.div_(norm_b)).sum(dim=1, keepdim=True))
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(lerp, 0, dot))
@@ -185,36 +185,56 @@ def _rescaled(tensor: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) ->
     masked = tensor * mask
     if not rescale:
         return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
+    # float64 sums, rounded once: the streamed merges (composer.ranked) sum by blocks and must agree. mergekit sums
+    # in the tensor's dtype, which can differ in the factor's last bit: far below the output dtype's rounding.
+    before = tensor.abs().sum(dtype=torch.float64).to(torch.float32)
+    after = masked.abs().sum(dtype=torch.float64).to(torch.float32)
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
 
 
+def kept_range(n: int, density: float, gamma: float | None = None) -> tuple[int, int] | None:
+    """The positions, in |value| order from the largest, that magnitude pruning keeps of n elements: None keeps
+    everything.
+
+    gamma None is TIES's top-k (k = max(1, int(density * n)); nothing for density <= 0); a gamma is Breadcrumbs:
+    drop the int(gamma * n) largest, keep the int(density * n) next largest (the outlier cut shrinks when
+    gamma + density > 1). Positions count in a stable sort: among equal |values| the earlier element comes first.
+    mergekit's argsort orders equal values arbitrarily on large tensors (torch's CPU sort is not stable), so at an
+    exact tie on a cut it may keep other elements than composer, which is deterministic. That needs exactly equal
+    float32 task-vector entries at the cut; the cross-checks meet none on random checkpoints.
+    """
+    if density >= 1:
+        return None
+    if gamma is None:
+        if density <= 0 or n == 0:
+            return (0, 0)
+        return (0, max(1, int(density * n)))
+    target_n = int(density * n)
+    n_bot = max(0, n - target_n - int(gamma * n))
+    return (n - n_bot - target_n, n - n_bot)
+
+
+def _keep_range(tensor: Tensor, kept: tuple[int, int] | None, rescale: bool) -> Tensor:
+    if kept is None:
+        return tensor
+    if kept[0] >= kept[1]:
+        return torch.zeros_like(tensor)
+    order = torch.sort(tensor.abs().reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
+    mask[order[kept[0]: kept[1]]] = 1
+    return _rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
 def _magnitude(tensor: Tensor, density: float, rescale: bool) -> Tensor:
     """Keep the k = max(1, int(density * numel)) largest |values| of the whole tensor."""
-    if density >= 1:
-        return tensor
-    if density <= 0 or tensor.numel() == 0:
-        return torch.zeros_like(tensor)
-    k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
-    mask[torch.argsort(tensor.abs().reshape(-1), descending=True)[:k]] = 1
-    return _rescaled(tensor, mask.reshape_as(tensor), rescale)
+    return _keep_range(tensor, kept_range(tensor.numel(), density), rescale)
 
 
 def _magnitude_outliers(tensor: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
     """Drop the int(gamma * numel) largest |values|, then keep the int(density * numel) next largest."""
-    if density >= 1:
-        return tensor
-    n = tensor.numel()
-    target_n = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target_n - n_top)  # outlier removal shrinks when gamma + density > 1
-    indices = torch.sort(tensor.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=tensor.dtype)
-    mask[indices[n_bot : n_bot + target_n]] = 1
-    return _rescaled(tensor, mask.reshape_as(tensor), rescale)
+    return _keep_range(tensor, kept_range(tensor.numel(), density, gamma), rescale)
 
 
 def _bernoulli(tensor: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
@@ -296,6 +316,26 @@ def _sign_consensus(weighted_deltas: Tensor, mask_dtype: torch.dtype) -> Tensor:
     sign = weighted_deltas.sign().to(mask_dtype)
     majority = (weighted_deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     return sign == majority
+
+
+_CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})  # the TIES sign election
+
+
+def streamed_task_arithmetic(
+    name: str,
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    shared: Mapping[str, Any],
+    per_input: Mapping[str, Sequence[Any]],
+    sparsify: Callable[[int, Tensor], Tensor],
+) -> Tensor:
+    """One block of a task-arithmetic-family merge whose sparsification was decided beforehand over the whole
+    tensors (composer.ranked): the rest of the method is elementwise. Parameters as in MethodSpec.apply."""
+    spec = METHODS[name]
+    s = {**spec.shared, **shared}
+    weights = list(per_input["weight"]) if "weight" in per_input else [spec.per_input["weight"]] * len(tensors)
+    return _task_arithmetic(base, tensors, weights, sparsify, consensus=name in _CONSENSUS,
+                            normalize=s["normalize"], int8_mask=s["int8_mask"], lambda_=s["lambda"])
 
 
 def task_arithmetic(

@@ -22,7 +22,7 @@ ZEROED_IN_COPIES = ("o_proj", "down_proj")
 # Config entries that hold one value per layer and must follow the new layer order.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 DEFAULT_SHARD_SIZE = 5_000_000_000
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements per compute step: bounds scratch memory whatever the tensor size
+CHUNK_ELEMENTS = 256 * 1024  # elements per compute step: float32 temporaries stay in L2 cache and in malloc's heap
 CHUNK_BYTES = 64 * 2**20  # one output chunk: the unit of reading, computing and writing
 WORKERS = 2  # chunks in flight: keeps the disk busy while another chunk is read or computed
 
@@ -75,10 +75,14 @@ class TensorPlan:
         return "copied" if self.is_byte_copy else "converted"
 
 
+RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # magnitude pruning, streamed by composer.ranked
+
+
 def merge_mode(t: TensorPlan) -> str:
     """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (two streamed
-    passes for its statistics, then elementwise) or "whole" (the whole tensor at once: magnitude ranking,
-    random masks drawn in order, model_stock's angles)."""
+    passes for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
+    elementwise: composer.ranked) or "whole" (the whole tensor at once: random masks drawn in order,
+    model_stock's angles)."""
     from composer.methods import METHODS, locality
 
     spec = METHODS[t.op]
@@ -88,6 +92,8 @@ def merge_mode(t: TensorPlan) -> str:
     per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
     if not spec.random and locality(t.op, dict(t.params), per_input) == "elementwise":
         return "elementwise"
+    if t.op in RANKED:
+        return "ranked"
     return "whole"
 
 
@@ -137,7 +143,10 @@ class Plan:
         worst = 0
         for t in self.tensors:
             if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
-                block = t.numel if merge_mode(t) == "whole" else min(t.numel, CHUNK_ELEMENTS)
+                from composer.ranked import BLOCK
+
+                mode = merge_mode(t)
+                block = t.numel if mode == "whole" else min(t.numel, BLOCK if mode == "ranked" else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))

@@ -178,7 +178,10 @@ models: [{{model: {a}}}, {{model: {b}}}]
     ("linear", "parameters: {weight: 0.5}", "elementwise"),
     ("task_arithmetic", "parameters: {weight: 0.5}", "elementwise"),
     ("ties", "parameters: {weight: 0.5}", "elementwise"),  # density 1: no ranking, so blocks are independent
-    ("ties", "parameters: {weight: 0.5, density: 0.5}", "whole"),
+    ("ties", "parameters: {weight: 0.5, density: 0.5}", "ranked"),
+    ("ties", "parameters: {weight: 0.7, density: 0.3, rescale: true}", "ranked"),
+    ("breadcrumbs", "parameters: {weight: 0.5, density: 0.6, gamma: 0.1}", "ranked"),
+    ("breadcrumbs_ties", "parameters: {weight: 0.5, density: 0.8, gamma: 0.05, rescale: true}", "ranked"),
     ("slerp", "parameters: {t: 0.3}", "slerp"),
 ])
 def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_path, monkeypatch, method, params, mode):
@@ -186,12 +189,14 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     applied to whole tensors, bit for bit."""
     import sys
 
+    from composer import ranked
     from composer.plan import merge_mode
 
     ex, methods = sys.modules["composer.execute"], sys.modules["composer.methods"]
     monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
-    monkeypatch.setattr(methods, "_CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(methods, "SLERP_CHUNK", 512)
+    monkeypatch.setattr(ranked, "BLOCK", 700)
     base, other = models["llama"], models["llama-b"]
     recipe = write_recipe(f"merge_method: {method}\nbase_model: {base}\n{F32}{params}\n"
                           f"models: [{{model: {base}}}, {{model: {other}}}]\n")

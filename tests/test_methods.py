@@ -439,3 +439,39 @@ def test_locality():
     assert M.locality("dare_ties", per_input={"density": [0.5]}) == "tensor"  # L1 rescale
     assert M.locality("dare_ties", {"rescale": False}, {"density": [0.5]}) == "elementwise"
     assert M.locality("della", {"rescale": False}, {"density": [0.5]}) == "rows"
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+@pytest.mark.parametrize(("density", "gamma", "rescale"), [
+    (0.5, None, False), (0.3, None, True), (0.01, None, False), (0.0, None, False),
+    (0.6, 0.1, False), (0.8, 0.05, True), (0.7, 0.5, False), (0.0, 0.1, True),
+])
+def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, block, density, gamma, rescale):
+    """composer.ranked finds the kept elements in passes over blocks; with many exactly equal |values| (so every
+    cut runs through a run of ties) it keeps the same elements, in the same tie order, as a stable sort."""
+    from composer import ranked
+
+    monkeypatch.setattr(ranked, "BLOCK", block)
+    g = torch.Generator().manual_seed(7)
+    deltas = [torch.randint(-6, 7, (37, 29), generator=g).float() / 4,  # 13 distinct values: ties everywhere
+              torch.randn(37, 29, generator=g),
+              torch.zeros(37, 29)]
+    n = deltas[0].numel()
+    kept = M.kept_range(n, density, gamma)
+    keeps = ranked.select(lambda a, b: [d.reshape(-1)[a:b] for d in deltas], n, [kept] * 3, rescale)
+    for d, keep in zip(deltas, keeps):
+        expected = M._keep_range(d, kept, rescale).reshape(-1)
+        got = torch.cat([ranked.apply(keep, d.reshape(-1)[a:b], a) for a, b in ranked.blocks(0, n)])
+        assert torch.equal(got, expected)
+        if keep is not None:  # exactly the k elements of the range, ties included
+            flat = d.reshape(-1).abs()
+            assert sum(int(keep.mask(flat[a:b], a).sum()) for a, b in ranked.blocks(0, n)) == kept[1] - kept[0]
+
+
+def test_kept_range_keeps_mergekit_counts():
+    assert M.kept_range(100, 1.0) is None
+    assert M.kept_range(100, 0.25) == (0, 25)
+    assert M.kept_range(100, 0.001) == (0, 1)  # at least one element, as mergekit
+    assert M.kept_range(100, 0.0) == (0, 0)
+    assert M.kept_range(100, 0.5, 0.1) == (10, 60)  # drop the 10 largest, keep the next 50
+    assert M.kept_range(100, 0.95, 0.1) == (5, 100)  # the outlier cut shrinks to fit
