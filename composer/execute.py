@@ -21,6 +21,7 @@ from composer.errors import CorruptFileError, OutputError
 from composer.outputs import write_metadata
 from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan, merge_mode
 from composer.sources import TensorInfo, free_bytes
+from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
@@ -49,6 +50,16 @@ class _Sources:
             if path not in self._maps:
                 self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             return self._maps[path]
+
+    def tensor(self, info: TensorInfo, start: int = 0, stop: int | None = None):
+        """Elements [start, stop) of a source tensor, flat, in its dtype: a view of the mapped file."""
+        import torch
+
+        stop = info.numel if stop is None else stop
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; never written
+            return torch.frombuffer(self.map(info.file), dtype=_torch_dtype(info.dtype), count=stop - start,
+                                    offset=info.offset + start * ITEMSIZE[info.dtype])
 
     def close(self) -> None:
         for m in self._maps.values():
@@ -93,10 +104,10 @@ def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int
     scale = dict(t.params).get("scale")
     out = torch.frombuffer(view, dtype=out_dt)
     count = out.numel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
-        src = torch.frombuffer(sources.map(info.file), dtype=src_dt, count=count,
-                               offset=info.offset + first * ITEMSIZE[info.dtype])
+    if isinstance(info, AlignedRows):
+        src = gather(info, sources.tensor, first, first + count, work_dt)
+    else:
+        src = sources.tensor(info, first, first + count)
     for a in range(0, count, CHUNK_ELEMENTS):
         b = min(count, a + CHUNK_ELEMENTS)
         x = src[a:b].to(work_dt)
@@ -116,11 +127,11 @@ def _load(info: TensorInfo, t: TensorPlan, sources: _Sources, start: int = 0, st
     import torch
 
     stop = info.numel if stop is None else stop
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; we never write it
-        x = torch.frombuffer(sources.map(info.file), dtype=_torch_dtype(info.dtype), count=stop - start,
-                             offset=info.offset + start * ITEMSIZE[info.dtype])
     via = _torch_dtype(t.via or info.dtype)
+    if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
+        x = gather(info, sources.tensor, start, stop, via)
+    else:
+        x = sources.tensor(info, start, stop)
     if out is not None:
         return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
     return x.to(via).to(torch.float32)
@@ -293,9 +304,30 @@ def _open_output(path: Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
+def _prefetch(shard: ShardPlan, segs, start: int, end: int, sources: _Sources) -> None:
+    """Ask the kernel to start reading the inputs of output bytes [start, end) now (POSIX_FADV_WILLNEED returns at
+    once): the disk then works on the next chunk while this one computes, for computed tensors, which read their
+    inputs through mmap page by page. Byte copies need no hint: they read with preadv in large requests."""
+    for seg_start, seg_end, tensor in segs:
+        a, b = max(start, seg_start), min(end, seg_end)
+        if a >= b or tensor is None or tensor.op == "zeros" or tensor.is_byte_copy:
+            continue
+        first, last = (a - seg_start) // ITEMSIZE[tensor.dtype], -(-(b - seg_start) // ITEMSIZE[tensor.dtype])
+        for info in tensor.inputs:
+            if isinstance(info, AlignedRows) or info.file is None:
+                continue
+            if merge_mode(tensor) in ("whole", "ranked", "slerp"):  # read whole first: hint the whole tensor
+                lo, hi = info.offset, info.offset + info.nbytes
+            else:
+                lo, hi = info.offset + first * ITEMSIZE[info.dtype], info.offset + last * ITEMSIZE[info.dtype]
+            os.posix_fadvise(sources.fd(info.file), lo, hi - lo, os.POSIX_FADV_WILLNEED)
+
+
 def _write_chunk(job, sources: _Sources, merged: _Merged, buffers: queue.Queue) -> int:
     shard, segs, fd, direct, start = job
     end = min(shard.size, start + CHUNK_BYTES)
+    if end < shard.size:
+        _prefetch(shard, segs, end, min(shard.size, end + CHUNK_BYTES), sources)
     buf = buffers.get()
     try:
         view = memoryview(buf)

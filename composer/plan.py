@@ -12,6 +12,7 @@ from composer.params import resolve_parameter
 from composer.recipe import DTYPES, Recipe
 from composer.sources import SourceModel, TensorInfo
 from composer.tokenizer import check_vocabulary, tokenizer_files
+from composer.vocab import AlignedRows, align, is_vocabulary_tensor
 from composer.writer import ShardPlan, layout_shards
 
 LAYER_RE = re.compile(r"^(.*?\blayers)\.(\d+)\.(.+)$")
@@ -58,7 +59,8 @@ class TensorPlan:
     @property
     def is_byte_copy(self) -> bool:
         src = self.inputs[0].dtype
-        return self.op == "copy" and src == self.dtype and self.via in (None, src)
+        aligned = isinstance(self.inputs[0], AlignedRows)
+        return self.op == "copy" and src == self.dtype and self.via in (None, src) and not aligned
 
     @property
     def is_merge(self) -> bool:
@@ -181,6 +183,12 @@ def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInf
 
 def _check_same_shape(info: TensorInfo, expected: TensorInfo, model: str, out_name: str) -> None:
     if info.shape != expected.shape:
+        if is_vocabulary_tensor(out_name) and info.shape[1:] == expected.shape[1:]:
+            raise PlanError(
+                f"'{model}' has {info.shape[0]} vocabulary rows in '{info.name}' but the base model has "
+                f"{expected.shape[0]}: set tokenizer_source: base (or the name of the model whose tokenizer the "
+                "output should use) to align the embeddings by token"
+            )
         raise PlanError(
             f"shape mismatch: '{model}' tensor '{info.name}' is {list(info.shape)} but output tensor '{out_name}' "
             f"needs {list(expected.shape)} (from the base model): the models do not share an architecture"
@@ -347,7 +355,14 @@ def build_plan(
             return _merge(recipe, out_name, src, infos, where)
         return _passthrough(recipe, out_name, src, infos[0], zero=zero, where=where)
 
+    tok = _tokenizer_model(recipe, base_name)
+
     def edge_tensors(names: list[str], edge: LayerSource) -> list[TensorPlan]:
+        models = [inp.model for inp in edge.inputs]
+        alignment = None
+        if recipe.tokenizer_source is not None and any(is_vocabulary_tensor(n) for n in names):
+            alignment = align(recipe.tokenizer_source, sources[tok], base,
+                              [sources[m] for m in dict.fromkeys(models)])
         made = []
         for name in names:
             infos = []
@@ -356,10 +371,18 @@ def build_plan(
                 info = other.get(name) or _tied_head(sources[inp.model], other, name)
                 if info is None:
                     raise SourceError(f"model '{inp.model}' has no tensor '{name}' (the base model '{base_name}' has it)")
-                _check_same_shape(info, base_other[name], inp.model, name)
+                if alignment is None or not is_vocabulary_tensor(name):
+                    _check_same_shape(info, base_other[name], inp.model, name)
+                elif info.shape[1:] != base_other[name].shape[1:]:
+                    _check_same_shape(info, base_other[name], inp.model, name)
                 infos.append(info)
+            if alignment is not None and is_vocabulary_tensor(name):
+                infos = alignment.inputs(models, infos, recipe.base_model)
+                aligned.append(alignment.size)
             made.append(make(name, edge, infos, False))
         return made
+
+    aligned: list[int] = []
 
     pre_names = [n for n in base_other if "embed" in n]
     tensors: list[TensorPlan] = edge_tensors(pre_names, pre)
@@ -409,10 +432,13 @@ def build_plan(
     config = _output_config(base, layers, sources, out_dtype)
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
-    tok = _tokenizer_model(recipe, base_name)
-    for inp in pre.inputs:
-        check_vocabulary(sources[tok], sources[inp.model])
     notes = []
+    if aligned:
+        config["vocab_size"] = aligned[0]
+        notes.append(f"embeddings aligned to the vocabulary of '{tok}' ({aligned[0]} tokens) by token string")
+    elif recipe.tokenizer_source is None:
+        for inp in pre.inputs:
+            check_vocabulary(sources[tok], sources[inp.model])
     if sources[tok].path is not None and not tokenizer_files(sources[tok].path):
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
     return Plan(

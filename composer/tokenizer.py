@@ -32,6 +32,7 @@ def check_vocabulary(tokenizer: SourceModel, embeddings: SourceModel) -> None:
         return
     if _vocabulary(tokenizer.path) != _vocabulary(embeddings.path):
         raise PlanError(
-            f"tokenizer_source '{tokenizer.name}' has a different vocabulary from '{embeddings.name}', whose "
-            "embeddings the output takes: aligning vocabularies is not supported yet; use tokenizer_source: base"
+            f"'{tokenizer.name}', whose tokenizer the output ships, has a different vocabulary from "
+            f"'{embeddings.name}', whose embeddings it takes: set tokenizer_source: base (or a model's name) to "
+            "align the embeddings by token"
         )

@@ -93,11 +93,19 @@ def test_tokenizer_source(models, write_recipe, tmp_path):
     out = compose(write_recipe(f"block_expansion: {{model: {a}, every: 2}}\ntokenizer_source: {same_vocab}\n"),
                   tmp_path / "out")
     assert (out / "tokenizer.json").read_bytes() == (same_vocab / "tokenizer.json").read_bytes()
+    # a larger vocabulary (the 256 tokens first, then 44 more): rows aligned by token, unknown tokens zero
     other = make_checkpoint(tmp_path / "other", "llama", vocab_size=300)
+    out2 = compose(write_recipe(f"block_expansion: {{model: {a}, every: 2}}\ntokenizer_source: {other}\n",
+                                "r2.yaml"), tmp_path / "out2")
+    assert json.loads((out2 / "config.json").read_text())["vocab_size"] == 300
+    got, original = load_state_dict(out2), load_state_dict(a)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][:256], original[name]) and not got[name][256:].any()
+    # without tokenizer_source, a model whose vocabulary differs from the base's cannot give the embeddings
     result = CliRunner().invoke(main, [str(write_recipe(
-        f"block_expansion: {{model: {a}, every: 2}}\ntokenizer_source: {other}\n", "r2.yaml")), "-o",
-        str(tmp_path / "out2")])
-    assert result.exit_code == 1 and "has a different vocabulary" in result.output
+        f"merge_method: passthrough\nbase_model: {a}\nslices:\n  - sources: [{{model: {other}, layer_range: [0, 2]}}]\n"
+        f"  - sources: [{{model: {a}, layer_range: [2, 4]}}]\n", "r3.yaml")), "-o", str(tmp_path / "out3")])
+    assert result.exit_code == 1 and "set tokenizer_source" in result.output, result.output
 
 
 def test_quick_start_example_runs_offline(tmp_path):
