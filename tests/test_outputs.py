@@ -123,3 +123,21 @@ def test_shipped_recipes_validate(recipe):
     from composer import load_recipe
 
     load_recipe(REPO / "recipes" / recipe)
+
+
+def test_readme_method_examples_are_valid_recipes():
+    """Every method has an example in the README, and each example is a recipe composer accepts."""
+    import re
+
+    from composer.methods import METHODS
+    from composer.recipe import parse_recipes
+
+    text = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("# ") and "merge_method:" in b]
+    shown = set()
+    for block in blocks:
+        (recipe, _), = parse_recipes(block, "README.md")
+        shown.add(recipe.merge_method)
+        first = block.split("\n", 1)[0]
+        shown.update(m for m in METHODS if re.search(rf"\b{m}\b", first))
+    assert set(METHODS) <= shown, sorted(set(METHODS) - shown)
