@@ -190,6 +190,8 @@ class _Merged:
                 view[:] = memoryview(entry[1])[start: start + len(view)]
         elif mode == "ranked":
             self._ranked_into(t, entry, view, start)
+        elif mode == "random":
+            self._random_into(t, entry, view, start)
         else:
             coefficients = None
             if mode == "slerp":
@@ -253,6 +255,74 @@ class _Merged:
             merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input,
                                               lambda i, d: ranked.apply(keeps[i], d, a))
             out[a - first: b - first].copy_(merged.to(work))
+
+
+    def _random_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """DARE: each task vector's Bernoulli mask is drawn per block of a fixed grid (ranked.BLOCK elements) from
+        a generator seeded by (--seed, tensor, model, block), so any chunk can draw its part in any order; the L1
+        rescale factors are streamed first."""
+        import torch
+
+        from composer import ranked
+        from composer.methods import METHODS, streamed_task_arithmetic
+
+        spec = METHODS[t.op]
+        others = [k for k in range(len(t.inputs)) if k != t.base]
+        per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
+        shared = dict(t.params)
+        densities = [float(d) for d in per_input["density"]]
+        rescale = bool({**spec.shared, **shared}["rescale"])
+
+        def masks(a: int, b: int) -> list:
+            g = a // ranked.BLOCK
+            return [None if d >= 1 else torch.bernoulli(
+                torch.full((b - a,), d), generator=torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{g}")))
+                for i, d in enumerate(densities)]
+
+        def deltas(a: int, b: int) -> list:
+            base = _load(t.inputs[t.base], t, self._sources, a, b)
+            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+
+        with entry[0]:
+            if entry[1] is None:
+                factors = [None] * len(others)
+                if rescale and any(d < 1 for d in densities):
+                    def norms(a: int, b: int) -> list:
+                        return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
+                                if m is not None else None for d, m in zip(deltas(a, b), masks(a, b))]
+
+                    sums = [[0.0, 0.0] for _ in others]
+                    for part in ranked.each(norms, ranked.blocks(0, t.numel)):
+                        for acc, got in zip(sums, part):
+                            if got is not None:
+                                acc[0] += float(got[0])
+                                acc[1] += float(got[1])
+                    for i, (before, after) in enumerate(sums):
+                        before, after = torch.tensor(before).float(), torch.tensor(after).float()
+                        if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
+                            factors[i] = before / after
+                entry[1] = factors
+            factors = entry[1]
+        out = torch.frombuffer(view, dtype=_torch_dtype(t.dtype))
+        work = _torch_dtype(t.via or t.inputs[0].dtype)
+        first = start // ITEMSIZE[t.dtype]
+        last = first + out.numel()
+        for ga in range(first - first % ranked.BLOCK, last, ranked.BLOCK):
+            gb = min(t.numel, ga + ranked.BLOCK)
+            drawn = masks(ga, gb)
+            for a in range(max(ga, first), min(gb, last), CHUNK_ELEMENTS):
+                b = min(gb, last, a + CHUNK_ELEMENTS)
+
+                def sparsify(i: int, d, a=a):
+                    if drawn[i] is None:
+                        return d
+                    masked = d * drawn[i][a - ga: a - ga + d.numel()]
+                    return masked if factors[i] is None else masked * factors[i]
+
+                base = _load(t.inputs[t.base], t, self._sources, a, b)
+                xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+                merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)
+                out[a - first: b - first].copy_(merged.to(work))
 
 
 def _segments(shard: ShardPlan) -> list[tuple[int, int, TensorPlan | None]]:

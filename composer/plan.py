@@ -78,13 +78,14 @@ class TensorPlan:
 
 
 RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # magnitude pruning, streamed by composer.ranked
+RANDOM = ("dare_linear", "dare_ties")  # random masks drawn per block of a fixed grid
 
 
 def merge_mode(t: TensorPlan) -> str:
     """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (two streamed
     passes for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
-    elementwise: composer.ranked) or "whole" (the whole tensor at once: random masks drawn in order,
-    model_stock's angles)."""
+    elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
+    first) or "whole" (the whole tensor at once: DELLA's per-row ranks, model_stock's angles)."""
     from composer.methods import METHODS, locality
 
     spec = METHODS[t.op]
@@ -96,6 +97,8 @@ def merge_mode(t: TensorPlan) -> str:
         return "elementwise"
     if t.op in RANKED:
         return "ranked"
+    if t.op in RANDOM:
+        return "random"
     return "whole"
 
 
@@ -148,7 +151,7 @@ class Plan:
                 from composer.ranked import BLOCK
 
                 mode = merge_mode(t)
-                block = t.numel if mode == "whole" else min(t.numel, BLOCK if mode == "ranked" else CHUNK_ELEMENTS)
+                block = t.numel if mode == "whole" else min(t.numel, BLOCK if mode in ("ranked", "random") else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))

@@ -73,7 +73,7 @@ class Keep:
         return keep.to(torch.float32)
 
 
-def _each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
+def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
     """fn over the blocks on WORKERS threads (torch releases the GIL), results in block order: the merge's other
     chunks often wait for this tensor, so its passes use both cores."""
     if len(grid) == 1:
@@ -117,7 +117,7 @@ def select(
 
     high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
     l1 = {i: torch.zeros((), dtype=torch.float64) for i in active}
-    for part in _each(upper, grid):  # pass 1: upper 16 bits
+    for part in each(upper, grid):  # pass 1: upper 16 bits
         for i, (hist, norm) in zip(active, part):
             high[i] += hist
             if rescale:
@@ -134,7 +134,7 @@ def select(
                 for i, hb in bins]
 
     low = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in bins}
-    for part in _each(lower, grid):  # pass 2: lower 16 bits in the bins holding the ends
+    for part in each(lower, grid):  # pass 2: lower 16 bits in the bins holding the ends
         for key, hist in zip(bins, part):
             low[key] += hist
     cut: list[_End] = []
@@ -157,7 +157,7 @@ def select(
             return [(m * keeps[i].mask(m, a)).sum(dtype=torch.float64) for i in active for m in [deltas[i].abs()]]
 
         kept = {i: torch.zeros((), dtype=torch.float64) for i in active}
-        for part in _each(norms, grid):
+        for part in each(norms, grid):
             for i, norm in zip(active, part):
                 kept[i] += norm
         for i in active:

@@ -239,3 +239,30 @@ def test_tied_and_untied_embeddings(write_recipe, tmp_path):
     assert "lm_head.weight" not in out
     assert json.loads((tmp_path / "tied-out" / "config.json").read_text())["tie_word_embeddings"] is True
     logits(tmp_path / "tied-out")
+
+
+def test_streamed_dare_is_chunk_independent_and_rescaled(models, write_recipe, tmp_path, monkeypatch):
+    """DARE's masks are drawn per block of a fixed grid: tiny output chunks (which split blocks anywhere, and run
+    in any order on two workers) give the same bytes as the default ones; and the kept task-vector entries are
+    scaled by |delta|_1 / |kept delta|_1 over the whole tensor, as DARE's rescale says."""
+    import sys
+
+    from composer import ranked
+
+    base, other = models["llama"], models["llama-b"]
+    recipe = write_recipe(f"merge_method: dare_linear\nbase_model: {base}\n{F32}"
+                          f"models: [{{model: {other}, parameters: {{weight: 1.0, density: 0.4}}}}]\n")
+    monkeypatch.setattr(ranked, "BLOCK", 5000)
+    default = run(recipe, tmp_path / "default")
+    ex = sys.modules["composer.execute"]
+    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
+    tiny = run(recipe, tmp_path / "tiny")
+    assert all(torch.equal(default[k], tiny[k]) for k in default)
+    sb, so = load_state_dict(base), load_state_dict(other)
+    name = "model.embed_tokens.weight"  # 16384 elements: several grid blocks
+    delta = so[name] - sb[name]
+    kept = default[name] != sb[name]
+    assert abs(kept.float().mean().item() - 0.4) < 0.03
+    factor = delta.abs().sum(dtype=torch.float64).float() / (delta * kept).abs().sum(dtype=torch.float64).float()
+    torch.testing.assert_close(default[name], sb[name] + delta * kept * factor, rtol=1e-6, atol=1e-7)
