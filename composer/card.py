@@ -4,7 +4,7 @@ from __future__ import annotations
 import yaml
 
 from composer.plan import Plan
-from composer.report import layer_runs
+from composer.report import hub_bases, layer_runs, used_models
 
 METHODS = {
     "depth-upscaling": (
@@ -36,13 +36,39 @@ def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
+def front_matter(plan: Plan) -> dict:
+    """The Hub's lineage fields. `base_model` holds plain Hub ids (the Hub accepts nothing else there; the exact
+    commits are in the card's Sources section and composer_provenance.json); local folders are never listed.
+    `base_model_relation` is `merge` when several models go in, else `finetune`: the Hub's word for weights derived
+    from one parent (a depth up-scale or block expansion is trained further, and is neither adapter nor quant)."""
+    bases = hub_bases(plan)
+    ids = list(dict.fromkeys(o.repo_id for o in bases))
+    merged = len(used_models(plan)) > 1 or len(ids) > 1
+    front: dict = {}
+    if ids:
+        front["base_model"] = ids[0] if len(ids) == 1 else ids
+        front["base_model_relation"] = "merge" if merged else "finetune"
+    base = plan.sources[plan.base]
+    origin = base.hub or (base.lineage[0] if base.lineage else None)
+    if origin is not None:
+        front.update(origin.license)
+    front["tags"] = ["composer", *(["merge"] if merged else []), plan.operation]
+    front["library_name"] = "transformers"
+    return front
+
+
+def _sources_section(plan: Plan) -> str:
+    rows = [f"| `{o.repo_id}` | {o.revision or 'main'} | {f'`{o.commit}`' if o.commit else 'unknown (local copy)'} | "
+            f"{'pickle (read with weights_only=True)' if o.pickled else 'safetensors'} |" for o in hub_bases(plan)]
+    if not rows:
+        return ""
+    return ("## Sources\n\n| Hub model | revision | commit | weights |\n|---|---|---|---|\n" + "\n".join(rows)
+            + "\n\n")
+
+
 def model_card(plan: Plan) -> str:
-    bases = list(dict.fromkeys([plan.base, *(m for la in plan.layers for m, _ in la.sources)]))
-    front = {
-        "base_model": bases[0] if len(bases) == 1 else bases,
-        "tags": ["composer", "merge", plan.operation],
-        "library_name": "transformers",
-    }
+    bases = used_models(plan)
+    front = front_matter(plan)
     what, paper = METHODS[plan.operation] if plan.operation in METHODS else _merge_method(plan.operation)
     rows = "\n".join(
         f"| {_span(*r['out'])} | {r['model']} | {_span(*r['source'])} | {r['status']}"
@@ -54,6 +80,7 @@ def model_card(plan: Plan) -> str:
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# {plan.recipe_path.rsplit('/', 1)[-1].rsplit('.', 1)[0] if plan.recipe_path else 'composed model'}\n\n"
         f"This model was built with composer from {counts}.\n\n"
+        f"{_sources_section(plan)}"
         f"## Method\n\n{what[0].upper() + what[1:]}.{' Paper: ' + paper + '.' if paper else ''}\n\n"
         f"## Layers\n\n{len(plan.layers)} layers, {plan.num_parameters:,} parameters.\n\n"
         "| output layers | model | source layers | status |\n|---|---|---|---|\n"

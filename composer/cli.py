@@ -1,4 +1,5 @@
-"""The `compose` command: recipe in, model folder out; composer errors become one line on stderr."""
+"""The `compose` and `compose-push` commands: recipe in, model folder (and Hub repo) out; composer errors become one
+line on stderr."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import click
 
 from composer.errors import ComposerError
 from composer.execute import check_destination, check_empty, execute
+from composer.hub import HubClient
 from composer.stages import plan_stages
 from composer.plan import DEFAULT_SHARD_SIZE
 from composer.report import human_bytes, render, summary
@@ -43,6 +45,22 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
     raise SystemExit(128 + signum)  # unwinds through execute's cleanup, so no partial folder survives
 
 
+def _push_options(f):
+    for option in reversed((
+        click.option("--private", is_flag=True, help="Create the Hub repo private (if it does not exist yet)."),
+        click.option("--revision", metavar="BRANCH", help="Push to this branch (created if missing) instead of main."),
+        click.option("--commit-message", metavar="TEXT", help="Message of the Hub commit."),
+    )):
+        f = option(f)
+    return f
+
+
+def _pushed(result: dict, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"pushed to {result['repo_url']} (revision {result['revision']}, commit {result['commit']})",
+                   err=True)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output model folder.")
@@ -55,20 +73,31 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
               help="Use the folder PATH wherever the recipe names model NAME (repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random merge methods (DARE, DELLA).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="After composing, upload OUT to this Hub repo.")
+@_push_options
 @click.version_option(package_name="composer-llm", prog_name="compose")
 def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite: bool, shard_size: str,
-         models: tuple[str, ...], seed: int, quiet: bool) -> None:
-    """Compose a new model from the YAML RECIPE into the folder OUT."""
+         models: tuple[str, ...], seed: int, quiet: bool, push_to: str | None, private: bool, revision: str | None,
+         commit_message: str | None) -> None:
+    """Compose a new model from the YAML RECIPE into the folder OUT. Models are local folders or Hub ids
+    (org/name, org/name@revision); HF_TOKEN, HF_HOME and HF_HUB_OFFLINE apply."""
     size = parse_size(shard_size)
     overrides = _parse_models(models)
     if out is None and not dry_run:
         raise click.UsageError("give an output folder with -o OUT, or --dry-run to only see the plan")
+    if push_to and dry_run:
+        raise click.UsageError("--push-to-hub uploads a composed model: drop --dry-run")
+    if not push_to and (private or revision or commit_message):
+        raise click.UsageError("--private, --revision and --commit-message go with --push-to-hub ORG/NAME")
     signal.signal(signal.SIGTERM, _terminate)
-    infos, wrote = [], []
+    infos, wrote, pushed = [], [], None
+    hub = HubClient()
     try:
+        if push_to:
+            hub.check_push(push_to)  # refuse before composing: offline, no token, a token the Hub rejects
         if out is not None and not dry_run:
             check_empty(out.resolve(), overwrite)  # refuse before any stage runs
-        stages = plan_stages(recipe, out, models=overrides, shard_size=size, seed=seed, dry_run=dry_run)
+        stages = plan_stages(recipe, out, models=overrides, shard_size=size, seed=seed, dry_run=dry_run, hub=hub)
         for stage, plan in stages:
             if plan is None:  # said even with --quiet: the run did less than the recipe asks, on purpose
                 click.echo(f"stage {stage.name}: already built in {stage.out}, skipped", err=True)
@@ -91,6 +120,10 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
             if not quiet:
                 click.echo(f"wrote {folder} ({len(plan.layers)} layers, {plan.num_parameters:,} parameters, "
                            f"{human_bytes(plan.file_bytes)})", err=True)
+        if push_to and out is not None:
+            pushed = hub.push(out.resolve(), push_to, private=private, revision=revision,
+                              commit_message=commit_message)
+            _pushed(pushed, quiet)
     except ComposerError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -98,8 +131,30 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
         sys.exit(130)
     if as_json:
         shown = infos if dry_run else wrote
-        click.echo(json.dumps(shown[0] if len(shown) == 1 and "stage" not in shown[0] else {"stages": shown},
-                              indent=2))
+        result = shown[0] if len(shown) == 1 and "stage" not in shown[0] else {"stages": shown}
+        click.echo(json.dumps({**result, **({"hub": pushed} if pushed else {})}, indent=2))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id", metavar="ORG/NAME")
+@_push_options
+@click.option("--json", "as_json", is_flag=True, help='Print {"hub": {"repo_url", "commit", "revision"}}.')
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
+@click.version_option(package_name="composer-llm", prog_name="compose-push")
+def push(out: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None, as_json: bool,
+         quiet: bool) -> None:
+    """Upload the composed model folder OUT to the Hub repo ORG/NAME (created if missing). Run it again after an
+    interruption: files the Hub already has are not sent again. The token comes from HF_TOKEN or `hf auth login`."""
+    try:
+        result = HubClient().push(out.resolve(), repo_id, private=private, revision=revision,
+                                  commit_message=commit_message)
+    except ComposerError as exc:
+        raise click.ClickException(str(exc)) from None
+    _pushed(result, quiet)
+    if as_json:
+        click.echo(json.dumps({"hub": result}, indent=2))
+
 
 if __name__ == "__main__":
     main()

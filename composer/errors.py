@@ -26,3 +26,11 @@ class PlanError(ComposerError, ValueError):
 
 class OutputError(ComposerError, OSError):
     """The destination cannot be written: not empty, inside a source, or too little free space."""
+
+
+class HubError(SourceError):
+    """A model named by Hub id cannot be resolved: no such repo or revision, no access, not cached while offline."""
+
+
+class PushError(ComposerError, ConnectionError):
+    """The output could not be uploaded to the Hub: no write access, offline, or the upload was interrupted."""

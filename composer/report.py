@@ -6,7 +6,7 @@ from typing import Any
 
 from composer.dtypes import DTYPE_NAME
 from composer.plan import CHUNK_BYTES, WORKERS, Plan
-from composer.sources import free_bytes
+from composer.sources import HubOrigin, free_bytes
 
 BASE_MEMORY = 60 * 2**20  # the interpreter with composer loaded
 TORCH_MEMORY = 250 * 2**20  # torch's own footprint once a tensor has to be computed, not copied
@@ -64,6 +64,29 @@ def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
     return BASE_MEMORY + workers * CHUNK_BYTES + (TORCH_MEMORY + workers * plan.compute_memory if computed else 0)
 
 
+def used_models(plan: Plan) -> list[str]:
+    """The models the output is made from, base first."""
+    return list(dict.fromkeys([plan.base, *(m for la in plan.layers for m, _ in la.sources)]))
+
+
+def hub_bases(plan: Plan) -> list[HubOrigin]:
+    """The Hub models the output derives from, base first, each (id, commit) once: the used models fetched from
+    the Hub or named by Hub id, and the Hub models behind an earlier stage's output."""
+    found: dict[tuple[str, str | None], HubOrigin] = {}
+    for name in used_models(plan):
+        src = plan.sources[name]
+        for origin in ((src.hub,) if src.hub else ()) + tuple(src.lineage):
+            found.setdefault((origin.repo_id, origin.commit), origin)
+    return list(found.values())
+
+
+def source_list(plan: Plan) -> list[dict[str, Any]]:
+    """Per model the recipe names: its Hub id and exact commit (None for local folders)."""
+    return [{"name": name, "hub_id": src.hub.repo_id if src.hub else None,
+             "revision": src.hub.revision if src.hub else None, "commit": src.hub.commit if src.hub else None}
+            for name, src in plan.sources.items()]
+
+
 def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -> dict[str, Any]:
     used = dict.fromkeys(m for la in plan.layers for m, _ in la.sources)
     source_layers = {name: plan.sources[name].num_layers for name in used}
@@ -73,6 +96,7 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "operation": plan.operation,
         "base_model": plan.base,
         "tokenizer_from": plan.tokenizer_from,
+        "sources": source_list(plan),
         "source_layers": source_layers,
         "layers": len(plan.layers),
         "layer_map": layer_runs(plan),
@@ -112,6 +136,8 @@ def render(s: dict[str, Any]) -> str:
         f"recipe:      {s['recipe'] or '-'}",
         f"operation:   {s['operation']}",
         f"base model:  {s['base_model']}   tokenizer from: {s['tokenizer_from']}",
+        *(f"hub model:   {h['name']} at commit {h['commit'] or 'unknown (a local copy named by Hub id)'}"
+          for h in s.get("sources", ()) if h["hub_id"]),
         f"layers:      {counts} -> {s['layers']}",
         "layer map:   output <- model:layer",
     ]
@@ -150,6 +176,7 @@ def provenance(plan: Plan) -> dict[str, Any]:
         "format": "composer-provenance/1",
         "operation": plan.operation,
         "base_model": plan.base,
+        "hub_sources": [o.to_json() for o in hub_bases(plan)],
         "layers": [
             {"layer": la.index, "model": la.model, "source_layer": la.source_layer, "status": la.status,
              "zeroed": list(la.zeroed), "sources": [{"model": m, "layer": i} for m, i in la.sources]}

@@ -1,16 +1,20 @@
-"""Source models: find a model folder, read its config and safetensors headers (never tensor data), validate both."""
+"""Source models: find a model (folder or Hub id), read its config and safetensors headers (never tensor data), validate
+both; convert a pickle checkpoint to safetensors with weights_only=True."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
+import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, SourceError
+from composer.writer import safetensors_header
 
 MAX_HEADER = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,14 +41,38 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class HubOrigin:
+    """Where a model came from on the Hub: the id, the revision asked for, the exact commit (None for a local copy
+    named by Hub id with --model), the license its card declares, and whether its weights were pickles."""
+
+    repo_id: str
+    revision: str | None = None
+    commit: str | None = None
+    license: Mapping[str, str] = field(default_factory=dict)  # license, license_name, license_link
+    pickled: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hub_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "license": dict(self.license) or None, "weights": "pickle" if self.pickled else "safetensors"}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HubOrigin:
+        return cls(data["hub_id"], data.get("revision"), data.get("commit"), dict(data.get("license") or {}),
+                   data.get("weights") == "pickle")
+
+
+@dataclass(frozen=True)
 class SourceModel:
-    """A model as composer sees it before reading any weight: a name, a folder, a config, a tensor table."""
+    """A model as composer sees it before reading any weight: a name, a folder, a config, a tensor table, and for
+    a Hub model (or an output built from Hub models) where on the Hub it came from."""
 
     name: str
     path: Path | None
     config: Mapping[str, Any]
     tensors: Mapping[str, TensorInfo]
     files: tuple[Path, ...] = field(default=())
+    hub: HubOrigin | None = None
+    lineage: tuple[HubOrigin, ...] = ()  # the Hub models an earlier stage's output was built from
 
     @property
     def num_layers(self) -> int:
@@ -148,7 +176,8 @@ def read_weights(folder: Path, name: str) -> tuple[dict[str, TensorInfo], tuple[
     if len(others) == 1:
         return read_header(others[0]), (others[0],)
     if any(folder.glob("pytorch_model*.bin")):
-        raise SourceError(f"model '{name}' ({folder}) has only pytorch_model*.bin weights: convert them to safetensors")
+        raise SourceError(f"model '{name}' ({folder}) has only pytorch_model*.bin weights: convert them to safetensors "
+                          "(composer reads pickles only from Hub repos, with weights_only=True)")
     raise SourceError(f"model '{name}' ({folder}) has no {SINGLE_NAME} or {INDEX_NAME}")
 
 
@@ -162,31 +191,115 @@ def resolve_local(name: str, search: tuple[Path, ...] = (), overrides: Mapping[s
     for c in candidates:
         if c.is_dir():
             return c.resolve()
-    hub_like = "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
-    hint = (
-        f": it looks like a Hub id; pass --model {name}=/path/to/local/copy (Hub download is not supported yet)"
-        if hub_like and not (overrides and name in overrides)
-        else ": check the path"
-    )
-    raise SourceError(f"model '{name}' not found (no folder {candidates[0]}){hint}")
+    raise SourceError(f"model '{name}' not found (no folder {candidates[0]}): check the path")
 
 
-def open_model(name: str, folder: Path) -> SourceModel:
+HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?")
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None] | None:
+    """`org/name` or `org/name@revision` as (repo id, revision), or None when `name` is not written like a Hub id."""
+    m = HUB_ID.fullmatch(name)
+    if not m or ".." in m.group(1) or m.group(1).endswith("."):
+        return None
+    return m.group(1), m.group(2)
+
+
+def read_config(name: str, folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
     try:
-        config = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except FileNotFoundError:
         raise SourceError(f"model '{name}' ({folder}) has no config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptFileError(f"{config_file}: not valid JSON") from None
+
+
+def open_model(name: str, folder: Path) -> SourceModel:
+    config = read_config(name, folder)
     tensors, files = read_weights(folder, name)
     return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files)
 
 
 def open_sources(
-    names: list[str], search: tuple[Path, ...] = (), overrides: Mapping[str, str] | None = None
+    names: list[str], search: tuple[Path, ...] = (), overrides: Mapping[str, str] | None = None, *,
+    hub: Any = None, headers_only: bool = False,
 ) -> dict[str, SourceModel]:
-    return {n: open_model(n, resolve_local(n, search, overrides)) for n in names}
+    """Each model by name: an override (--model NAME=PATH), else a local folder (from the cwd, then each search
+    folder), else a Hub id `org/name[@revision]`, fetched by `hub` (a composer.hub.HubClient, made on first use).
+    With `headers_only`, Hub models are read from config.json and the safetensors headers alone (a dry run)."""
+    opened = {}
+    for n in names:
+        ref = parse_hub_id(n)
+        if ref is not None and not (overrides and n in overrides) and not _local_exists(n, search):
+            if hub is None:
+                from composer.hub import HubClient
+
+                hub = HubClient()
+            opened[n] = hub.open(n, headers_only=headers_only)
+            continue
+        model = open_model(n, resolve_local(n, search, overrides))
+        if ref is not None and overrides and n in overrides:  # the user says this folder is a copy of a Hub model
+            model = replace(model, hub=HubOrigin(ref[0], ref[1]))
+        opened[n] = model
+    return opened
+
+
+def _local_exists(name: str, search: tuple[Path, ...]) -> bool:
+    p = Path(name).expanduser()
+    return any(c.is_dir() for c in ([p] if p.is_absolute() else [p, *(base / p for base in search)]))
+
+
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def convert_pickle(src: Path, dest: Path, name: str) -> None:
+    """Write the tensors of a PyTorch checkpoint (`pytorch_model*.bin`) to the safetensors file `dest`, tensor by
+    tensor. It is loaded with torch.load(weights_only=True, mmap=True): nothing but tensors and plain containers is
+    ever unpickled, and the data is paged in from the file as it is written, so memory does not grow with the file."""
+    import torch
+
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        why = next((ln.strip().rstrip(".") for ln in str(exc).splitlines() if "unsupported" in ln.lower()), None)
+        raise SourceError(f"model '{name}': refused to load {src.name}: it holds more than tensors"
+                          f"{f' ({why})' if why else ''} and composer unpickles only with weights_only=True; "
+                          "use a safetensors copy of the model") from None
+    except RuntimeError as exc:
+        raise SourceError(f"model '{name}': cannot read {src.name} as a zip-format PyTorch checkpoint "
+                          f"({str(exc).splitlines()[0]}): use a safetensors copy of the model") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise SourceError(f"model '{name}': {src.name} is not a flat state dict of named tensors")
+    specs = []
+    for key, t in state.items():
+        dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise SourceError(f"model '{name}': tensor '{key}' in {src.name} has dtype {t.dtype}, not supported")
+        specs.append(_Spec(key, dtype, tuple(t.shape), t.numel() * ITEMSIZE[dtype]))
+    header, placed = safetensors_header(specs)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            for spec, _ in placed:
+                t = state[spec.name]
+                if t.numel():
+                    fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def free_bytes(path: Path) -> int:
