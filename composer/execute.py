@@ -386,7 +386,7 @@ def _prefetch(shard: ShardPlan, segs, start: int, end: int, sources: _Sources) -
         for info in tensor.inputs:
             if isinstance(info, AlignedRows) or info.file is None:
                 continue
-            if merge_mode(tensor) in ("whole", "ranked", "slerp"):  # read whole first: hint the whole tensor
+            if tensor.is_merge and merge_mode(tensor) != "elementwise":  # read whole first: hint it all
                 lo, hi = info.offset, info.offset + info.nbytes
             else:
                 lo, hi = info.offset + first * ITEMSIZE[info.dtype], info.offset + last * ITEMSIZE[info.dtype]

@@ -11,7 +11,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from composer.cli import main
-from test_mergekit import mergekit, run_mergekit  # noqa: F401 - mergekit is a fixture
+import test_mergekit
+from test_mergekit import run_mergekit
+
+mergekit = test_mergekit.mergekit  # the module-scoped fixture, shared
 from tinymodels import load_state_dict, logits, make_checkpoint
 
 SPECIALS = 4  # <s>, </s>, <unk>, <pad> keep their ids (the configs name them)
@@ -159,7 +162,7 @@ def test_aligned_dry_run_says_so(vocab_models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["slerp", "ties", "shuffled"])
-def test_alignment_matches_mergekit(mergekit, vocab_models, tmp_path, case):  # noqa: F811 - fixture
+def test_alignment_matches_mergekit(mergekit, vocab_models, tmp_path, case):
     """The same recipes give mergekit's tensors; float32 recipes, so bit for bit."""
     a, short, mid, shuffled = (str(vocab_models[k]) for k in ("a", "short", "mid", "a-shuffled"))
     texts = {
