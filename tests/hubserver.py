@@ -16,7 +16,7 @@ Only model repos with ``namespace/name`` ids are served; pull requests and Xet s
 Public API: ``FakeHub(root_dir=None, tokens={"hf_fake_token": "tester"})``; ``start()/stop()`` or ``with``; ``url``;
 ``client_env()``; ``add_repo``, ``add_branch``, ``add_tag``; ``inject_failure(route, times, status, match)``;
 ``files``, ``commits``, ``resolve``, ``lfs_objects``, ``repo``; ``requests`` (RequestRecord list), ``tokens_seen``,
-``clear_requests()``; ``allowed_tokens`` (token -> user) and ``tree_page_size`` may be changed at any time.
+``clear_requests()``, ``wait_idle()``; ``allowed_tokens`` (token -> user) and ``tree_page_size`` may be changed at any time.
 
 Pointing the client at the server
 ---------------------------------
@@ -51,6 +51,10 @@ Client behaviours worth knowing (huggingface_hub 2.4)
   are raised at once. A failing LFS PUT surfaces as ``RuntimeError("Error while uploading '<path>' to the Hub.")``
   (cause: ``HfHubHTTPError``); the other PUTs still run and the commit is never sent. The next LFS batch call reports
   the objects that arrived as present, so a re-run only PUTs the rest. The commit POST itself is not retried.
+  An object counts as present (``lfs_objects``, batch answers, commits) only once its whole body arrived with the
+  sha256 and the size announced to the batch call. A request is in ``requests`` before its response goes out, so
+  whatever the client has seen is recorded; ``wait_idle()`` also waits out requests still being served (a client
+  may give up on a call while its other threads' requests run on): call it before snapshotting the server's state.
 * Error classes: X-Error-Code RepoNotFound/GatedRepo/RevisionNotFound/EntryNotFound give RepositoryNotFoundError,
   GatedRepoError (a subclass of RepositoryNotFoundError!), RevisionNotFoundError and RemoteEntryNotFoundError (an
   HfHubHTTPError and an EntryNotFoundError, as is LocalEntryNotFoundError, raised offline on a cache miss).
@@ -180,6 +184,8 @@ class FakeHub:
         self._requests: list[RequestRecord] = []
         self._failures: list[_Failure] = []
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0  # requests being served: read, handled or answered, and not yet recorded
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
@@ -302,6 +308,15 @@ class FakeHub:
     def requests(self) -> list[RequestRecord]:
         with self._lock:
             return list(self._requests)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no request is being served (each request read so far is handled, answered and recorded).
+
+        A request still in the client's socket buffer, not yet read by the server, is not waited for: call this once
+        the client has returned (or raised), whose requests were all answered or abandoned by then."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._active == 0, timeout):
+                raise TimeoutError(f"FakeHub: {self._active} request(s) still in progress after {timeout} s")
 
     def clear_requests(self) -> None:
         """Forget the requests and tokens seen so far."""
@@ -485,7 +500,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         hub, split = self.hub, urlsplit(self.path)
-        self._status, self._sent, self._route = 0, 0, "unknown"
+        self._status, self._sent, self._route, self._recorded = 0, 0, "unknown", False
+        with hub._lock:
+            hub._active += 1
         self._query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         auth = self.headers.get("Authorization", "")
         self._token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
@@ -504,28 +521,60 @@ class _Handler(BaseHTTPRequestHandler):
         except HubError as e:
             body, message = {"error": e.message, **e.body}, e.message.encode("ascii", "replace").decode()
             headers = {"X-Error-Message": message, **({"X-Error-Code": e.code} if e.code else {}), **e.headers}
-            self._send(e.status, body, headers)
+            self._send_error(e.status, body, headers)
         except Exception as e:  # a bug here: answer 400, since the client would retry a 500 for ~23 s
             traceback.print_exc()
-            self._send(400, {"error": f"FakeHub internal error: {e!r}"})
+            self._send_error(400, {"error": f"FakeHub internal error: {e!r}"})
         finally:
-            headers = {k: "<redacted>" if k.lower() == "authorization" else v for k, v in self.headers.items()}
-            record = RequestRecord(self.command, unquote(split.path), split.query, headers,
-                                   self.headers.get("Range"), self._status, self._sent, self._route)
             with hub._lock:
-                hub._requests.append(record)
+                self._record(self._status, self._sent)  # if no answer was sent
+                hub._active -= 1
+                hub._idle.notify_all()
+
+    def _record(self, status: int, body_bytes: int) -> None:
+        """Append this request to ``hub.requests``, once."""
+        if self._recorded:
+            return
+        split = urlsplit(self.path)
+        headers = {k: "<redacted>" if k.lower() == "authorization" else v for k, v in self.headers.items()}
+        record = RequestRecord(self.command, unquote(split.path), split.query, headers, self.headers.get("Range"),
+                               status, body_bytes, self._route)
+        with self.hub._lock:
+            self.hub._requests.append(record)
+        self._recorded = True
+
+    def _send_error(self, status: int, body: dict, headers: dict | None = None) -> None:
+        try:
+            self._send(status, body, headers)
+        except OSError:  # the client went away (e.g. mid-body): nobody to answer
+            self.close_connection = True
 
     def _read_body(self) -> bytes:
+        """The whole request body; a body cut short (the client went away) is an error, never a shorter body."""
+        def read(n: int) -> bytes:
+            data = self.rfile.read(n)
+            if len(data) != n:
+                self.close_connection = True
+                raise HubError(400, None, f"Incomplete request body: {len(data)} of {n} bytes")
+            return data
+
+        def readline() -> bytes:
+            line = self.rfile.readline(65537)
+            if not line.endswith(b"\n"):
+                self.close_connection = True
+                raise HubError(400, None, "Incomplete chunked request body")
+            return line
+
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+            while size := int(readline().split(b";")[0].strip() or b"0", 16):
+                chunks.append(read(size))
+                readline()
+            while readline() not in (b"\r\n", b"\n"):  # trailers
                 pass
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        return read(length) if length else b""
 
     def _match(self, s: list[str]):
         method = "GET" if self.command == "HEAD" else self.command
@@ -559,6 +608,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
             headers.setdefault("Content-Type", "application/json")
+        self._status, self._sent = status, 0 if self.command == "HEAD" else len(body)
+        # Recorded before anything goes out: once the client has seen an answer, hub.requests holds its request.
+        self._record(self._status, self._sent)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -566,8 +618,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-            self._sent = len(body)
-        self._status = status
 
     def _user(self) -> str | None:
         if self._token is None:
@@ -701,13 +751,21 @@ class _Handler(BaseHTTPRequestHandler):
         objects = []
         for obj in payload["objects"]:
             item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in repo.lfs_objects:  # no "actions": the client skips objects the server has
-                item["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-upload/{repo_id}/{obj['oid']}"}}
+            with self.hub._lock:
+                present = obj["oid"] in repo.lfs_objects
+            if not present:  # no "actions": the client skips objects the server has
+                # like a pre-signed URL, the href carries what the PUT must match: the oid and the size
+                href = f"{self.hub.url}/lfs-upload/{repo_id}/{obj['oid']}?{urlencode({'size': obj['size']})}"
+                item["actions"] = {"upload": {"href": href}}
             objects.append(item)
         self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                    {"Content-Type": "application/vnd.git-lfs+json"})
 
     def _lfs_upload(self, repo_id: str, oid: str) -> None:
+        # The body was read in full (_read_body); it counts only if it is the object the batch call announced.
+        size = self._query.get("size")
+        if size is not None and len(self._body) != int(size):
+            raise HubError(400, None, f"LFS object {oid} has {len(self._body)} bytes, {size} were announced")
         if hashlib.sha256(self._body).hexdigest() != oid:
             raise HubError(400, None, f"LFS object does not match its oid {oid}")
         with self.hub._lock:

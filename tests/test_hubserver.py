@@ -312,14 +312,20 @@ def test_interrupted_upload_resends_only_missing_objects(hub, tmp_path):
     with pytest.raises(RuntimeError, match="model-2.safetensors") as err:
         api.upload_folder(repo_id="org/big", folder_path=folder)
     assert isinstance(err.value.__cause__, HfHubHTTPError)
+    # The client raised once its other PUTs were over; let the server finish serving them (and record them) too,
+    # so that what arrived is final and no request of this run shows up among those of the next one.
+    hub.wait_idle()
     assert len(hub.commits("org/big")) == 1  # nothing was committed
-    arrived = hub.lfs_objects("org/big")
+    arrived = hub.lfs_objects("org/big")  # only objects received in full, with their sha256 and size
     assert victim not in arrived and arrived <= oids
+    first = [r for r in hub.requests if r.route == "lfs_upload"]
+    assert {r.path.rsplit("/", 1)[1] for r in first if r.status == 200} == arrived
 
     hub.clear_requests()
     api.upload_folder(repo_id="org/big", folder_path=folder)
+    hub.wait_idle()
     resent = {r.path.rsplit("/", 1)[1] for r in hub.requests if r.route == "lfs_upload"}
-    assert resent == oids - arrived
+    assert victim in resent and resent == oids - arrived
     got = hub.files("org/big")
     assert got.pop(".gitattributes") and got == {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -329,8 +335,10 @@ def test_interrupted_upload_resends_only_missing_objects(hub, tmp_path):
     hub.inject_failure("commit", status=409)
     with pytest.raises(HfHubHTTPError):
         api.upload_folder(repo_id="org/big", folder_path=folder)
+    hub.wait_idle()
     hub.clear_requests()
     api.upload_folder(repo_id="org/big", folder_path=folder)
+    hub.wait_idle()
     assert [r for r in hub.requests if r.route == "lfs_upload"] == []
     assert hub.files("org/big")["config.json"] == b"{}" and "model-9.safetensors" in hub.files("org/big")
 
