@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import mmap
 import os
 import queue
@@ -18,6 +17,7 @@ from typing import Callable
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, OutputError
+from composer.merging import Merged, torch_dtype
 from composer.outputs import write_metadata
 from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan, merge_mode
 from composer.sources import TensorInfo, free_bytes
@@ -27,6 +27,7 @@ from composer.writer import ShardPlan, index_json
 PARTIAL = ".composer-partial-"
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 _ZEROS = memoryview(bytes(2**20))
+PREFETCH_CHUNKS = 1  # how far ahead of the chunk being written the kernel is asked to read its inputs
 
 
 class _Sources:
@@ -58,7 +59,7 @@ class _Sources:
         stop = info.numel if stop is None else stop
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; never written
-            return torch.frombuffer(self.map(info.file), dtype=_torch_dtype(info.dtype), count=stop - start,
+            return torch.frombuffer(self.map(info.file), dtype=torch_dtype(info.dtype), count=stop - start,
                                     offset=info.offset + start * ITEMSIZE[info.dtype])
 
     def close(self) -> None:
@@ -66,12 +67,6 @@ class _Sources:
             m.close()
         for fd in self._fds.values():
             os.close(fd)
-
-
-def _torch_dtype(code: str):
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
 
 
 def _read_into(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
@@ -99,8 +94,8 @@ def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int
     import torch
 
     info = t.inputs[0]
-    src_dt, out_dt = _torch_dtype(info.dtype), _torch_dtype(t.dtype)
-    work_dt = _torch_dtype(t.via) if t.via else src_dt
+    src_dt, out_dt = torch_dtype(info.dtype), torch_dtype(t.dtype)
+    work_dt = torch_dtype(t.via) if t.via else src_dt
     scale = dict(t.params).get("scale")
     out = torch.frombuffer(view, dtype=out_dt)
     count = out.numel()
@@ -116,221 +111,12 @@ def _compute_into(t: TensorPlan, sources: _Sources, view: memoryview, first: int
         out[a:b].copy_(x)
 
 
-def _seed(seed: int, name: str) -> int:
-    """A per-tensor seed: random methods give the same tensor whatever the order chunks run in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-
-
-def _load(info: TensorInfo, t: TensorPlan, sources: _Sources, start: int = 0, stop: int | None = None, out=None):
-    """Elements [start, stop) of an input, flat, rounded through the recipe's dtype, as float32 (in `out`, a
-    float32 buffer at least that long, when given: big temporaries cost page faults)."""
-    import torch
-
-    stop = info.numel if stop is None else stop
-    via = _torch_dtype(t.via or info.dtype)
-    if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
-        x = gather(info, sources.tensor, start, stop, via)
-    else:
-        x = sources.tensor(info, start, stop)
-    if out is not None:
-        return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
-    return x.to(via).to(torch.float32)
-
-
-def _apply(t: TensorPlan, inputs: list, seed: int, coefficients=None):
-    """The method on loaded inputs (whole tensors, or one block of an elementwise merge)."""
-    import torch
-
-    from composer.methods import METHODS
-
-    spec = METHODS[t.op]
-    if coefficients is not None:  # slerp, its statistics already streamed
-        other = 1 - t.base
-        return coefficients[0] * inputs[t.base] + coefficients[1] * inputs[other]
-    keep = [k for k in range(len(inputs)) if k != t.base or spec.per_input_includes_base]
-    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
-    generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
-    base = inputs[t.base] if t.base is not None and spec.base != "ignored" else None
-    return spec.apply([inputs[k] for k in keep], base=base,
-                      shared=dict(t.params), per_input=per_input, generator=generator)
-
-
-class _Merged:
-    """Merged tensors, computed block by block where the method allows (slerp after two streamed passes for its
-    statistics), else whole, once, and served to the chunks they span until fully served."""
-
-    def __init__(self, sources: _Sources, seed: int) -> None:
-        self._sources, self._seed = sources, seed
-        self._lock = threading.Lock()
-        self._entries: dict[str, list] = {}  # name -> [lock, whole bytes or slerp coefficients, bytes to serve]
-
-    def _entry(self, t: TensorPlan) -> list:
-        with self._lock:
-            return self._entries.setdefault(t.name, [threading.Lock(), None, t.nbytes])
-
-    def _served(self, t: TensorPlan, entry: list, n: int) -> None:
-        with entry[0]:
-            entry[2] -= n
-            done = entry[2] == 0
-        if done:
-            with self._lock:
-                del self._entries[t.name]
-
-    def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
-        import torch
-
-        mode, entry = merge_mode(t), self._entry(t)
-        work, out_dt = _torch_dtype(t.via or t.inputs[0].dtype), _torch_dtype(t.dtype)
-        if mode == "whole":
-            with entry[0]:
-                if entry[1] is None:
-                    result = _apply(t, [_load(i, t, self._sources).reshape(i.shape) for i in t.inputs], self._seed)
-                    entry[1] = bytearray(t.nbytes)
-                    torch.frombuffer(entry[1], dtype=out_dt).copy_(result.reshape(-1).to(work))
-                view[:] = memoryview(entry[1])[start: start + len(view)]
-        elif mode == "ranked":
-            self._ranked_into(t, entry, view, start)
-        elif mode == "random":
-            self._random_into(t, entry, view, start)
-        else:
-            coefficients = None
-            if mode == "slerp":
-                with entry[0]:
-                    if entry[1] is None:
-                        from composer import methods
-                        from composer.methods import slerp_coefficients
-
-                        base, other = t.inputs[t.base], t.inputs[1 - t.base]
-                        size = min(t.numel, methods.SLERP_CHUNK)
-                        bufs = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
-                        entry[1] = slerp_coefficients(
-                            lambda s, e: (_load(base, t, self._sources, s, e, bufs[0]).reshape(1, -1),
-                                          _load(other, t, self._sources, s, e, bufs[1]).reshape(1, -1)),
-                            t.numel, dict(t.params)["t"])
-                    coefficients = entry[1]
-            out = torch.frombuffer(view, dtype=out_dt)
-            first = start // ITEMSIZE[t.dtype]
-            for a in range(0, out.numel(), CHUNK_ELEMENTS):
-                b = min(out.numel(), a + CHUNK_ELEMENTS)
-                inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
-                out[a:b].copy_(_apply(t, inputs, self._seed, coefficients).reshape(-1).to(work))
-        self._served(t, entry, len(view))
-
-
-    def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
-        """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes
-        (composer.ranked); then each block of the output is elementwise."""
-        import torch
-
-        from composer import ranked
-        from composer.methods import kept_range, streamed_task_arithmetic
-
-        from composer.methods import METHODS
-
-        spec = METHODS[t.op]
-        others = [k for k in range(len(t.inputs)) if k != t.base]
-        per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
-        shared = dict(t.params)
-
-        def deltas(a: int, b: int) -> list:
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
-
-        with entry[0]:
-            if entry[1] is None:
-                gammas = per_input.get("gamma", [None] * len(others)) if t.op != "ties" else [None] * len(others)
-                densities = per_input.get("density", [1.0] * len(others))
-                rescale = bool({**spec.shared, **shared}["rescale"])
-                entry[1] = ranked.select(deltas, t.numel, [kept_range(t.numel, float(d), None if g is None else float(g))
-                                                           for d, g in zip(densities, gammas)], rescale)
-            keeps = entry[1]
-        out = torch.frombuffer(view, dtype=_torch_dtype(t.dtype))
-        work = _torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
-        last = first + out.numel()
-        for a in range(first, last, CHUNK_ELEMENTS):
-            b = min(last, a + CHUNK_ELEMENTS)
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
-            merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input,
-                                              lambda i, d: ranked.apply(keeps[i], d, a))
-            out[a - first: b - first].copy_(merged.to(work))
-
-
-    def _random_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
-        """DARE: each task vector's Bernoulli mask is drawn per block of a fixed grid (ranked.BLOCK elements) from
-        a generator seeded by (--seed, tensor, model, block), so any chunk can draw its part in any order; the L1
-        rescale factors are streamed first."""
-        import torch
-
-        from composer import ranked
-        from composer.methods import METHODS, streamed_task_arithmetic
-
-        spec = METHODS[t.op]
-        others = [k for k in range(len(t.inputs)) if k != t.base]
-        per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
-        shared = dict(t.params)
-        densities = [float(d) for d in per_input["density"]]
-        rescale = bool({**spec.shared, **shared}["rescale"])
-
-        def masks(a: int, b: int) -> list:
-            g = a // ranked.BLOCK
-            return [None if d >= 1 else torch.bernoulli(
-                torch.full((b - a,), d), generator=torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{g}")))
-                for i, d in enumerate(densities)]
-
-        def deltas(a: int, b: int) -> list:
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
-
-        with entry[0]:
-            if entry[1] is None:
-                factors = [None] * len(others)
-                if rescale and any(d < 1 for d in densities):
-                    def norms(a: int, b: int) -> list:
-                        return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
-                                if m is not None else None for d, m in zip(deltas(a, b), masks(a, b))]
-
-                    sums = [[0.0, 0.0] for _ in others]
-                    for part in ranked.each(norms, ranked.blocks(0, t.numel)):
-                        for acc, got in zip(sums, part):
-                            if got is not None:
-                                acc[0] += float(got[0])
-                                acc[1] += float(got[1])
-                    for i, (before, after) in enumerate(sums):
-                        before, after = torch.tensor(before).float(), torch.tensor(after).float()
-                        if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
-                            factors[i] = before / after
-                entry[1] = factors
-            factors = entry[1]
-        out = torch.frombuffer(view, dtype=_torch_dtype(t.dtype))
-        work = _torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
-        last = first + out.numel()
-        for ga in range(first - first % ranked.BLOCK, last, ranked.BLOCK):
-            gb = min(t.numel, ga + ranked.BLOCK)
-            drawn = masks(ga, gb)
-            for a in range(max(ga, first), min(gb, last), CHUNK_ELEMENTS):
-                b = min(gb, last, a + CHUNK_ELEMENTS)
-
-                def sparsify(i: int, d, a=a):
-                    if drawn[i] is None:
-                        return d
-                    masked = d * drawn[i][a - ga: a - ga + d.numel()]
-                    return masked if factors[i] is None else masked * factors[i]
-
-                base = _load(t.inputs[t.base], t, self._sources, a, b)
-                xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
-                merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)
-                out[a - first: b - first].copy_(merged.to(work))
-
-
 def _segments(shard: ShardPlan) -> list[tuple[int, int, TensorPlan | None]]:
     """The shard file as back-to-back byte ranges: the header (None), then each tensor."""
     return [(0, len(shard.header), None)] + [(e.offset, e.offset + e.tensor.nbytes, e.tensor) for e in shard.entries]
 
 
-def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources: _Sources, merged: _Merged) -> None:
+def _fill(buf: memoryview, start: int, end: int, shard: ShardPlan, segs, sources: _Sources, merged: Merged) -> None:
     """Assemble output bytes [start, end) of a shard in `buf`: header, copied bytes, zeros, computed values."""
     for seg_start, seg_end, tensor in segs:
         a, b = max(start, seg_start), min(end, seg_end)
@@ -393,11 +179,11 @@ def _prefetch(shard: ShardPlan, segs, start: int, end: int, sources: _Sources) -
             os.posix_fadvise(sources.fd(info.file), lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
 
-def _write_chunk(job, sources: _Sources, merged: _Merged, buffers: queue.Queue) -> int:
+def _write_chunk(job, sources: _Sources, merged: Merged, buffers: queue.Queue) -> int:
     shard, segs, fd, direct, start = job
     end = min(shard.size, start + CHUNK_BYTES)
     if end < shard.size:
-        _prefetch(shard, segs, end, min(shard.size, end + CHUNK_BYTES), sources)
+        _prefetch(shard, segs, end, min(shard.size, end + PREFETCH_CHUNKS * CHUNK_BYTES), sources)
     buf = buffers.get()
     try:
         view = memoryview(buf)
@@ -463,7 +249,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], worker
             segs = _segments(shard)
             jobs += [(shard, segs, fd, direct, start) for start in range(0, shard.size, CHUNK_BYTES)]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
-        merged = _Merged(sources, plan.seed)
+        merged = Merged(sources, plan.seed)
         futures = [pool.submit(_write_chunk, job, sources, merged, buffers) for job in jobs]
         try:
             for f in futures:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -94,30 +94,37 @@ def slerp(base: Tensor, other: Tensor, t: float) -> Tensor:
 
 
 def slerp_coefficients(
-    read: Callable[[int, int], tuple[Tensor, Tensor]], numel: int, t: float
+    read: Callable[[int, int], tuple[Tensor, Tensor]], numel: int, t: float,
+    each: Callable[[Callable[[int, int], Any], list[tuple[int, int]]], Iterable[Any]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SLERP's whole-tensor statistics, streamed: (c0, c1), each of shape [1, 1], such that the result is
     c0 * base + c1 * other elementwise. `read(start, stop)` returns float32 [1, stop - start] slices of the
-    flattened base and other (this function may overwrite them); they are read in mergekit's chunks of 2**20 elements, twice (norms, then the dot
-    product of the normalised chunks), so the result is bit-identical to slerp() on whole tensors."""
+    flattened base and other (this function may overwrite them); they are read in mergekit's chunks of 2**20 elements,
+    twice (norms, then the dot product of the normalised chunks), so the result is bit-identical to slerp() on
+    whole tensors. `each(fn, chunks)` runs fn on every chunk and returns the results in order (default: one by
+    one; the caller may run chunks on several threads, as long as `read` is safe to call from them)."""
     tt = torch.tensor([float(t)], dtype=torch.float32).reshape(-1, 1)
     if not numel:
         return 1 - tt, tt
     dot_threshold, eps = 0.9995, 1e-8
+    each = each or (lambda fn, chunks: [fn(s, e) for s, e in chunks])
     starts = [(s, min(numel, s + SLERP_CHUNK)) for s in range(0, numel, SLERP_CHUNK)]
-    chunk_norms_a, chunk_norms_b = [], []
-    for s, e in starts:
+
+    def norms(s: int, e: int) -> tuple[Tensor, Tensor]:
         a, b = read(s, e)
-        chunk_norms_a.append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
-        chunk_norms_b.append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
-    norm_a = torch.linalg.vector_norm(torch.stack(chunk_norms_a), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack(chunk_norms_b), dim=0)
+        return torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True)
+
+    chunk_norms = list(each(norms, starts))
+    norm_a = torch.linalg.vector_norm(torch.stack([n for n, _ in chunk_norms]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([n for _, n in chunk_norms]), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dots = []
-    for s, e in starts:
+
+    def chunk_dot(s: int, e: int) -> Tensor:
         a, b = read(s, e)  # in place: the same arithmetic, without three temporaries of 4 MiB
-        dots.append(a.div_(norm_a).mul_(b.div_(norm_b)).sum(dim=1, keepdim=True))
+        return a.div_(norm_a).mul_(b.div_(norm_b)).sum(dim=1, keepdim=True)
+
+    dots = list(each(chunk_dot, starts))
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(lerp, 0, dot))

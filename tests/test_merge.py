@@ -193,7 +193,7 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     from composer.plan import merge_mode
 
     ex, methods = sys.modules["composer.execute"], sys.modules["composer.methods"]
-    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
     monkeypatch.setattr(methods, "SLERP_CHUNK", 512)
     monkeypatch.setattr(ranked, "BLOCK", 700)
@@ -255,7 +255,7 @@ def test_streamed_dare_is_chunk_independent_and_rescaled(models, write_recipe, t
     monkeypatch.setattr(ranked, "BLOCK", 5000)
     default = run(recipe, tmp_path / "default")
     ex = sys.modules["composer.execute"]
-    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 777)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
     tiny = run(recipe, tmp_path / "tiny")
     assert all(torch.equal(default[k], tiny[k]) for k in default)

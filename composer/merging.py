@@ -1,0 +1,238 @@
+"""Merged tensors: computed block by block straight into the output chunks where the method allows, after
+streamed passes for whole-tensor statistics where it needs them (slerp's angle, TIES's magnitude cut, DARE's
+rescale), else whole, once; each served to the chunks it spans until fully served."""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from composer.dtypes import ITEMSIZE
+from composer.plan import CHUNK_ELEMENTS, TensorPlan, merge_mode
+from composer.sources import TensorInfo
+from composer.vocab import AlignedRows, gather
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
+
+
+def _seed(seed: int, name: str) -> int:
+    """A per-tensor seed: random methods give the same tensor whatever the order chunks run in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def _load(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: int | None = None, out=None):
+    """Elements [start, stop) of an input, flat, rounded through the recipe's dtype, as float32 (in `out`, a
+    float32 buffer at least that long, when given: big temporaries cost page faults)."""
+    import torch
+
+    stop = info.numel if stop is None else stop
+    via = torch_dtype(t.via or info.dtype)
+    if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
+        x = gather(info, sources.tensor, start, stop, via)
+    else:
+        x = sources.tensor(info, start, stop)
+    if out is not None:
+        return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
+    return x.to(via).to(torch.float32)
+
+
+def _apply(t: TensorPlan, inputs: list, seed: int, coefficients=None):
+    """The method on loaded inputs (whole tensors, or one block of an elementwise merge)."""
+    import torch
+
+    from composer.methods import METHODS
+
+    spec = METHODS[t.op]
+    if coefficients is not None:  # slerp, its statistics already streamed
+        other = 1 - t.base
+        c0, c1 = (c.reshape(()) for c in coefficients)  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
+        return c0 * inputs[t.base] + c1 * inputs[other]
+    keep = [k for k in range(len(inputs)) if k != t.base or spec.per_input_includes_base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
+    generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
+    base = inputs[t.base] if t.base is not None and spec.base != "ignored" else None
+    return spec.apply([inputs[k] for k in keep], base=base,
+                      shared=dict(t.params), per_input=per_input, generator=generator)
+
+
+def _task_vector_parts(t: TensorPlan):
+    """(method spec, indices of the non-base inputs, shared parameters, per-input parameters) of a merge."""
+    from composer.methods import METHODS
+
+    spec = METHODS[t.op]
+    others = [k for k in range(len(t.inputs)) if k != t.base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
+    return spec, others, dict(t.params), per_input
+
+
+class Merged:
+    """Merged tensors, computed block by block where the method allows (slerp after two streamed passes for its
+    statistics), else whole, once, and served to the chunks they span until fully served."""
+
+    def __init__(self, sources, seed: int) -> None:
+        self._sources, self._seed = sources, seed
+        self._lock = threading.Lock()
+        self._entries: dict[str, list] = {}  # name -> [lock, whole bytes or slerp coefficients, bytes to serve]
+
+    def _entry(self, t: TensorPlan) -> list:
+        with self._lock:
+            return self._entries.setdefault(t.name, [threading.Lock(), None, t.nbytes])
+
+    def _served(self, t: TensorPlan, entry: list, n: int) -> None:
+        with entry[0]:
+            entry[2] -= n
+            done = entry[2] == 0
+        if done:
+            with self._lock:
+                del self._entries[t.name]
+
+    def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
+        import torch
+
+        mode, entry = merge_mode(t), self._entry(t)
+        work, out_dt = torch_dtype(t.via or t.inputs[0].dtype), torch_dtype(t.dtype)
+        if mode == "whole":
+            with entry[0]:
+                if entry[1] is None:
+                    result = _apply(t, [_load(i, t, self._sources).reshape(i.shape) for i in t.inputs], self._seed)
+                    entry[1] = bytearray(t.nbytes)
+                    torch.frombuffer(entry[1], dtype=out_dt).copy_(result.reshape(-1).to(work))
+                view[:] = memoryview(entry[1])[start: start + len(view)]
+        elif mode == "ranked":
+            self._ranked_into(t, entry, view, start)
+        elif mode == "random":
+            self._random_into(t, entry, view, start)
+        else:
+            coefficients = None
+            if mode == "slerp":
+                with entry[0]:
+                    if entry[1] is None:
+                        from composer import methods
+                        from composer.methods import slerp_coefficients
+
+                        from composer import ranked
+
+                        base, other = t.inputs[t.base], t.inputs[1 - t.base]
+                        size = min(t.numel, methods.SLERP_CHUNK)
+                        local = threading.local()  # two reused buffers per thread: chunks run on both cores
+
+                        def read(s: int, e: int):
+                            if not hasattr(local, "bufs"):
+                                local.bufs = torch.empty(size), torch.empty(size)
+                            return (_load(base, t, self._sources, s, e, local.bufs[0]).reshape(1, -1),
+                                    _load(other, t, self._sources, s, e, local.bufs[1]).reshape(1, -1))
+
+                        entry[1] = slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
+                    coefficients = entry[1]
+            out = torch.frombuffer(view, dtype=out_dt)
+            first = start // ITEMSIZE[t.dtype]
+            for a in range(0, out.numel(), CHUNK_ELEMENTS):
+                b = min(out.numel(), a + CHUNK_ELEMENTS)
+                inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
+                out[a:b].copy_(_apply(t, inputs, self._seed, coefficients).reshape(-1).to(work))
+        self._served(t, entry, len(view))
+
+
+    def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes
+        (composer.ranked); then each block of the output is elementwise."""
+        import torch
+
+        from composer import ranked
+        from composer.methods import kept_range, streamed_task_arithmetic
+
+        spec, others, shared, per_input = _task_vector_parts(t)
+
+        def deltas(a: int, b: int) -> list:
+            base = _load(t.inputs[t.base], t, self._sources, a, b)
+            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+
+        with entry[0]:
+            if entry[1] is None:
+                gammas = per_input.get("gamma", [None] * len(others)) if t.op != "ties" else [None] * len(others)
+                densities = per_input.get("density", [1.0] * len(others))
+                rescale = bool({**spec.shared, **shared}["rescale"])
+                entry[1] = ranked.select(deltas, t.numel, [kept_range(t.numel, float(d), None if g is None else float(g))
+                                                           for d, g in zip(densities, gammas)], rescale)
+            keeps = entry[1]
+        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+        work = torch_dtype(t.via or t.inputs[0].dtype)
+        first = start // ITEMSIZE[t.dtype]
+        last = first + out.numel()
+        for a in range(first, last, CHUNK_ELEMENTS):
+            b = min(last, a + CHUNK_ELEMENTS)
+            base = _load(t.inputs[t.base], t, self._sources, a, b)
+            xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+            merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input,
+                                              lambda i, d: ranked.apply(keeps[i], d, a))
+            out[a - first: b - first].copy_(merged.to(work))
+
+
+    def _random_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """DARE: each task vector's Bernoulli mask is drawn per block of a fixed grid (ranked.BLOCK elements) from
+        a generator seeded by (--seed, tensor, model, block), so any chunk can draw its part in any order; the L1
+        rescale factors are streamed first."""
+        import torch
+
+        from composer import ranked
+        from composer.methods import streamed_task_arithmetic
+
+        spec, others, shared, per_input = _task_vector_parts(t)
+        densities = [float(d) for d in per_input["density"]]
+        rescale = bool({**spec.shared, **shared}["rescale"])
+
+        def masks(a: int, b: int) -> list:
+            g = a // ranked.BLOCK
+            return [None if d >= 1 else torch.bernoulli(
+                torch.full((b - a,), d), generator=torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{g}")))
+                for i, d in enumerate(densities)]
+
+        def deltas(a: int, b: int) -> list:
+            base = _load(t.inputs[t.base], t, self._sources, a, b)
+            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+
+        with entry[0]:
+            if entry[1] is None:
+                factors = [None] * len(others)
+                if rescale and any(d < 1 for d in densities):
+                    def norms(a: int, b: int) -> list:
+                        return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
+                                if m is not None else None for d, m in zip(deltas(a, b), masks(a, b))]
+
+                    sums = [[0.0, 0.0] for _ in others]
+                    for part in ranked.each(norms, ranked.blocks(0, t.numel)):
+                        for acc, got in zip(sums, part):
+                            if got is not None:
+                                acc[0] += float(got[0])
+                                acc[1] += float(got[1])
+                    for i, (before, after) in enumerate(sums):
+                        before, after = torch.tensor(before).float(), torch.tensor(after).float()
+                        if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
+                            factors[i] = before / after
+                entry[1] = factors
+            factors = entry[1]
+        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+        work = torch_dtype(t.via or t.inputs[0].dtype)
+        first = start // ITEMSIZE[t.dtype]
+        last = first + out.numel()
+        for ga in range(first - first % ranked.BLOCK, last, ranked.BLOCK):
+            gb = min(t.numel, ga + ranked.BLOCK)
+            drawn = masks(ga, gb)
+            for a in range(max(ga, first), min(gb, last), CHUNK_ELEMENTS):
+                b = min(gb, last, a + CHUNK_ELEMENTS)
+
+                def sparsify(i: int, d, a=a):
+                    if drawn[i] is None:
+                        return d
+                    masked = d * drawn[i][a - ga: a - ga + d.numel()]
+                    return masked if factors[i] is None else masked * factors[i]
+
+                base = _load(t.inputs[t.base], t, self._sources, a, b)
+                xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+                merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)
+                out[a - first: b - first].copy_(merged.to(work))
+
+
