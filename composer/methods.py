@@ -4,8 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    class _Torch:
+        """torch, imported on first use: planning reads the specs below without paying torch's ~3 s import, so
+        `--dry-run` answers at once; the functions import it when they first run."""
+
+        def __getattr__(self, name: str):
+            import torch as module
+
+            globals()["torch"] = module  # later lookups go straight to the module
+            return getattr(module, name)
+
+    torch = _Torch()
 
 # Notes that hold for every function below (checked against mergekit 0.1.5, merge_methods/ and sparsify.py):
 # - Inputs are converted to float32 (a no-op for float32) and the result is float32. mergekit's linear and slerp

@@ -24,6 +24,7 @@ ZEROED_IN_COPIES = ("o_proj", "down_proj")
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 DEFAULT_SHARD_SIZE = 5_000_000_000
 CHUNK_ELEMENTS = 256 * 1024  # elements per compute step: float32 temporaries stay in L2 cache and in malloc's heap
+RANK_BLOCK = 2**20  # elements per step of the statistics passes (composer.ranked.BLOCK)
 CHUNK_BYTES = 64 * 2**20  # one output chunk: the unit of reading, computing and writing
 WORKERS = 2  # chunks in flight: keeps the disk busy while another chunk is read or computed
 
@@ -148,10 +149,9 @@ class Plan:
         worst = 0
         for t in self.tensors:
             if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
-                from composer.ranked import BLOCK
-
                 mode = merge_mode(t)
-                block = t.numel if mode == "whole" else min(t.numel, BLOCK if mode in ("ranked", "random") else CHUNK_ELEMENTS)
+                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random")
+                                                            else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))

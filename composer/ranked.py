@@ -25,8 +25,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from composer.plan import RANK_BLOCK
+
 WORKERS = 2
-BLOCK = 1 << 20  # elements per step of the passes that rank
+BLOCK = RANK_BLOCK  # elements per step of the passes that rank
 
 
 def blocks(start: int, stop: int) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.dtypes import DTYPE_NAME
-from composer.plan import CHUNK_BYTES, WORKERS, Plan
+from composer.plan import CHUNK_BYTES, WORKERS, Plan, merge_mode
 from composer.sources import HubOrigin, free_bytes
 
 BASE_MEMORY = 60 * 2**20  # the interpreter with composer loaded
@@ -108,6 +108,7 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.entries)} for s in plan.shards],
         "peak_memory_bytes": peak_memory_estimate(plan, workers),
         "merged": any(t.is_merge for t in plan.tensors),
+        "whole_tensors": any(t.is_merge and merge_mode(t) == "whole" for t in plan.tensors),
         "merge_parameters": merge_parameters(plan),
         "notes": list(plan.notes),
     }
@@ -154,7 +155,8 @@ def render(s: dict[str, Any]) -> str:
         f"output:      {human_bytes(s['output_bytes'])} in {len(s['shards'])} shard"
         f"{'s' if len(s['shards']) != 1 else ''} ({dtype})",
         f"peak memory: about {human_bytes(s['peak_memory_bytes'])} (estimate; "
-        + ("the largest merged tensor is held whole, in float32)" if s["merged"] else "does not grow with model size)"),
+        + ("the largest merged tensor is held whole, in float32)" if s.get("whole_tensors")
+           else "does not grow with model size)"),
     ]
     dest = s.get("destination")
     if dest:
