@@ -64,8 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_solar import (  # noqa: E402
-    DEFAULT_COMPOSER_CMD,
-    DEFAULT_MERGEKIT_CMD,
+    add_run_options,
     DEFAULT_WORKDIR,
     GB,
     REPO,
@@ -382,18 +381,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--small", action="store_true",
                    help="smoke test: 4 layers, hidden 512, intermediate 1408, 8/2 heads (~90 MB per model)")
-    p.add_argument("--composer-cmd", default=DEFAULT_COMPOSER_CMD,
-                   help="composer command; {recipe} and {out} are substituted (default: %(default)s)")
-    p.add_argument("--mergekit-cmd", default=DEFAULT_MERGEKIT_CMD,
-                   help="mergekit command, same placeholders (default: %(default)s)")
-    p.add_argument("--skip-composer", action="store_true", help="do not run composer")
-    p.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
-    p.add_argument("--cache", choices=("auto", "drop", "warm"), default="auto",
-                   help="before each run: drop the page cache (auto: if permitted) or pre-read the inputs")
-    p.add_argument("--interval", type=float, default=0.02, help="memory sampling period, s (default: 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base weights (fine-tune deltas: +1, +2)")
-    p.add_argument("--json", type=Path, help="also save the results as JSON here")
-    p.add_argument("--clean", action="store_true", help="delete the generated inputs at the end")
+    add_run_options(p, seed_help="seed of the base weights (fine-tune deltas: +1, +2)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]

@@ -671,6 +671,22 @@ def report(results: list[Result], machine: dict, argv: list[str], cache_mode: st
 # --------------------------------------------------------------------------
 
 
+def add_run_options(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The options every benchmark here shares: the two commands, what to skip, cache, sampling, seed, output."""
+    p.add_argument("--composer-cmd", default=DEFAULT_COMPOSER_CMD,
+                   help="composer command; {recipe} and {out} are substituted (default: %(default)s)")
+    p.add_argument("--mergekit-cmd", default=DEFAULT_MERGEKIT_CMD,
+                   help="mergekit command, same placeholders (default: %(default)s)")
+    p.add_argument("--skip-composer", action="store_true", help="do not run composer")
+    p.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
+    p.add_argument("--cache", choices=("auto", "drop", "warm"), default="auto",
+                   help="before each run: drop the page cache (auto: if permitted) or pre-read the inputs")
+    p.add_argument("--interval", type=float, default=0.02, help="memory sampling period, s (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--json", type=Path, help="also save the results as JSON here")
+    p.add_argument("--clean", action="store_true", help="delete the generated inputs at the end")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -683,18 +699,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     scale.add_argument("--layers", type=int, help="override the layer count (multiple of 4)")
     scale.add_argument("--hidden", type=int, help="override the hidden size (heads = hidden / 128)")
     scale.add_argument("--intermediate", type=int, help="override the MLP size")
-    p.add_argument("--composer-cmd", default=DEFAULT_COMPOSER_CMD,
-                   help="composer command; {recipe} and {out} are substituted (default: %(default)s)")
-    p.add_argument("--mergekit-cmd", default=DEFAULT_MERGEKIT_CMD,
-                   help="mergekit command, same placeholders (default: %(default)s)")
-    p.add_argument("--skip-composer", action="store_true", help="do not run composer")
-    p.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
-    p.add_argument("--cache", choices=("auto", "drop", "warm"), default="auto",
-                   help="before each run: drop the page cache (auto: if permitted) or pre-read the inputs")
-    p.add_argument("--interval", type=float, default=0.02, help="memory sampling period, s (default: 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--json", type=Path, help="also save the results as JSON here")
-    p.add_argument("--clean", action="store_true", help="delete the generated input at the end")
+    add_run_options(p, seed_help="seed of the random weights")
     args = p.parse_args(argv)
     if args.layers is not None and (args.layers < 4 or args.layers % 4):
         p.error("--layers must be a positive multiple of 4")
