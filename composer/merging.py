@@ -12,6 +12,9 @@ from composer.sources import TensorInfo
 from composer.vocab import AlignedRows, gather
 
 
+_LOCAL = threading.local()  # per-thread work buffers, reused from tensor to tensor
+
+
 def torch_dtype(code: str):
     import torch
 
@@ -39,17 +42,13 @@ def _load(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: int | 
     return x.to(via).to(torch.float32)
 
 
-def _apply(t: TensorPlan, inputs: list, seed: int, coefficients=None):
+def _apply(t: TensorPlan, inputs: list, seed: int):
     """The method on loaded inputs (whole tensors, or one block of an elementwise merge)."""
     import torch
 
     from composer.methods import METHODS
 
     spec = METHODS[t.op]
-    if coefficients is not None:  # slerp, its statistics already streamed
-        other = 1 - t.base
-        c0, c1 = (c.reshape(()) for c in coefficients)  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
-        return c0 * inputs[t.base] + c1 * inputs[other]
     keep = [k for k in range(len(inputs)) if k != t.base or spec.per_input_includes_base]
     per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
     generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
@@ -105,36 +104,47 @@ class Merged:
             self._ranked_into(t, entry, view, start)
         elif mode == "random":
             self._random_into(t, entry, view, start)
+        elif mode == "slerp":
+            self._slerp_into(t, entry, view, start)
         else:
-            coefficients = None
-            if mode == "slerp":
-                with entry[0]:
-                    if entry[1] is None:
-                        from composer import methods
-                        from composer.methods import slerp_coefficients
-
-                        from composer import ranked
-
-                        base, other = t.inputs[t.base], t.inputs[1 - t.base]
-                        size = min(t.numel, methods.SLERP_CHUNK)
-                        local = threading.local()  # two reused buffers per thread: chunks run on both cores
-
-                        def read(s: int, e: int):
-                            if not hasattr(local, "bufs"):
-                                local.bufs = torch.empty(size), torch.empty(size)
-                            return (_load(base, t, self._sources, s, e, local.bufs[0]).reshape(1, -1),
-                                    _load(other, t, self._sources, s, e, local.bufs[1]).reshape(1, -1))
-
-                        entry[1] = slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
-                    coefficients = entry[1]
             out = torch.frombuffer(view, dtype=out_dt)
             first = start // ITEMSIZE[t.dtype]
             for a in range(0, out.numel(), CHUNK_ELEMENTS):
                 b = min(out.numel(), a + CHUNK_ELEMENTS)
                 inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
-                out[a:b].copy_(_apply(t, inputs, self._seed, coefficients).reshape(-1).to(work))
+                out[a:b].copy_(_apply(t, inputs, self._seed).reshape(-1).to(work))
         self._served(t, entry, len(view))
 
+    def _slerp_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """SLERP: its coefficients from two streamed passes over both inputs (once per tensor, chunks on both
+        cores), then c0 * base + c1 * other block by block, in two float32 buffers kept by the thread: a fresh
+        temporary per step cost ~8x the arithmetic (allocation, page faults, one more pass over memory)."""
+        import torch
+
+        from composer import methods, ranked
+
+        base, other = t.inputs[t.base], t.inputs[1 - t.base]
+        with entry[0]:
+            if entry[1] is None:
+                def read(s: int, e: int):
+                    if not hasattr(_LOCAL, "slerp"):  # two buffers per pass thread, kept for its life
+                        _LOCAL.slerp = torch.empty(methods.SLERP_CHUNK), torch.empty(methods.SLERP_CHUNK)
+                    return (_load(base, t, self._sources, s, e, _LOCAL.slerp[0]).reshape(1, -1),
+                            _load(other, t, self._sources, s, e, _LOCAL.slerp[1]).reshape(1, -1))
+
+                entry[1] = methods.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
+            c0, c1 = (c.reshape(()) for c in entry[1])  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
+        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+        work = torch_dtype(t.via or t.inputs[0].dtype)
+        if not hasattr(_LOCAL, "blend"):
+            _LOCAL.blend = torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS)
+        first = start // ITEMSIZE[t.dtype]
+        for a in range(0, out.numel(), CHUNK_ELEMENTS):
+            b = min(out.numel(), a + CHUNK_ELEMENTS)
+            x = _load(base, t, self._sources, first + a, first + b, _LOCAL.blend[0]).mul_(c0)
+            y = _load(other, t, self._sources, first + a, first + b, _LOCAL.blend[1]).mul_(c1)
+            merged = x.add_(y)  # rounds as c0 * base + c1 * other: two products, then their sum
+            out[a:b].copy_(merged if work == out.dtype else merged.to(work))
 
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes
