@@ -3,6 +3,8 @@ line on stderr."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import signal
 import sys
@@ -156,5 +158,26 @@ def push(out: Path, repo_id: str, private: bool, revision: str | None, commit_me
         click.echo(json.dumps({"hub": result}, indent=2))
 
 
+def run() -> None:
+    """The `compose` console script: main(), then, once torch is loaded, an exit without the interpreter's
+    teardown. Freeing torch's modules and objects one by one took ~0.8 s after a 1.1B merge had finished and
+    moved its output into place; nothing is left to flush by then but the standard streams and logging."""
+    try:
+        main.main(prog_name="compose")
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()
