@@ -117,6 +117,29 @@ def test_quick_start_example_runs_offline(tmp_path):
     assert torch.equal(logits(REPO / "examples" / "tiny-llama"), logits(tmp_path / "out"))
 
 
+def test_compose_command_flushes_and_exits_with_clicks_code(tmp_path):
+    """`compose` ends with os._exit once torch is loaded: what it printed must still arrive, and the exit code
+    must still be click's (0, 1 for a composer error, 2 for a usage error)."""
+    compose_bin = Path(sys.executable).with_name("compose")
+    out = tmp_path / "out"
+    proc = subprocess.run([str(compose_bin), "recipes/tiny-llama-pro.yaml", "-o", str(out), "--json", "-q"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output"] == str(out)
+    again = subprocess.run([str(compose_bin), "recipes/tiny-llama-pro.yaml", "-o", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"Error: destination {out} is not empty: pass --overwrite to replace it"]
+    usage = subprocess.run([str(compose_bin), "recipes/tiny-llama-pro.yaml"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert usage.returncode == 2 and "give an output folder" in usage.stderr
+    # the same refusal with torch already loaded, as after an earlier stage: the os._exit path
+    loaded = subprocess.run([sys.executable, "-c", "import sys, torch; from composer.cli import run; "
+                             f"sys.argv = ['compose', 'recipes/tiny-llama-pro.yaml', '-o', {str(out)!r}]; run()"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (loaded.returncode, loaded.stderr) == (again.returncode, again.stderr)
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_shipped_recipes_validate(recipe):
     from composer import load_recipe
