@@ -19,7 +19,7 @@ norms in float64; the blocks' float64 partial sums round to the same float32).
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,7 +82,15 @@ def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
     if len(grid) == 1:
         yield fn(*grid[0])
         return
-    yield from _pool().map(lambda block: fn(*block), grid)
+    pool = _pool()
+    futures = [pool.submit(fn, *block) for block in grid]
+    try:
+        for future in futures:
+            yield future.result()
+    finally:  # failed or abandoned: no block may still be reading the sources once the caller closes them
+        for future in futures:
+            future.cancel()
+        wait(futures)
 
 
 _POOL: list[ThreadPoolExecutor] = []

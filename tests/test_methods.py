@@ -475,3 +475,30 @@ def test_kept_range_keeps_mergekit_counts():
     assert M.kept_range(100, 0.0) == (0, 0)
     assert M.kept_range(100, 0.5, 0.1) == (10, 60)  # drop the 10 largest, keep the next 50
     assert M.kept_range(100, 0.95, 0.1) == (5, 100)  # the outlier cut shrinks to fit
+
+
+def test_a_failed_streamed_pass_waits_for_its_other_blocks():
+    """ranked.each runs on a pool that outlives the pass: when one block fails, the error reaches the caller
+    (who then closes the sources) only after the other blocks have stopped; a block still reading an unmapped
+    source crashed the process."""
+    import threading
+    import time
+
+    from composer import ranked
+
+    started, finished = [], []
+
+    def block(a, b):
+        started.append(a)
+        if a == 1:
+            time.sleep(0.05)  # the other worker takes block 0 meanwhile
+            raise RuntimeError("bad block")
+        time.sleep(0.3)
+        finished.append(a)
+        return a
+
+    for _ in range(3):
+        started.clear(), finished.clear()
+        with pytest.raises(RuntimeError, match="bad block"):
+            list(ranked.each(block, [(0, 1), (1, 2), (2, 3), (3, 4)]))
+        assert 0 in started and sorted(finished) == sorted(a for a in started if a != 1)
