@@ -20,7 +20,7 @@ from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, OutputError
 from composer.merging import Merged, torch_dtype
 from composer.outputs import write_metadata
-from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, WORKERS, Plan, TensorPlan, merge_mode
+from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan, merge_mode
 from composer.sources import TensorInfo, free_bytes
 from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
@@ -29,9 +29,6 @@ PARTIAL = ".composer-partial-"
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 _ZEROS = memoryview(bytes(2**20))
 PREFETCH_CHUNKS = 1  # how far ahead of the chunk being written the kernel is asked to read its inputs
-# Chunks being written while the workers fill others: direct writes here (a virtual disk) run at ~460 MB/s with
-# one 64 MB write in flight, ~700 with two (measured with dd; the rate varies with the neighbours' load).
-WRITES_IN_FLIGHT = 2
 # POSIX_FADV_WILLNEED reads at most max(read-ahead, the device's optimal I/O size) per call (mm/readahead.c,
 # force_page_cache_ra): a whole 131 MB tensor asked for at once got its first 8 MB read and nothing more.
 WILLNEED_PIECE = 2 * 2**20
@@ -261,7 +258,8 @@ def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], worker
         sources = _Sources()
         stack.callback(sources.close)
         buffers: queue.Queue = queue.Queue()
-        for _ in range(max(1, workers) + WRITES_IN_FLIGHT):
+        chunks = max(1, workers) + SPARE_CHUNKS
+        for _ in range(chunks):
             # page-aligned, as O_DIRECT requires; private, so it counts (and is measured) as our anonymous memory
             buf = mmap.mmap(-1, CHUNK_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MB pages: 32 first-touch faults per buffer instead of 16384
@@ -274,7 +272,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], worker
             files.append((fd, shard.size))
             segs = _segments(shard)
             jobs += [(shard, segs, fd, direct, start) for start in range(0, shard.size, CHUNK_BYTES)]
-        writer = stack.enter_context(ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="composer-write"))
+        writer = stack.enter_context(ThreadPoolExecutor(chunks, thread_name_prefix="composer-write"))
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
         merged = Merged(sources, plan.seed)
         futures = [pool.submit(_write_chunk, job, sources, merged, buffers, writer) for job in jobs]

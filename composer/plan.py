@@ -27,6 +27,10 @@ CHUNK_ELEMENTS = 256 * 1024  # elements per compute step: float32 temporaries st
 RANK_BLOCK = 2**20  # elements per step of the statistics passes (composer.ranked.BLOCK)
 CHUNK_BYTES = 64 * 2**20  # one output chunk: the unit of reading, computing and writing
 WORKERS = 2  # chunks in flight: keeps the disk busy while another chunk is read or computed
+# Chunk buffers beyond one per worker: a worker hands its filled chunk to a writer thread and fills the next one
+# meanwhile, so up to WORKERS + SPARE_CHUNKS writes can be in flight (direct writes here, a virtual disk, ran at
+# ~460 MB/s with one 64 MB write in flight and ~700 with two; dd, the rate varies with the neighbours' load).
+SPARE_CHUNKS = 1
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,16 @@ class TensorPlan:
 
 
 RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # magnitude pruning, streamed by composer.ranked
-RANDOM = ("dare_linear", "dare_ties")  # random masks drawn per block of a fixed grid
+DELLA = ("della", "della_linear")  # random masks from per-row ranks, drawn per block of whole rows
+RANDOM = ("dare_linear", "dare_ties", *DELLA)  # random masks drawn per block of a fixed grid
 
 
 def merge_mode(t: TensorPlan) -> str:
     """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (two streamed
     passes for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
     elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
-    first) or "whole" (the whole tensor at once: DELLA's per-row ranks, model_stock's angles)."""
+    first; DELLA's per block of whole rows) or "whole" (the whole tensor at once: model_stock's and nuslerp's
+    angles, DELLA on tensors of more than two dimensions)."""
     from composer.methods import METHODS, locality
 
     spec = METHODS[t.op]
@@ -98,7 +104,7 @@ def merge_mode(t: TensorPlan) -> str:
         return "elementwise"
     if t.op in RANKED:
         return "ranked"
-    if t.op in RANDOM:
+    if t.op in RANDOM and (t.op not in DELLA or len(t.shape) <= 2):  # DELLA ranks along dim 1: rows of 2-D
         return "random"
     return "whole"
 
@@ -259,6 +265,11 @@ def _merge(recipe: Recipe, out_name: str, layer: LayerSource, infos: list[Tensor
         per_input.append(tuple(_resolve(takes, inp.scopes, info.name, layer.t, method).items()))
     if method == "slerp" and not 0 <= shared["t"] <= 1:
         raise PlanError(f"slerp t={shared['t']} for '{out_name}' is outside [0, 1]")
+    for model, params in zip(models, per_input):
+        density, epsilon = dict(params).get("density", 1.0), dict(params).get("epsilon")
+        if epsilon is not None and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            raise PlanError(f"{method}: density {density} +/- epsilon {epsilon} leaves (0, 1) at '{out_name}': "
+                            f"choose epsilon below {min(density, 1 - density):g} for model '{model}'")
     weights = [dict(p).get("weight") for p in per_input if "weight" in dict(p)]
     if weights and shared.get("normalize") and sum(weights) == 0:
         raise PlanError(f"the weights for '{out_name}' sum to 0, so normalize cannot divide by them: "

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.dtypes import DTYPE_NAME
-from composer.plan import CHUNK_BYTES, WORKERS, Plan, merge_mode
+from composer.plan import CHUNK_BYTES, SPARE_CHUNKS, WORKERS, Plan, merge_mode
 from composer.sources import HubOrigin, free_bytes
 
 BASE_MEMORY = 60 * 2**20  # the interpreter with composer loaded
@@ -59,9 +59,11 @@ def merge_parameters(plan: Plan) -> list[dict[str, Any]]:
 
 
 def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
-    """Interpreter + one aligned output chunk per worker (+ torch and its scratch when a tensor is computed)."""
+    """Interpreter + the aligned output chunks (one per worker, and spares that are written while the workers fill
+    others) + torch and its scratch when a tensor is computed."""
     computed = plan.compute_memory > 0
-    return BASE_MEMORY + workers * CHUNK_BYTES + (TORCH_MEMORY + workers * plan.compute_memory if computed else 0)
+    chunks = (workers + SPARE_CHUNKS) * CHUNK_BYTES
+    return BASE_MEMORY + chunks + (TORCH_MEMORY + workers * plan.compute_memory if computed else 0)
 
 
 def used_models(plan: Plan) -> list[str]:
