@@ -7,7 +7,7 @@ import hashlib
 import threading
 
 from composer.dtypes import ITEMSIZE
-from composer.plan import CHUNK_ELEMENTS, TensorPlan, merge_mode
+from composer.plan import CHUNK_ELEMENTS, DELLA, TensorPlan, merge_mode
 from composer.sources import TensorInfo
 from composer.vocab import AlignedRows, gather
 
@@ -182,38 +182,52 @@ class Merged:
 
 
     def _random_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
-        """DARE: each task vector's Bernoulli mask is drawn per block of a fixed grid (ranked.BLOCK elements) from
-        a generator seeded by (--seed, tensor, model, block), so any chunk can draw its part in any order; the L1
-        rescale factors are streamed first."""
+        """DARE and DELLA: each task vector's mask is drawn per block of a fixed grid from a generator seeded by
+        (--seed, tensor, model, block), so any chunk can draw its part in any order; the L1 rescale factors are
+        streamed first. DARE's grid is ranked.BLOCK elements; DELLA's is whole rows (it ranks |delta| within each
+        row), as many as fit in ranked.BLOCK elements."""
         import torch
 
         from composer import ranked
-        from composer.methods import streamed_task_arithmetic
+        from composer.methods import della_mask, streamed_task_arithmetic
 
         spec, others, shared, per_input = _task_vector_parts(t)
         densities = [float(d) for d in per_input["density"]]
         rescale = bool({**spec.shared, **shared}["rescale"])
-
-        def masks(a: int, b: int) -> list:
-            g = a // ranked.BLOCK
-            return [None if d >= 1 else torch.bernoulli(
-                torch.full((b - a,), d), generator=torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{g}")))
-                for i, d in enumerate(densities)]
+        della = t.op in DELLA
+        width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if della else 1
+        grid = width * max(1, ranked.BLOCK // width) if della else ranked.BLOCK
+        epsilons = [float(e) for e in per_input["epsilon"]] if della else []
 
         def deltas(a: int, b: int) -> list:
             base = _load(t.inputs[t.base], t, self._sources, a, b)
             return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+
+        def masks(a: int, b: int, ds: list | None = None) -> list:
+            """The masks of grid block [a, b) (DELLA's need that block's deltas)."""
+            out = []
+            for i, d in enumerate(densities):
+                generator = torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{a // grid}"))
+                if d >= 1:
+                    out.append(None)
+                elif della:
+                    ds = ds if ds is not None else deltas(a, b)
+                    out.append(della_mask(ds[i].reshape(-1, width), d, epsilons[i], generator).reshape(-1))
+                else:
+                    out.append(torch.bernoulli(torch.full((b - a,), d), generator=generator))
+            return out
 
         with entry[0]:
             if entry[1] is None:
                 factors = [None] * len(others)
                 if rescale and any(d < 1 for d in densities):
                     def norms(a: int, b: int) -> list:
+                        ds = deltas(a, b)
                         return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
-                                if m is not None else None for d, m in zip(deltas(a, b), masks(a, b))]
+                                if m is not None else None for d, m in zip(ds, masks(a, b, ds))]
 
                     sums = [[0.0, 0.0] for _ in others]
-                    for part in ranked.each(norms, ranked.blocks(0, t.numel)):
+                    for part in ranked.each(norms, [(a, min(t.numel, a + grid)) for a in range(0, t.numel, grid)]):
                         for acc, got in zip(sums, part):
                             if got is not None:
                                 acc[0] += float(got[0])
@@ -228,8 +242,8 @@ class Merged:
         work = torch_dtype(t.via or t.inputs[0].dtype)
         first = start // ITEMSIZE[t.dtype]
         last = first + out.numel()
-        for ga in range(first - first % ranked.BLOCK, last, ranked.BLOCK):
-            gb = min(t.numel, ga + ranked.BLOCK)
+        for ga in range(first - first % grid, last, grid):
+            gb = min(t.numel, ga + grid)
             drawn = masks(ga, gb)
             for a in range(max(ga, first), min(gb, last), CHUNK_ELEMENTS):
                 b = min(gb, last, a + CHUNK_ELEMENTS)
@@ -244,5 +258,3 @@ class Merged:
                 xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
                 merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)
                 out[a - first: b - first].copy_(merged.to(work))
-
-

@@ -270,22 +270,29 @@ def _bernoulli(tensor: Tensor, density: float, rescale: bool, generator: torch.G
 def _della_magprune(tensor: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
     """DELLA MagPrune: keep probability rises linearly with |value|'s rank within its row (along dim 1),
     from density - epsilon (smallest) to density + epsilon (largest); 1-D tensors are one row."""
-    if density >= 1:
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    mask = della_mask(rows, density, epsilon, generator)
+    if mask is None:
         return tensor
+    return _rescaled(rows, mask, rescale).reshape(tensor.shape)
+
+
+def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor | None:
+    """MagPrune's keep mask for the rows (dim 0) of a 2-D tensor, drawn from `generator`: None keeps everything
+    (density >= 1, nothing drawn); all zeros for density <= 0. Ranks are per row, so any block of whole rows can
+    be drawn on its own (composer.merging streams DELLA this way)."""
+    if density >= 1:
+        return None
     if density <= 0:
-        return torch.zeros_like(tensor)
+        return torch.zeros_like(rows)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
-    orig_shape = tensor.shape
-    if tensor.dim() < 2:
-        tensor = tensor.unsqueeze(0)
-    ranks = torch.argsort(tensor.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
     min_ranks = ranks.min(dim=1, keepdim=True).values
     max_ranks = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator)
-    return _rescaled(tensor, mask, rescale).reshape(orig_shape)
+    return torch.bernoulli(probs, generator=generator)
 
 
 # ------------------------------------------------------------------------------ generalized task arithmetic

@@ -145,6 +145,9 @@ slices:
      "merge_method linear needs parameter 'weight' for tensor"),
     ("merge_method: slerp\nbase_model: A\nparameters: {t: 0.5}\nmodels: [{model: A}, {model: NARROW}]\n",
      "shape mismatch"),
+    ("merge_method: della\nbase_model: A\nmodels: [{model: B, parameters: {weight: 1.0, density: 0.9}}]\n",
+     "della: density 0.9 +/- epsilon 0.15 leaves (0, 1) at 'model.embed_tokens.weight': choose epsilon below 0.1 "
+     "for model"),
 ])
 def test_bad_merges(models, tmp_path, body, expected):
     from tinymodels import make_checkpoint
@@ -266,3 +269,41 @@ def test_streamed_dare_is_chunk_independent_and_rescaled(models, write_recipe, t
     assert abs(kept.float().mean().item() - 0.4) < 0.03
     factor = delta.abs().sum(dtype=torch.float64).float() / (delta * kept).abs().sum(dtype=torch.float64).float()
     torch.testing.assert_close(default[name], sb[name] + delta * kept * factor, rtol=1e-6, atol=1e-7)
+
+
+def test_streamed_della_draws_per_block_of_rows(models, write_recipe, tmp_path, monkeypatch):
+    """DELLA streams like DARE, its grid blocks being whole rows: tiny output chunks give the same bytes as the
+    default ones, and each block's mask is MagPrune's, written plainly here (keep probability density - epsilon
+    for the smallest |delta| of a row up to density + epsilon for the largest), drawn from the block's seeded
+    generator; the kept entries are L1-rescaled over the whole tensor."""
+    import sys
+
+    from composer import ranked
+    from composer.merging import _seed
+
+    base, other = models["llama"], models["llama-b"]
+    density, eps = 0.5, 0.2
+    recipe = write_recipe(f"merge_method: della_linear\nbase_model: {base}\n{F32}models: [{{model: {other}, "
+                          f"parameters: {{weight: 1.0, density: {density}, epsilon: {eps}}}}}]\n")
+    monkeypatch.setattr(ranked, "BLOCK", 1000)  # 64-wide rows: blocks of 15 rows
+    default = run(recipe, tmp_path / "default", "--seed", "3")
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", 3 * 4096)
+    tiny = run(recipe, tmp_path / "tiny", "--seed", "3")
+    assert all(torch.equal(default[k], tiny[k]) for k in default)
+
+    sb, so = load_state_dict(base), load_state_dict(other)
+    name = "model.embed_tokens.weight"
+    delta = so[name] - sb[name]
+    rows, width = delta.shape
+    per_block = 1000 // width
+    mask = torch.empty_like(delta)
+    for g, r in enumerate(range(0, rows, per_block)):
+        d = delta[r: r + per_block]
+        rank = d.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = the smallest |delta| of its row
+        probs = density - eps + 2 * eps * rank / (width - 1)
+        mask[r: r + per_block] = torch.bernoulli(probs, generator=torch.Generator().manual_seed(
+            _seed(3, f"{name}:0:{g}")))
+    factor = delta.abs().sum(dtype=torch.float64).float() / (delta * mask).abs().sum(dtype=torch.float64).float()
+    torch.testing.assert_close(default[name], sb[name] + delta * mask * factor, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(default[name], run(recipe, tmp_path / "other", "--seed", "4")[name])
