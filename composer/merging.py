@@ -106,6 +106,8 @@ class Merged:
             self._random_into(t, entry, view, start)
         elif mode == "slerp":
             self._slerp_into(t, entry, view, start)
+        elif mode == "angles":
+            self._angles_into(t, entry, view, start)
         else:
             out = torch.frombuffer(view, dtype=out_dt)
             first = start // ITEMSIZE[t.dtype]
@@ -145,6 +147,46 @@ class Merged:
             y = _load(other, t, self._sources, first + a, first + b, _LOCAL.blend[1]).mul_(c1)
             merged = x.add_(y)  # rounds as c0 * base + c1 * other: two products, then their sum
             out[a:b].copy_(merged if work == out.dtype else merged.to(work))
+
+    def _angles_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """model_stock and flattened nuslerp: the angles between the whole task vectors (or inputs) from float64
+        sums streamed over blocks, once per tensor; then their blend, block by block."""
+        import torch
+
+        from composer import methods, ranked
+
+        _, others, _, per_input = _task_vector_parts(t)
+
+        def vectors(a: int, b: int) -> tuple:
+            base = _load(t.inputs[t.base], t, self._sources, a, b) if t.base is not None else None
+            return base, [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+
+        def sums(a: int, b: int):
+            base, xs = vectors(a, b)
+            return methods.angle_sums(xs if base is None else [x - base for x in xs])
+
+        with entry[0]:
+            if entry[1] is None:
+                total = sum(ranked.each(sums, ranked.blocks(0, t.numel)))
+                if t.op == "model_stock":
+                    entry[1] = methods.model_stock_t(total, len(others))
+                else:
+                    weight = methods.nuslerp_t(per_input["weight"])
+                    entry[1] = weight, methods.nuslerp_angle(total, weight)
+            stat = entry[1]
+        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+        work = torch_dtype(t.via or t.inputs[0].dtype)
+        first = start // ITEMSIZE[t.dtype]
+        for a in range(0, out.numel(), CHUNK_ELEMENTS):
+            b = min(out.numel(), a + CHUNK_ELEMENTS)
+            base, xs = vectors(first + a, first + b)
+            if t.op == "model_stock":
+                merged = methods.model_stock_blend(base, xs, stat)
+            elif base is None:
+                merged = methods.nuslerp_blend(xs[0], xs[1], *stat)
+            else:
+                merged = base + methods.nuslerp_blend(xs[0] - base, xs[1] - base, *stat)
+            out[a:b].copy_(merged.to(work))
 
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes

@@ -170,9 +170,7 @@ def nuslerp(
     if len(tensors) != 2:
         raise ValueError(f"nuslerp needs exactly two non-base tensors, got {len(tensors)}")
     xs = _float32(list(tensors) + ([base] if base is not None else []))
-    w = _per_input("weight", weights, 2, None)
-    total = sum(w)
-    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    t = nuslerp_t(_per_input("weight", weights, 2, None))
     dim = 0 if nuslerp_row_wise else -1
     if base is not None:
         b = xs[2]
@@ -622,6 +620,66 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = 
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
     average = sum(ws) / count
     return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+# ------------------------------------------------------------------------------------ streamed statistics
+#
+# model_stock (filter_wise off) and nuslerp (flattened) need whole-tensor angles. Streamed, they take them from
+# float64 sums over blocks (squared norms and dot products), then blend block by block with the same elementwise
+# arithmetic as above. mergekit reduces whole float32 tensors instead, so the angle may differ in its last float32
+# bits: composer's is the more exact one, and the outputs agree within float32 rounding of the coefficient.
+
+
+def angle_sums(vectors: Sequence[Tensor]) -> Tensor:
+    """float64 [n + n(n-1)/2]: each vector's squared norm, then the dot product of every pair i < j (one block)."""
+    v = torch.stack([x.reshape(-1) for x in vectors]).to(torch.float64)
+    gram = v @ v.T
+    i, j = torch.triu_indices(len(vectors), len(vectors), 1)
+    return torch.cat([gram.diagonal(), gram[i, j]])
+
+
+def _pair_cosines(sums: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    norms = sums[:n].sqrt()
+    i, j = torch.triu_indices(n, n, 1)
+    return norms, sums[n:], norms[i] * norms[j]
+
+
+def model_stock_t(sums: Tensor, n: int) -> Tensor:
+    """model_stock's interpolation factor t (float32, 0-dim) from angle_sums of its n task vectors."""
+    _, dots, norm_products = _pair_cosines(sums, n)
+    cos = (dots / norm_products.clamp(min=1e-6)).clamp(-1, 1).to(torch.float32).mean()
+    denominator = 1 + (n - 1) * cos
+    return torch.zeros(()) if denominator.abs() < 1e-6 else (n * cos) / denominator
+
+
+def model_stock_blend(base: Tensor, tensors: Sequence[Tensor], t: Tensor) -> Tensor:
+    """t * mean(x_i) + (1 - t) * base, elementwise, as model_stock computes it."""
+    return t * (sum(tensors) / len(tensors)) + (1 - t) * base
+
+
+def nuslerp_angle(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(sin((1 - t) theta), sin(t theta), sin theta) of nuslerp's flattened vectors v0, v1 (the inputs, or their
+    task vectors with a base) from their angle_sums; None when they are colinear."""
+    norms, dots, _ = _pair_cosines(sums, 2)
+    cos = (dots[0] / (norms[0].clamp(min=1e-7) * norms[1].clamp(min=1e-7))).to(torch.float32).clamp(-1, 1)
+    if (1 - cos.square()) <= 1e-16:
+        return None
+    theta = torch.acos(cos)
+    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+
+
+def nuslerp_blend(v0: Tensor, v1: Tensor, t: float, angle: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    """nuslerp's elementwise step, rounded as _nuslerp rounds it."""
+    if angle is None:
+        return (1 - t) * v0 + t * v1
+    s0, s1, sin_theta = angle
+    return (s0 * v0 + s1 * v1) / sin_theta
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """t = w1 / (w0 + w1), or 0.5 when |w0 + w1| < 1e-6."""
+    w = [float(x) for x in weights]
+    return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
 
 
 # -------------------------------------------------------------------------------------------------- specs

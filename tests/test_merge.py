@@ -92,7 +92,43 @@ def test_model_stock_three_models(models, write_recipe, tmp_path):
     sd = [load_state_dict(p) for p in (base, a, b)]
     for name, value in out.items():
         x = [s[name].to(torch.float32) for s in sd]
-        assert torch.equal(value, METHODS["model_stock"].apply(x[1:], base=x[0])), name
+        offsets = [(y - x[0]).double().flatten() for y in x[1:]]
+        cos = torch.dot(*offsets) / (offsets[0].norm() * offsets[1].norm())
+        t = 2 * cos / (1 + cos)
+        mean_part, base_part = t * (x[1].double() + x[2].double()) / 2, (1 - t) * x[0].double()
+        # streamed: the angle from float64 sums, so what separates it from the formula is float32 rounding: of t
+        # and of the blend's few steps, each at most 2^-24 of the terms' size (8 such roundings allowed)
+        scale = 2**-24 * (mean_part.abs() + base_part.abs())
+        error = (value.double() - (mean_part + base_part)).abs()
+        assert (error <= 8 * scale).all(), (name, (error / scale).max())
+        # mergekit's whole-tensor float32 arithmetic (METHODS) sums the angle in float32: its t is off by a few
+        # ulps (measured: 2), which moves each term by as many units of 2^-24 of its size: 16 allowed in all
+        mergekit = METHODS["model_stock"].apply(x[1:], base=x[0])
+        assert ((value - mergekit).abs() <= 16 * scale).all(), (name, ((value - mergekit).abs() / scale).max())
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, tmp_path, with_base, monkeypatch):
+    """Flattened nuslerp streams its angle (float64 sums over blocks of ranked.BLOCK elements) and never holds a
+    tensor whole; the result is nuslerp's on whole tensors within the float32 rounding of its coefficients."""
+    from composer import ranked
+    from composer.plan import merge_mode
+
+    base, a, b = models["llama"], models["llama-b"], models["llama-c"]
+    head = f"base_model: {base}\nmodels: [{{model: {base}}}, " if with_base else "models: ["
+    recipe = write_recipe(f"merge_method: nuslerp\n{F32}{head}{{model: {a}, parameters: {{weight: 0.3}}}}, "
+                          f"{{model: {b}, parameters: {{weight: 0.7}}}}]\n")
+    from composer import plan_recipe
+
+    assert {merge_mode(t) for t in plan_recipe(recipe).tensors} == {"angles"}
+    monkeypatch.setattr(ranked, "BLOCK", 3000)  # several blocks per tensor
+    out = run(recipe, tmp_path / "out")
+    sd = [load_state_dict(p) for p in (base, a, b)]
+    for name, value in out.items():
+        x = [s[name].to(torch.float32) for s in sd]
+        expected = METHODS["nuslerp"].apply(x[1:], base=x[0] if with_base else None,
+                                            per_input={"weight": [0.3, 0.7]})
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_dare_is_seeded_and_keeps_density(models, write_recipe, tmp_path):
