@@ -1,6 +1,7 @@
 """Merged tensors: computed block by block straight into the output chunks where the method allows, after
-streamed passes for whole-tensor statistics where it needs them (slerp's angle, TIES's magnitude cut, DARE's
-rescale), else whole, once; each served to the chunks it spans until fully served."""
+streamed passes for whole-tensor statistics where it needs them (the angles of slerp, model_stock and nuslerp,
+TIES's magnitude cut, DARE's and DELLA's rescale), else whole, once; each served to the chunks it spans until
+fully served."""
 from __future__ import annotations
 
 import hashlib
@@ -68,13 +69,13 @@ def _task_vector_parts(t: TensorPlan):
 
 
 class Merged:
-    """Merged tensors, computed block by block where the method allows (slerp after two streamed passes for its
-    statistics), else whole, once, and served to the chunks they span until fully served."""
+    """Merged tensors, computed block by block after streamed passes for their statistics where the method needs
+    them, else whole, once, and served to the chunks they span until fully served."""
 
     def __init__(self, sources, seed: int) -> None:
         self._sources, self._seed = sources, seed
         self._lock = threading.Lock()
-        self._entries: dict[str, list] = {}  # name -> [lock, whole bytes or slerp coefficients, bytes to serve]
+        self._entries: dict[str, list] = {}  # name -> [lock, whole bytes or the statistics, bytes to serve]
 
     def _entry(self, t: TensorPlan) -> list:
         with self._lock:
