@@ -109,6 +109,8 @@ class Merged:
             self._slerp_into(t, entry, view, start)
         elif mode == "angles":
             self._angles_into(t, entry, view, start)
+        elif mode == "rows":
+            self._rows_into(t, view, start)
         else:
             out = torch.frombuffer(view, dtype=out_dt)
             first = start // ITEMSIZE[t.dtype]
@@ -148,6 +150,26 @@ class Merged:
             y = _load(other, t, self._sources, first + a, first + b, _LOCAL.blend[1]).mul_(c1)
             merged = x.add_(y)  # rounds as c0 * base + c1 * other: two products, then their sum
             out[a:b].copy_(merged if work == out.dtype else merged.to(work))
+
+    def _rows_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
+        """A method that works row by row (model_stock per row, nuslerp per row), on blocks of whole rows: as
+        many as fit in ranked.BLOCK elements; a block that two chunks share is computed for each."""
+        import torch
+
+        from composer import ranked
+
+        width = t.shape[-1] if len(t.shape) == 2 else t.numel
+        grid = width * max(1, ranked.BLOCK // width)
+        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+        work = torch_dtype(t.via or t.inputs[0].dtype)
+        first = start // ITEMSIZE[t.dtype]
+        last = first + out.numel()
+        for ga in range(first - first % grid, last, grid):
+            gb = min(t.numel, ga + grid)
+            shape = (-1, width) if len(t.shape) == 2 else (-1,)
+            block = _apply(t, [_load(i, t, self._sources, ga, gb).reshape(shape) for i in t.inputs], self._seed)
+            a, b = max(ga, first), min(gb, last)
+            out[a - first: b - first].copy_(block.reshape(-1)[a - ga: b - ga].to(work))
 
     def _angles_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """model_stock and flattened nuslerp: the angles between the whole task vectors (or inputs) from float64

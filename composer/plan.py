@@ -92,8 +92,9 @@ def merge_mode(t: TensorPlan) -> str:
     passes for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
     elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
     first; DELLA's per block of whole rows), "angles" (model_stock, flattened nuslerp: float64 sums streamed for
-    the angles, then elementwise) or "whole" (the whole tensor at once: model_stock per row, nuslerp per row or
-    column, DELLA on tensors of more than two dimensions)."""
+    the angles, then elementwise), "rows" (model_stock per row, nuslerp per row: the method on blocks of whole
+    rows) or "whole" (the whole tensor at once: nuslerp per column, DELLA on tensors of more than two
+    dimensions)."""
     from composer.methods import METHODS, locality
 
     spec = METHODS[t.op]
@@ -108,6 +109,8 @@ def merge_mode(t: TensorPlan) -> str:
     shared = {**spec.shared, **dict(t.params)}
     if t.op == "model_stock" and not shared["filter_wise"] or t.op == "nuslerp" and shared["nuslerp_flatten"]:
         return "angles"
+    if len(t.shape) <= 2 and (t.op == "model_stock" or t.op == "nuslerp" and not shared["nuslerp_row_wise"]):
+        return "rows"  # one angle per row (along the last dim): any block of whole rows on its own
     if t.op in RANDOM and (t.op not in DELLA or len(t.shape) <= 2):  # DELLA ranks along dim 1: rows of 2-D
         return "random"
     return "whole"
@@ -160,7 +163,7 @@ class Plan:
         for t in self.tensors:
             if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
                 mode = merge_mode(t)
-                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles")
+                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows")
                                                             else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":

@@ -343,3 +343,29 @@ def test_streamed_della_draws_per_block_of_rows(models, write_recipe, tmp_path, 
     factor = delta.abs().sum(dtype=torch.float64).float() / (delta * mask).abs().sum(dtype=torch.float64).float()
     torch.testing.assert_close(default[name], sb[name] + delta * mask * factor, rtol=1e-6, atol=1e-7)
     assert not torch.equal(default[name], run(recipe, tmp_path / "other", "--seed", "4")[name])
+
+
+@pytest.mark.parametrize(("method", "params"), [("model_stock", "filter_wise: true"),
+                                                ("nuslerp", "nuslerp_flatten: false")])
+def test_row_methods_stream_by_blocks_of_rows(models, write_recipe, tmp_path, monkeypatch, method, params):
+    """model_stock per row and nuslerp per row compute each row on its own, so blocks of whole rows (small
+    blocks and chunks here, which split rows across chunks) give the whole-tensor method's bytes."""
+    import sys
+
+    from composer import plan_recipe, ranked
+    from composer.plan import merge_mode
+
+    base, a, b = models["llama"], models["llama-b"], models["llama-c"]
+    weights = ", parameters: {weight: 0.4}" if method == "nuslerp" else ""
+    recipe = write_recipe(f"merge_method: {method}\nbase_model: {base}\n{F32}parameters: {{{params}}}\n"
+                          f"models: [{{model: {base}}}, {{model: {a}{weights}}}, {{model: {b}{weights}}}]\n")
+    assert {merge_mode(t) for t in plan_recipe(recipe).tensors} == {"rows"}
+    monkeypatch.setattr(ranked, "BLOCK", 1000)
+    monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", 3 * 4096)
+    out = run(recipe, tmp_path / "out")
+    sd = [load_state_dict(p) for p in (base, a, b)]
+    shared = {"filter_wise": True} if method == "model_stock" else {"nuslerp_flatten": False}
+    per_input = {"weight": [0.4, 0.4]} if method == "nuslerp" else {}
+    for name, value in out.items():
+        x = [s[name].to(torch.float32) for s in sd]
+        assert torch.equal(value, METHODS[method].apply(x[1:], base=x[0], shared=shared, per_input=per_input)), name
