@@ -68,6 +68,22 @@ def _task_vector_parts(t: TensorPlan):
     return spec, others, dict(t.params), per_input
 
 
+def _rows_grid(t: TensorPlan, block: int) -> tuple[int, int]:
+    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row)."""
+    width = t.shape[-1] if len(t.shape) == 2 else t.numel
+    return width, width * max(1, block // width)
+
+
+def _output(t: TensorPlan, view: memoryview, start: int):
+    """The chunk's part of a tensor as a typed view, the dtype results are rounded through, and the element
+    range [first, last) of the tensor that it holds."""
+    import torch
+
+    out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+    first = start // ITEMSIZE[t.dtype]
+    return out, torch_dtype(t.via or t.inputs[0].dtype), first, first + out.numel()
+
+
 class Merged:
     """Merged tensors, computed block by block after streamed passes for their statistics where the method needs
     them, else whole, once, and served to the chunks they span until fully served."""
@@ -112,8 +128,7 @@ class Merged:
         elif mode == "rows":
             self._rows_into(t, view, start)
         else:
-            out = torch.frombuffer(view, dtype=out_dt)
-            first = start // ITEMSIZE[t.dtype]
+            out, work, first, _ = _output(t, view, start)
             for a in range(0, out.numel(), CHUNK_ELEMENTS):
                 b = min(out.numel(), a + CHUNK_ELEMENTS)
                 inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
@@ -139,11 +154,9 @@ class Merged:
 
                 entry[1] = methods.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
             c0, c1 = (c.reshape(()) for c in entry[1])  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
-        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-        work = torch_dtype(t.via or t.inputs[0].dtype)
+        out, work, first, _ = _output(t, view, start)
         if not hasattr(_LOCAL, "blend"):
             _LOCAL.blend = torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS)
-        first = start // ITEMSIZE[t.dtype]
         for a in range(0, out.numel(), CHUNK_ELEMENTS):
             b = min(out.numel(), a + CHUNK_ELEMENTS)
             x = _load(base, t, self._sources, first + a, first + b, _LOCAL.blend[0]).mul_(c0)
@@ -154,16 +167,10 @@ class Merged:
     def _rows_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
         """A method that works row by row (model_stock per row, nuslerp per row), on blocks of whole rows: as
         many as fit in ranked.BLOCK elements; a block that two chunks share is computed for each."""
-        import torch
-
         from composer import ranked
 
-        width = t.shape[-1] if len(t.shape) == 2 else t.numel
-        grid = width * max(1, ranked.BLOCK // width)
-        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-        work = torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
-        last = first + out.numel()
+        width, grid = _rows_grid(t, ranked.BLOCK)
+        out, work, first, last = _output(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
             shape = (-1, width) if len(t.shape) == 2 else (-1,)
@@ -174,8 +181,6 @@ class Merged:
     def _angles_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """model_stock and flattened nuslerp: the angles between the whole task vectors (or inputs) from float64
         sums streamed over blocks, once per tensor; then their blend, block by block."""
-        import torch
-
         from composer import methods, ranked
 
         _, others, _, per_input = _task_vector_parts(t)
@@ -197,9 +202,7 @@ class Merged:
                     weight = methods.nuslerp_t(per_input["weight"])
                     entry[1] = weight, methods.nuslerp_angle(total, weight)
             stat = entry[1]
-        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-        work = torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
+        out, work, first, _ = _output(t, view, start)
         for a in range(0, out.numel(), CHUNK_ELEMENTS):
             b = min(out.numel(), a + CHUNK_ELEMENTS)
             base, xs = vectors(first + a, first + b)
@@ -214,8 +217,6 @@ class Merged:
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes
         (composer.ranked); then each block of the output is elementwise."""
-        import torch
-
         from composer import ranked
         from composer.methods import kept_range, streamed_task_arithmetic
 
@@ -233,10 +234,7 @@ class Merged:
                 entry[1] = ranked.select(deltas, t.numel, [kept_range(t.numel, float(d), None if g is None else float(g))
                                                            for d, g in zip(densities, gammas)], rescale)
             keeps = entry[1]
-        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-        work = torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
-        last = first + out.numel()
+        out, work, first, last = _output(t, view, start)
         for a in range(first, last, CHUNK_ELEMENTS):
             b = min(last, a + CHUNK_ELEMENTS)
             base = _load(t.inputs[t.base], t, self._sources, a, b)
@@ -260,8 +258,7 @@ class Merged:
         densities = [float(d) for d in per_input["density"]]
         rescale = bool({**spec.shared, **shared}["rescale"])
         della = t.op in DELLA
-        width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if della else 1
-        grid = width * max(1, ranked.BLOCK // width) if della else ranked.BLOCK
+        width, grid = _rows_grid(t, ranked.BLOCK) if della else (1, ranked.BLOCK)
         epsilons = [float(e) for e in per_input["epsilon"]] if della else []
 
         def deltas(a: int, b: int) -> list:
@@ -303,10 +300,7 @@ class Merged:
                             factors[i] = before / after
                 entry[1] = factors
             factors = entry[1]
-        out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-        work = torch_dtype(t.via or t.inputs[0].dtype)
-        first = start // ITEMSIZE[t.dtype]
-        last = first + out.numel()
+        out, work, first, last = _output(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
             drawn = masks(ga, gb)
