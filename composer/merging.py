@@ -303,7 +303,11 @@ class Merged:
         out, work, first, last = _output(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
-            drawn = masks(ga, gb)
+            if della and any(d < 1 for d in densities):  # the masks read the whole block: keep it for the merge
+                held = [_load(t.inputs[k], t, self._sources, ga, gb) for k in [t.base, *others]]
+                drawn = masks(ga, gb, [x - held[0] for x in held[1:]])
+            else:
+                held, drawn = None, masks(ga, gb)
             for a in range(max(ga, first), min(gb, last), CHUNK_ELEMENTS):
                 b = min(gb, last, a + CHUNK_ELEMENTS)
 
@@ -313,7 +317,10 @@ class Merged:
                     masked = d * drawn[i][a - ga: a - ga + d.numel()]
                     return masked if factors[i] is None else masked * factors[i]
 
-                base = _load(t.inputs[t.base], t, self._sources, a, b)
-                xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+                if held is None:
+                    base = _load(t.inputs[t.base], t, self._sources, a, b)
+                    xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+                else:
+                    base, *xs = (x[a - ga: b - ga] for x in held)
                 merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)
                 out[a - first: b - first].copy_(merged.to(work))
