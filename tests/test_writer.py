@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from click.testing import CliRunner
 
+from composer import plan_recipe
 from composer.cli import main
 from composer.writer import layout_shards, safetensors_header
 from composer.sources import TensorInfo
@@ -93,3 +97,76 @@ def test_without_direct_io_the_bytes_are_the_same(models, write_recipe, tmp_path
     assert (other / "model.safetensors").read_bytes() == (direct / "model.safetensors").read_bytes()
     if how == "refused":
         assert refused
+
+
+
+def _execute_module():
+    return sys.modules["composer.execute"]  # the package exports execute(), which shadows the module's name
+
+
+@pytest.mark.parametrize("budget", [10**12, 100_000])
+def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, write_recipe, monkeypatch, budget):
+    ex = _execute_module()
+    plan = plan_recipe(write_recipe(f"block_expansion: {{model: {models['llama']}, every: 2}}\n"))
+    monkeypatch.setattr(ex, "EARLY_READ_PIECE", 4096)
+    names: dict[int, str] = {}
+    reads: list[tuple[str, int, int]] = []
+    real_open, real_preadv = os.open, os.preadv
+
+    def spy_open(path, *args):
+        fd = real_open(path, *args)
+        names[fd] = str(path)
+        return fd
+
+    def spy_preadv(fd, buffers, offset):
+        reads.append((names[fd], offset, offset + sum(len(b) for b in buffers)))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(ex.os, "open", spy_open)
+    monkeypatch.setattr(ex.os, "preadv", spy_preadv)
+    ex._read_ahead(plan, threading.Event(), budget)
+
+    expected, left = [], budget  # every input's bytes, in the order the chunks need them, until the budget is spent
+    for shard in plan.shards:
+        for entry in shard.entries:
+            for info in entry.tensor.inputs if entry.tensor.op != "zeros" else ():
+                for piece in range(info.offset, info.offset + info.nbytes, 4096):
+                    if left > 0:
+                        expected.append((str(info.file), piece, min(info.offset + info.nbytes, piece + 4096)))
+                        left -= expected[-1][2] - piece
+    assert reads == expected and len(reads) > 10
+    assert budget > plan.file_bytes or sum(b - a for _, a, b in reads) < budget + 4096
+
+    reads.clear()
+    stop = threading.Event()
+    stop.set()
+    ex._read_ahead(plan, stop)
+    assert reads == []  # told to stop: nothing more is read
+
+
+def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_path):
+    """In a fresh interpreter the read-ahead starts once torch's core library has loaded and before the rest of
+    torch's import has run (the seconds it is meant to use); the output is still the model, byte for byte."""
+    src = models["llama"]
+    recipe = write_recipe(f"block_expansion: {{model: {src}, every: 2}}\n")
+    script = f"""
+import sys
+import composer
+ex = sys.modules["composer.execute"]
+seen = []
+real = ex._read_ahead
+def spy(plan, stop, *args):
+    torch = sys.modules.get("torch")
+    seen.append(("torch._C" in sys.modules, hasattr(torch, "nn")))
+    return real(plan, stop, *args)
+ex._read_ahead = spy
+composer.compose({str(recipe)!r}, {str(tmp_path / "early")!r})
+print(seen)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[(True, False)]"
+    ref = tmp_path / "ref"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(ref), "-q"]).exit_code == 0  # torch loaded: no hook
+    for shard in ref.glob("*.safetensors"):
+        assert (tmp_path / "early" / shard.name).read_bytes() == shard.read_bytes()
