@@ -141,18 +141,19 @@ class Merged:
         temporary per step cost ~8x the arithmetic (allocation, page faults, one more pass over memory)."""
         import torch
 
-        from composer import methods, ranked
+        from composer import ranked
+        from composer.methods import averaging
 
         base, other = t.inputs[t.base], t.inputs[1 - t.base]
         with entry[0]:
             if entry[1] is None:
                 def read(s: int, e: int):
                     if not hasattr(_LOCAL, "slerp"):  # two buffers per pass thread, kept for its life
-                        _LOCAL.slerp = torch.empty(methods.SLERP_CHUNK), torch.empty(methods.SLERP_CHUNK)
+                        _LOCAL.slerp = torch.empty(averaging.SLERP_CHUNK), torch.empty(averaging.SLERP_CHUNK)
                     return (_load(base, t, self._sources, s, e, _LOCAL.slerp[0]).reshape(1, -1),
                             _load(other, t, self._sources, s, e, _LOCAL.slerp[1]).reshape(1, -1))
 
-                entry[1] = methods.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
+                entry[1] = averaging.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
             c0, c1 = (c.reshape(()) for c in entry[1])  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
         out, work, first, _ = _output(t, view, start)
         if not hasattr(_LOCAL, "blend"):
@@ -181,7 +182,8 @@ class Merged:
     def _angles_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """model_stock and flattened nuslerp: the angles between the whole task vectors (or inputs) from float64
         sums streamed over blocks, once per tensor; then their blend, block by block."""
-        from composer import methods, ranked
+        from composer import ranked
+        from composer.methods import averaging
 
         _, others, _, per_input = _task_vector_parts(t)
 
@@ -191,34 +193,35 @@ class Merged:
 
         def sums(a: int, b: int):
             base, xs = vectors(a, b)
-            return methods.angle_sums(xs if base is None else [x - base for x in xs])
+            return averaging.angle_sums(xs if base is None else [x - base for x in xs])
 
         with entry[0]:
             if entry[1] is None:
                 total = sum(ranked.each(sums, ranked.blocks(0, t.numel)))
                 if t.op == "model_stock":
-                    entry[1] = methods.model_stock_t(total, len(others))
+                    entry[1] = averaging.model_stock_t(total, len(others))
                 else:
-                    weight = methods.nuslerp_t(per_input["weight"])
-                    entry[1] = weight, methods.nuslerp_angle(total, weight)
+                    weight = averaging.nuslerp_t(per_input["weight"])
+                    entry[1] = weight, averaging.nuslerp_angle(total, weight)
             stat = entry[1]
         out, work, first, _ = _output(t, view, start)
         for a in range(0, out.numel(), CHUNK_ELEMENTS):
             b = min(out.numel(), a + CHUNK_ELEMENTS)
             base, xs = vectors(first + a, first + b)
             if t.op == "model_stock":
-                merged = methods.model_stock_blend(base, xs, stat)
+                merged = averaging.model_stock_blend(base, xs, stat)
             elif base is None:
-                merged = methods.nuslerp_blend(xs[0], xs[1], *stat)
+                merged = averaging.nuslerp_blend(xs[0], xs[1], *stat)
             else:
-                merged = base + methods.nuslerp_blend(xs[0] - base, xs[1] - base, *stat)
+                merged = base + averaging.nuslerp_blend(xs[0] - base, xs[1] - base, *stat)
             out[a:b].copy_(merged.to(work))
 
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes
         (composer.ranked); then each block of the output is elementwise."""
         from composer import ranked
-        from composer.methods import kept_range, streamed_task_arithmetic
+        from composer.methods import streamed_task_arithmetic
+        from composer.methods.sparsify import kept_range
 
         spec, others, shared, per_input = _task_vector_parts(t)
 
@@ -252,7 +255,8 @@ class Merged:
         import torch
 
         from composer import ranked
-        from composer.methods import della_mask, streamed_task_arithmetic
+        from composer.methods import streamed_task_arithmetic
+        from composer.methods.sparsify import della_mask
 
         spec, others, shared, per_input = _task_vector_parts(t)
         densities = [float(d) for d in per_input["density"]]

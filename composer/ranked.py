@@ -1,7 +1,7 @@
 """Magnitude pruning (TIES, Breadcrumbs) streamed: which task-vector elements to keep, found in a few passes over
 row blocks instead of sorting whole tensors.
 
-A method keeps the elements at positions [start, end) of a stable descending sort of |delta| (methods.kept_range).
+A method keeps the elements at positions [start, end) of a stable descending sort of |delta| (methods.sparsify.kept_range).
 That set is: every element strictly between the values at the two ends, plus, for each end value v, the
 equal elements whose rank among the elements equal to v (in index order) falls in a range. Finding it:
 
@@ -13,7 +13,7 @@ equal elements whose rank among the elements equal to v (in index order) falls i
 4. only with `rescale`: the L1 norm of the kept elements.
 
 Memory is a few float32 blocks of BLOCK elements per input and 0.5 MB of histogram, whatever the tensor size;
-the result equals methods._magnitude / _magnitude_outliers on the whole tensor, bit for bit (both sum the L1
+the result equals methods.sparsify._magnitude / _magnitude_outliers on the whole tensor, bit for bit (both sum the L1
 norms in float64; the blocks' float64 partial sums round to the same float32).
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ def select(
         cut += [e for e in ends if e.cut]
     if cut:  # pass 3: where the kept elements of each cut run of equal values start and stop
         _find_indices(read, numel, [(i, e) for i in active for e in (keeps[i].lo, keeps[i].hi) if e.cut])
-    if rescale:  # pass 4: L1 norm kept; the factor as methods._rescaled computes it
+    if rescale:  # pass 4: L1 norm kept; the factor as methods.sparsify._rescaled computes it
         def norms(a: int, b: int) -> list:
             deltas = read(a, b)
             return [(m * keeps[i].mask(m, a)).sum(dtype=torch.float64) for i in active for m in [deltas[i].abs()]]

@@ -213,6 +213,23 @@ models: [{{model: {a}}}, {{model: {b}}}]
     assert {"params": "t=0.3333", "modules": ["self_attn"]} in layer1["groups"]
 
 
+def test_dry_run_of_a_merge_does_not_import_torch(models, write_recipe):
+    """Planning reads the method specs only: torch (~3 s to import) is loaded by the functions when they first
+    run, so a dry run of any merge answers at once."""
+    import subprocess
+    import sys
+
+    a, b, c = models["llama"], models["llama-b"], models["llama-c"]
+    recipe = write_recipe(f"merge_method: della\nbase_model: {a}\nparameters: {{weight: 0.5, density: 0.5}}\n"
+                          f"models: [{{model: {a}}}, {{model: {b}}}, {{model: {c}}}]\n")
+    script = ("import sys\nfrom composer.cli import main\n"
+              f"main([{str(recipe)!r}, '--dry-run', '--json'], standalone_mode=False)\n"
+              "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["merge_parameters"] and proc.stderr.strip() == "torch not loaded"
+
+
 @pytest.mark.parametrize(("method", "params", "mode"), [
     ("linear", "parameters: {weight: 0.5}", "elementwise"),
     ("task_arithmetic", "parameters: {weight: 0.5}", "elementwise"),
@@ -231,10 +248,10 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     from composer import ranked
     from composer.plan import merge_mode
 
-    ex, methods = sys.modules["composer.execute"], sys.modules["composer.methods"]
+    ex, averaging = sys.modules["composer.execute"], sys.modules["composer.methods.averaging"]
     monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
-    monkeypatch.setattr(methods, "SLERP_CHUNK", 512)
+    monkeypatch.setattr(averaging, "SLERP_CHUNK", 512)
     monkeypatch.setattr(ranked, "BLOCK", 700)
     base, other = models["llama"], models["llama-b"]
     recipe = write_recipe(f"merge_method: {method}\nbase_model: {base}\n{F32}{params}\n"

@@ -162,7 +162,7 @@ def test_same_output_as_mergekit(mergekit_outputs, tmp_path, case):
 #
 # The same merge recipes give mergekit's tensors. How close depends on the recipe's `dtype` (what mergekit loads
 # the inputs as and computes in):
-# - float32: composer's methods.py is mergekit's arithmetic step for step in float32, in the same order, so every
+# - float32: composer.methods is mergekit's arithmetic step for step in float32, in the same order, so every
 #   deterministic method must agree bit for bit (torch.equal).
 # - bfloat16: both round the inputs to bf16 first. linear and slerp compute in float32 in both tools (mergekit
 #   upcasts) and round once, so they too must agree bit for bit. The task-arithmetic family, nuslerp and

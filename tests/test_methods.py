@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from composer import methods as M
+from composer.methods import sparsify
 from composer.methods import METHODS
 
 # Where a test formula sums or multiplies in a different order than the implementation, results can differ by a
@@ -457,10 +458,10 @@ def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, block, de
               torch.randn(37, 29, generator=g),
               torch.zeros(37, 29)]
     n = deltas[0].numel()
-    kept = M.kept_range(n, density, gamma)
+    kept = sparsify.kept_range(n, density, gamma)
     keeps = ranked.select(lambda a, b: [d.reshape(-1)[a:b] for d in deltas], n, [kept] * 3, rescale)
     for d, keep in zip(deltas, keeps):
-        expected = M._keep_range(d, kept, rescale).reshape(-1)
+        expected = sparsify._keep_range(d, kept, rescale).reshape(-1)
         got = torch.cat([ranked.apply(keep, d.reshape(-1)[a:b], a) for a, b in ranked.blocks(0, n)])
         assert torch.equal(got, expected)
         if keep is not None:  # exactly the k elements of the range, ties included
@@ -469,19 +470,18 @@ def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, block, de
 
 
 def test_kept_range_keeps_mergekit_counts():
-    assert M.kept_range(100, 1.0) is None
-    assert M.kept_range(100, 0.25) == (0, 25)
-    assert M.kept_range(100, 0.001) == (0, 1)  # at least one element, as mergekit
-    assert M.kept_range(100, 0.0) == (0, 0)
-    assert M.kept_range(100, 0.5, 0.1) == (10, 60)  # drop the 10 largest, keep the next 50
-    assert M.kept_range(100, 0.95, 0.1) == (5, 100)  # the outlier cut shrinks to fit
+    assert sparsify.kept_range(100, 1.0) is None
+    assert sparsify.kept_range(100, 0.25) == (0, 25)
+    assert sparsify.kept_range(100, 0.001) == (0, 1)  # at least one element, as mergekit
+    assert sparsify.kept_range(100, 0.0) == (0, 0)
+    assert sparsify.kept_range(100, 0.5, 0.1) == (10, 60)  # drop the 10 largest, keep the next 50
+    assert sparsify.kept_range(100, 0.95, 0.1) == (5, 100)  # the outlier cut shrinks to fit
 
 
 def test_a_failed_streamed_pass_waits_for_its_other_blocks():
     """ranked.each runs on a pool that outlives the pass: when one block fails, the error reaches the caller
     (who then closes the sources) only after the other blocks have stopped; a block still reading an unmapped
     source crashed the process."""
-    import threading
     import time
 
     from composer import ranked

@@ -1,0 +1,251 @@
+"""Averaging merges: linear, SLERP, NuSLERP and Model Stock, whole-tensor and with the streamed statistics
+composer.merging uses to run them block by block."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from composer.methods.common import LazyTorch
+
+    torch = LazyTorch(globals())
+
+from composer.methods.common import float32 as _float32, per_input as _per_input
+
+SLERP_CHUNK = 1024 * 1024  # mergekit's slerp reduces norms and the dot product over chunks of this size
+
+
+# --------------------------------------------------------------------------------------------------- linear
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True) -> Tensor:
+    """Weighted average, sum(w_i * x_i) / sum(w_i) (or the plain weighted sum when normalize=False).
+
+    Paper: "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing
+    inference time", Wortsman et al. 2022, https://arxiv.org/abs/2203.05482.
+    Locality: elementwise. There is no base: a base model in the recipe is just one more weighted input.
+    mergekit accumulates with addcmul in float32 in input order, then divides by the float32 sum of the weights;
+    it has no zero guard (a zero sum gives inf/nan). Here a zero sum with normalize=True raises ValueError.
+    """
+    xs = _float32(tensors)
+    w = torch.tensor([_per_input("weight", weights, len(xs), None)], dtype=torch.float32)  # [1, n] as in mergekit
+    coefficient_shape = (1,) * xs[0].ndim
+    result = torch.zeros_like(xs[0])
+    for x, coefficient in zip(xs, w.unbind(1)):
+        result.addcmul_(x, coefficient.reshape(coefficient_shape))
+    if normalize:
+        denominator = w.sum(dim=1)
+        if denominator.item() == 0:
+            raise ValueError("linear: weights sum to zero, cannot normalize (set normalize: false)")
+        result.div_(denominator.reshape(coefficient_shape))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- slerp
+
+
+def slerp(base: Tensor, other: Tensor, t: float) -> Tensor:
+    """Spherical linear interpolation from base (t=0) to other (t=1), treating each tensor as one flat vector.
+
+    Paper: "Animating rotation with quaternion curves", Shoemake 1985 (SIGGRAPH), https://doi.org/10.1145/325165.325242
+    (mergekit cites https://en.wikipedia.org/wiki/Slerp).
+    Locality: tensor (norms of both tensors and the angle between them). result = c0 * base + c1 * other with
+    c0 = sin((1-t)θ)/sin θ, c1 = sin(tθ)/sin θ, cos θ = <base/|base|, other/|other|> clamped to [-1, 1]; norms
+    below eps=1e-8 are replaced by 1; when |cos θ| > 0.9995 (near-parallel or antiparallel) it falls back to
+    (1-t)*base + t*other. As in mergekit, norms and the dot product are reduced over chunks of 2**20 elements of
+    the flattened tensor (norm of the chunk norms; sum of the chunk dots), which fixes the float32 rounding.
+    """
+    v0, v1 = _float32([base, other])
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    coef_a, coef_b = slerp_coefficients(lambda s, e: (a[:, s:e].clone(), b[:, s:e].clone()), a.shape[1], t)
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+def slerp_coefficients(
+    read: Callable[[int, int], tuple[Tensor, Tensor]], numel: int, t: float,
+    each: Callable[[Callable[[int, int], Any], list[tuple[int, int]]], Iterable[Any]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SLERP's whole-tensor statistics, streamed: (c0, c1), each of shape [1, 1], such that the result is
+    c0 * base + c1 * other elementwise. `read(start, stop)` returns float32 [1, stop - start] slices of the
+    flattened base and other (this function may overwrite them); they are read in mergekit's chunks of 2**20 elements,
+    twice (norms, then the dot product of the normalised chunks), so the result is bit-identical to slerp() on
+    whole tensors. `each(fn, chunks)` runs fn on every chunk and returns the results in order (default: one by
+    one; the caller may run chunks on several threads, as long as `read` is safe to call from them)."""
+    tt = torch.tensor([float(t)], dtype=torch.float32).reshape(-1, 1)
+    if not numel:
+        return 1 - tt, tt
+    dot_threshold, eps = 0.9995, 1e-8
+    each = each or (lambda fn, chunks: [fn(s, e) for s, e in chunks])
+    starts = [(s, min(numel, s + SLERP_CHUNK)) for s in range(0, numel, SLERP_CHUNK)]
+
+    def norms(s: int, e: int) -> tuple[Tensor, Tensor]:
+        a, b = read(s, e)
+        return torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True)
+
+    chunk_norms = list(each(norms, starts))
+    norm_a = torch.linalg.vector_norm(torch.stack([n for n, _ in chunk_norms]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([n for _, n in chunk_norms]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+
+    def chunk_dot(s: int, e: int) -> Tensor:
+        a, b = read(s, e)  # in place: the same arithmetic, without three temporaries of 4 MiB
+        return a.div_(norm_a).mul_(b.div_(norm_b)).sum(dim=1, keepdim=True)
+
+    dots = list(each(chunk_dot, starts))
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    lerp = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lerp, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def nuslerp(
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    base: Tensor | None = None,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+) -> Tensor:
+    """mergekit's NuSLERP: slerp between exactly two models at t = w1 / (w0 + w1) (t = 0.5 when |w0 + w1| < 1e-6).
+
+    Paper: spherical interpolation, Shoemake 1985 (as slerp); NuSLERP is mergekit's own variant (no paper).
+    With a base, interpolates the task vectors: base + nuslerp(x0 - base, x1 - base).
+    nuslerp_flatten=True (default): one flat vector per tensor. Otherwise vectors run along the last dim (each row
+    separately), or along dim 0 (each column separately) when nuslerp_row_wise=True.
+    Locality: tensor when flattened or row_wise; rows (vectors along the last dim) otherwise.
+    Differences from slerp: unit vectors use x / max(|x|, 1e-7); the linear fallback triggers only when
+    1 - cos^2 <= 1e-16, i.e. practically only for exactly (anti)parallel vectors in float32; t is a Python float.
+    """
+    if len(tensors) != 2:
+        raise ValueError(f"nuslerp needs exactly two non-base tensors, got {len(tensors)}")
+    xs = _float32(list(tensors) + ([base] if base is not None else []))
+    t = nuslerp_t(_per_input("weight", weights, 2, None))
+    dim = 0 if nuslerp_row_wise else -1
+    if base is not None:
+        b = xs[2]
+        return b + _nuslerp(t, xs[0] - b, xs[1] - b, dim=dim, flatten=nuslerp_flatten)
+    return _nuslerp(t, xs[0], xs[1], dim=dim, flatten=nuslerp_flatten)
+
+
+def _nuslerp(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool, eps: float = 1e-8) -> Tensor:
+    out_shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    v0_u = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    v1_u = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos_theta = torch.sum(v0_u * v1_u, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(out_shape)
+
+
+# ------------------------------------------------------------------------------------------- model stock
+
+
+def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Model Stock: t * mean(x_i) + (1 - t) * base, t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine of
+    the task vectors x_i - base (each clamped to [-1, 1], norm product clamped to >= 1e-6).
+
+    Paper: "Model Stock: All we need is just a few fine-tuned models", Jang et al. 2024,
+    https://arxiv.org/abs/2403.19522.
+    Needs at least two non-base tensors. When |1 + (N-1) cos| < 1e-6, t = 0 (keeps the base). filter_wise=True
+    computes one cos per vector along the last dim (per row; a 1-D tensor is one row).
+    Locality: tensor by default; rows when filter_wise (for 2-D and higher).
+    """
+    xs = _float32([base, *tensors])
+    if len(xs) < 3:
+        raise ValueError("model_stock needs a base and at least two other tensors")
+    w_0, ws = xs[0], xs[1:]
+    out_shape = w_0.shape
+    if filter_wise:
+        if w_0.dim() == 1:
+            w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w_0 for w in ws]
+    cos_thetas = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1 :]:
+            norm_product = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
+            cos_thetas.append(((oa * ob).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+# ------------------------------------------------------------------------------------ streamed statistics
+#
+# model_stock (filter_wise off) and nuslerp (flattened) need whole-tensor angles. Streamed, they take them from
+# float64 sums over blocks (squared norms and dot products), then blend block by block with the same elementwise
+# arithmetic as above. mergekit reduces whole float32 tensors instead, so the angle may differ in its last float32
+# bits: composer's is the more exact one, and the outputs agree within float32 rounding of the coefficient.
+
+
+def angle_sums(vectors: Sequence[Tensor]) -> Tensor:
+    """float64 [n + n(n-1)/2]: each vector's squared norm, then the dot product of every pair i < j (one block)."""
+    v = torch.stack([x.reshape(-1) for x in vectors]).to(torch.float64)
+    gram = v @ v.T
+    i, j = torch.triu_indices(len(vectors), len(vectors), 1)
+    return torch.cat([gram.diagonal(), gram[i, j]])
+
+
+def _pair_cosines(sums: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    norms = sums[:n].sqrt()
+    i, j = torch.triu_indices(n, n, 1)
+    return norms, sums[n:], norms[i] * norms[j]
+
+
+def model_stock_t(sums: Tensor, n: int) -> Tensor:
+    """model_stock's interpolation factor t (float32, 0-dim) from angle_sums of its n task vectors."""
+    _, dots, norm_products = _pair_cosines(sums, n)
+    cos = (dots / norm_products.clamp(min=1e-6)).clamp(-1, 1).to(torch.float32).mean()
+    denominator = 1 + (n - 1) * cos
+    return torch.zeros(()) if denominator.abs() < 1e-6 else (n * cos) / denominator
+
+
+def model_stock_blend(base: Tensor, tensors: Sequence[Tensor], t: Tensor) -> Tensor:
+    """t * mean(x_i) + (1 - t) * base, elementwise, as model_stock computes it."""
+    return t * (sum(tensors) / len(tensors)) + (1 - t) * base
+
+
+def nuslerp_angle(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(sin((1 - t) theta), sin(t theta), sin theta) of nuslerp's flattened vectors v0, v1 (the inputs, or their
+    task vectors with a base) from their angle_sums; None when they are colinear."""
+    norms, dots, _ = _pair_cosines(sums, 2)
+    cos = (dots[0] / (norms[0].clamp(min=1e-7) * norms[1].clamp(min=1e-7))).to(torch.float32).clamp(-1, 1)
+    if (1 - cos.square()) <= 1e-16:
+        return None
+    theta = torch.acos(cos)
+    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+
+
+def nuslerp_blend(v0: Tensor, v1: Tensor, t: float, angle: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    """nuslerp's elementwise step, rounded as _nuslerp rounds it."""
+    if angle is None:
+        return (1 - t) * v0 + t * v1
+    s0, s1, sin_theta = angle
+    return (s0 * v0 + s1 * v1) / sin_theta
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """t = w1 / (w0 + w1), or 0.5 when |w0 + w1| < 1e-6."""
+    w = [float(x) for x in weights]
+    return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)

@@ -1,0 +1,109 @@
+"""Sparsification of task vectors (mergekit's sparsify.py): magnitude, magnitude with outliers (breadcrumbs),
+Bernoulli (DARE) and MagPrune (DELLA) masks, with the optional rescale."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from composer.methods.common import LazyTorch
+
+    torch = LazyTorch(globals())
+
+
+# --------------------------------------------------------------------------------------- sparsification
+
+
+def _rescaled(tensor: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
+    """tensor * mask, scaled by |tensor|_1 / |tensor * mask|_1 when rescale (unless either norm is below eps)."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    # float64 sums, rounded once: the streamed merges (composer.ranked) sum by blocks and must agree. mergekit sums
+    # in the tensor's dtype, which can differ in the factor's last bit: far below the output dtype's rounding.
+    before = tensor.abs().sum(dtype=torch.float64).to(torch.float32)
+    after = masked.abs().sum(dtype=torch.float64).to(torch.float32)
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def kept_range(n: int, density: float, gamma: float | None = None) -> tuple[int, int] | None:
+    """The positions, in |value| order from the largest, that magnitude pruning keeps of n elements: None keeps
+    everything.
+
+    gamma None is TIES's top-k (k = max(1, int(density * n)); nothing for density <= 0); a gamma is Breadcrumbs:
+    drop the int(gamma * n) largest, keep the int(density * n) next largest (the outlier cut shrinks when
+    gamma + density > 1). Positions count in a stable sort: among equal |values| the earlier element comes first.
+    mergekit's argsort orders equal values arbitrarily on large tensors (torch's CPU sort is not stable), so at an
+    exact tie on a cut it may keep other elements than composer, which is deterministic. That needs exactly equal
+    float32 task-vector entries at the cut; the cross-checks meet none on random checkpoints.
+    """
+    if density >= 1:
+        return None
+    if gamma is None:
+        if density <= 0 or n == 0:
+            return (0, 0)
+        return (0, max(1, int(density * n)))
+    target_n = int(density * n)
+    n_bot = max(0, n - target_n - int(gamma * n))
+    return (n - n_bot - target_n, n - n_bot)
+
+
+def _keep_range(tensor: Tensor, kept: tuple[int, int] | None, rescale: bool) -> Tensor:
+    if kept is None:
+        return tensor
+    if kept[0] >= kept[1]:
+        return torch.zeros_like(tensor)
+    order = torch.sort(tensor.abs().reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
+    mask[order[kept[0]: kept[1]]] = 1
+    return _rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def _magnitude(tensor: Tensor, density: float, rescale: bool) -> Tensor:
+    """Keep the k = max(1, int(density * numel)) largest |values| of the whole tensor."""
+    return _keep_range(tensor, kept_range(tensor.numel(), density), rescale)
+
+
+def _magnitude_outliers(tensor: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Drop the int(gamma * numel) largest |values|, then keep the int(density * numel) next largest."""
+    return _keep_range(tensor, kept_range(tensor.numel(), density, gamma), rescale)
+
+
+def _bernoulli(tensor: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """DARE: keep each element with probability density (density >= 1 keeps all and draws nothing)."""
+    if density >= 1:
+        return tensor
+    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
+    return _rescaled(tensor, mask, rescale)
+
+
+def _della_magprune(tensor: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """DELLA MagPrune: keep probability rises linearly with |value|'s rank within its row (along dim 1),
+    from density - epsilon (smallest) to density + epsilon (largest); 1-D tensors are one row."""
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    mask = della_mask(rows, density, epsilon, generator)
+    if mask is None:
+        return tensor
+    return _rescaled(rows, mask, rescale).reshape(tensor.shape)
+
+
+def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor | None:
+    """MagPrune's keep mask for the rows (dim 0) of a 2-D tensor, drawn from `generator`: None keeps everything
+    (density >= 1, nothing drawn); all zeros for density <= 0. Ranks are per row, so any block of whole rows can
+    be drawn on its own (composer.merging streams DELLA this way)."""
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros_like(rows)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
+    min_ranks = ranks.min(dim=1, keepdim=True).values
+    max_ranks = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return torch.bernoulli(probs, generator=generator)
