@@ -253,13 +253,8 @@ def della(
     only when 0 < density < 1). rescale is the L1-norm ratio over the whole tensor (not the paper's 1/p).
     Locality: rows when rescale=False (one random number per element, row-major), tensor when rescale=True.
     """
-    n = len(tensors)
-    dens = _per_input("density", densities, n, 1.0)
-    eps = _per_input("epsilon", epsilons, n, 0.15)
-    return _task_arithmetic(
-        base, tensors, weights, lambda i, d: _della_magprune(d, dens[i], eps[i], rescale, generator),
-        consensus=True, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
-    )
+    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=True,
+                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
 
 
 def della_linear(
@@ -280,10 +275,15 @@ def della_linear(
     Paper: https://arxiv.org/abs/2406.11617.
     Locality: rows when rescale=False, tensor when rescale=True.
     """
+    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=False,
+                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+
+
+def _della(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float] | None,
+           epsilons: Sequence[float] | None, generator: torch.Generator, rescale: bool, **options) -> Tensor:
     n = len(tensors)
     dens = _per_input("density", densities, n, 1.0)
     eps = _per_input("epsilon", epsilons, n, 0.15)
     return _task_arithmetic(
-        base, tensors, weights, lambda i, d: _della_magprune(d, dens[i], eps[i], rescale, generator),
-        consensus=False, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
+        base, tensors, weights, lambda i, d: _della_magprune(d, dens[i], eps[i], rescale, generator), **options,
     )
