@@ -1,8 +1,6 @@
 """Recipe schema: mergekit's YAML plus composer's depth sugar, validated strictly before any work starts."""
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Union
 
@@ -10,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 from composer.errors import RecipeError
+from composer.recipe_errors import describe, fail, suggest, yaml_error
 
 # The merge methods of composer.methods (named here so that validating a recipe does not import torch).
 MERGE_METHODS = (
@@ -165,82 +164,10 @@ class Recipe(_Strict):
         return list(dict.fromkeys(names))
 
 
-def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _loc_str(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The 1-based line in the YAML text of the value at `loc`, or of its nearest ancestor that exists."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
-            if not match:
-                break
-            key, node = match[0]
-            line = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _schema_at(annotation: Any) -> type[BaseModel] | None:
-    """The recipe model inside an annotation such as `list[OutputSlice] | None`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _schema_at(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed in the mapping that holds `loc` (for 'did you mean')."""
-    model: type[BaseModel] | None = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if model else None
-        model = _schema_at(field.annotation) if field else None
-    return list(model.model_fields) if model else []
-
-
-def _describe(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list", "tuple"))))
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        return loc, f"unknown key '{key}'{_suggest(key, _model_fields_at(loc))}"
-    if kind == "missing":
-        return loc, f"missing required key '{loc[-1]}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    return loc, msg
-
-
-def _fail(path: str, node: yaml.Node | None, loc: tuple[Any, ...], message: str, extra: int = 0) -> RecipeError:
-    line = _line_of(node, loc)
-    where = f"{path}:{line}" if line else path
-    place = f" {_loc_str(loc)}:" if loc else ""
-    more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
-    return RecipeError(f"{where}:{place} {message}{more}")
-
-
 def _check_parameters(params: Parameters | None, allowed: tuple[str, ...], method: str) -> tuple[str, str] | None:
     for name in params or {}:
         if name not in allowed:
-            hint = _suggest(name, allowed)
+            hint = suggest(name, allowed)
             ok = ", ".join(allowed) or "none"
             return name, f"unknown parameter '{name}' for merge_method {method} (it takes: {ok}){hint}"
     return None
@@ -267,7 +194,7 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
-            return (key,), f"unknown {key} '{value}'{_suggest(value, list(DTYPES))} (use bfloat16, float16 or float32)"
+            return (key,), f"unknown {key} '{value}'{suggest(value, list(DTYPES))} (use bfloat16, float16 or float32)"
     method = recipe.merge_method
     if recipe.form in ("slices", "models"):
         if method is None:
@@ -278,7 +205,7 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
                 f"merge_method '{method}' is not supported yet (composer runs: {', '.join(SUPPORTED_METHODS)})"
             )
         return ("merge_method",), (
-            f"unknown merge_method '{method}'{_suggest(method, [*SUPPORTED_METHODS, *KNOWN_UNSUPPORTED_METHODS])}"
+            f"unknown merge_method '{method}'{suggest(method, [*SUPPORTED_METHODS, *KNOWN_UNSUPPORTED_METHODS])}"
         )
     if recipe.form in ("block_expansion", "interleave") and method not in (None, "passthrough"):
         return ("merge_method",), f"{recipe.form} is a passthrough operation: drop merge_method or set it to passthrough"
@@ -310,13 +237,6 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     return None
 
 
-def _yaml_error(exc: yaml.YAMLError, path: str) -> RecipeError:
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}" if mark else path
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return RecipeError(f"{where}: not valid YAML: {problem}")
-
-
 def _validate(data: Any, node: yaml.Node, path: str) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (merge_method, slices, ...), not {type(data).__name__}")
@@ -325,11 +245,11 @@ def _validate(data: Any, node: yaml.Node, path: str) -> Recipe:
     except ValidationError as exc:
         # A typo shows up twice (an unknown key and a missing one): name the typo, which carries the fix.
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        loc, message = _describe(errors[0])
-        raise _fail(path, node, loc, message, len(errors) - 1) from None
+        loc, message = describe(Recipe, errors[0])
+        raise fail(path, node, loc, message, len(errors) - 1) from None
     problem = _semantic_checks(recipe)
     if problem:
-        raise _fail(path, node, *problem)
+        raise fail(path, node, *problem)
     return recipe
 
 
@@ -342,7 +262,7 @@ def parse_recipes(text: str, path: str = "<recipe>") -> list[tuple[Recipe, str]]
     try:
         nodes = [n for n in yaml.compose_all(text) if n is not None]
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
+        raise yaml_error(exc, path) from None
     if not nodes:
         raise RecipeError(f"{path}: the recipe is empty")
     out, names = [], set()
@@ -351,11 +271,11 @@ def parse_recipes(text: str, path: str = "<recipe>") -> list[tuple[Recipe, str]]
         recipe = _validate(yaml.safe_load(doc_text), node, path)
         last = k == len(nodes) - 1
         if len(nodes) > 1 and not last and not recipe.name:
-            raise _fail(path, node, (), "every document of a multi-document recipe but the last needs a name, "
+            raise fail(path, node, (), "every document of a multi-document recipe but the last needs a name, "
                         "which later documents use as a model")
         if recipe.name is not None:
             if recipe.name in names or "/" in recipe.name or not recipe.name.strip(". "):
-                raise _fail(path, node, ("name",), f"name '{recipe.name}' is used twice or is not a folder name")
+                raise fail(path, node, ("name",), f"name '{recipe.name}' is used twice or is not a folder name")
             names.add(recipe.name)
         out.append((recipe, doc_text if len(nodes) > 1 else text))
     return out
