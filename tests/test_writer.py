@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from click.testing import CliRunner
 
-from composer import plan_recipe
+from composer import plan_recipe, reading
 from composer.cli import main
 from composer.writer import layout_shards, safetensors_header
 from composer.sources import TensorInfo
@@ -100,15 +100,10 @@ def test_without_direct_io_the_bytes_are_the_same(models, write_recipe, tmp_path
 
 
 
-def _execute_module():
-    return sys.modules["composer.execute"]  # the package exports execute(), which shadows the module's name
-
-
 @pytest.mark.parametrize("budget", [10**12, 100_000])
 def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, write_recipe, monkeypatch, budget):
-    ex = _execute_module()
     plan = plan_recipe(write_recipe(f"block_expansion: {{model: {models['llama']}, every: 2}}\n"))
-    monkeypatch.setattr(ex, "EARLY_READ_PIECE", 4096)
+    monkeypatch.setattr(reading, "EARLY_READ_PIECE", 4096)
     names: dict[int, str] = {}
     reads: list[tuple[str, int, int]] = []
     real_open, real_preadv = os.open, os.preadv
@@ -122,9 +117,9 @@ def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, w
         reads.append((names[fd], offset, offset + sum(len(b) for b in buffers)))
         return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(ex.os, "open", spy_open)
-    monkeypatch.setattr(ex.os, "preadv", spy_preadv)
-    ex._read_ahead(plan, threading.Event(), budget)
+    monkeypatch.setattr(reading.os, "open", spy_open)
+    monkeypatch.setattr(reading.os, "preadv", spy_preadv)
+    reading.read_ahead(plan, threading.Event(), budget)
 
     expected, left = [], budget  # every input's bytes, in the order the chunks need them, until the budget is spent
     for shard in plan.shards:
@@ -140,7 +135,7 @@ def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, w
     reads.clear()
     stop = threading.Event()
     stop.set()
-    ex._read_ahead(plan, stop)
+    reading.read_ahead(plan, stop)
     assert reads == []  # told to stop: nothing more is read
 
 
@@ -152,14 +147,14 @@ def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_p
     script = f"""
 import sys
 import composer
-ex = sys.modules["composer.execute"]
+import composer.reading as reading
 seen = []
-real = ex._read_ahead
+real = reading.read_ahead
 def spy(plan, stop, *args):
     torch = sys.modules.get("torch")
     seen.append(("torch._C" in sys.modules, hasattr(torch, "nn")))
     return real(plan, stop, *args)
-ex._read_ahead = spy
+reading.read_ahead = spy
 composer.compose({str(recipe)!r}, {str(tmp_path / "early")!r})
 print(seen)
 """
