@@ -127,6 +127,8 @@ class Merged:
             self._angles_into(t, entry, view, start)
         elif mode == "rows":
             self._rows_into(t, view, start)
+        elif mode == "columns":
+            self._columns_into(t, entry, view, start)
         else:
             out, work, first, _ = _output(t, view, start)
             for a in range(0, out.numel(), CHUNK_ELEMENTS):
@@ -215,6 +217,45 @@ class Merged:
             else:
                 merged = base + averaging.nuslerp_blend(xs[0] - base, xs[1] - base, *stat)
             out[a:b].copy_(merged.to(work))
+
+    def _columns_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
+        """nuslerp per column (nuslerp_row_wise): float64 sums per column streamed over blocks of whole rows, once
+        per tensor, then the blend on blocks of whole rows. A 1-D tensor is one column."""
+        from composer import ranked
+        from composer.methods import averaging
+
+        _, others, _, per_input = _task_vector_parts(t)
+        width = t.shape[-1] if len(t.shape) == 2 else 1
+        rows = t.numel // width if width else 0
+
+        def vectors(a: int, b: int) -> tuple:
+            """Rows [a, b) of the two vectors (the inputs, or their task vectors) as [b - a, width], and the base."""
+            xs = [_load(t.inputs[k], t, self._sources, a * width, b * width).reshape(-1, width) for k in others]
+            if t.base is None:
+                return xs, None
+            base = _load(t.inputs[t.base], t, self._sources, a * width, b * width).reshape(-1, width)
+            return [x - base for x in xs], base
+
+        def row_blocks(lo: int, hi: int, elements: int) -> list[tuple[int, int]]:
+            step = max(1, elements // max(1, width))
+            return [(r, min(hi, r + step)) for r in range(lo, hi, step)]
+
+        with entry[0]:
+            if entry[1] is None:
+                total = sum(ranked.each(lambda a, b: averaging.column_sums(*vectors(a, b)[0]),
+                                        row_blocks(0, rows, ranked.BLOCK)))
+                weight = averaging.nuslerp_t(per_input["weight"])
+                entry[1] = weight, averaging.nuslerp_column_angles(total, weight)
+            weight, angles = entry[1]
+        out, work, first, last = _output(t, view, start)
+        if not width:
+            return
+        for ra, rb in row_blocks(first // width, -(-last // width), CHUNK_ELEMENTS):
+            xs, base = vectors(ra, rb)
+            merged = averaging.nuslerp_column_blend(xs[0], xs[1], weight, angles)
+            merged = (merged if base is None else base + merged).reshape(-1)
+            lo, hi = max(first, ra * width), min(last, rb * width)
+            out[lo - first: hi - first].copy_(merged[lo - ra * width: hi - ra * width].to(work))
 
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes

@@ -93,8 +93,9 @@ def merge_mode(t: TensorPlan) -> str:
     elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
     first; DELLA's per block of whole rows), "angles" (model_stock, flattened nuslerp: float64 sums streamed for
     the angles, then elementwise), "rows" (model_stock per row, nuslerp per row: the method on blocks of whole
-    rows) or "whole" (the whole tensor at once: nuslerp per column, DELLA on tensors of more than two
-    dimensions)."""
+    rows), "columns" (nuslerp per column: float64 sums per column streamed over blocks of whole rows, then the
+    blend on blocks of whole rows) or "whole" (the whole tensor at once: DELLA on tensors of more than two
+    dimensions, nuslerp per column on them too)."""
     from composer.methods import METHODS, locality
 
     spec = METHODS[t.op]
@@ -111,6 +112,8 @@ def merge_mode(t: TensorPlan) -> str:
         return "angles"
     if len(t.shape) <= 2 and (t.op == "model_stock" or t.op == "nuslerp" and not shared["nuslerp_row_wise"]):
         return "rows"  # one angle per row (along the last dim): any block of whole rows on its own
+    if len(t.shape) <= 2 and t.op == "nuslerp":
+        return "columns"  # nuslerp_row_wise: one angle per column (vectors along dim 0)
     if t.op in RANDOM and (t.op not in DELLA or len(t.shape) <= 2):  # DELLA ranks along dim 1: rows of 2-D
         return "random"
     return "whole"
@@ -163,7 +166,7 @@ class Plan:
         for t in self.tensors:
             if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
                 mode = merge_mode(t)
-                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows")
+                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows", "columns")
                                                             else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif not t.is_byte_copy and t.op != "zeros":

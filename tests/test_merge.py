@@ -107,26 +107,37 @@ def test_model_stock_three_models(models, write_recipe, tmp_path):
         assert ((value - mergekit).abs() <= 16 * scale).all(), (name, ((value - mergekit).abs() / scale).max())
 
 
+@pytest.mark.parametrize(("shape_params", "mode"), [
+    ("", "angles"),  # flattened: one angle per tensor
+    ("parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n", "columns"),  # one angle per column
+])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, tmp_path, with_base, monkeypatch):
-    """Flattened nuslerp streams its angle (float64 sums over blocks of ranked.BLOCK elements) and never holds a
-    tensor whole; the result is nuslerp's on whole tensors within the float32 rounding of its coefficients."""
+def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, tmp_path, with_base, monkeypatch,
+                                                          shape_params, mode):
+    """Flattened and per-column nuslerp stream their angles (float64 sums over blocks of ranked.BLOCK elements,
+    per column for the latter) and never hold a tensor whole; the result is nuslerp's on whole tensors within the
+    float32 rounding of its coefficients. Small blocks and chunks cut rows in the middle."""
+    import sys
+
     from composer import ranked
     from composer.plan import merge_mode
 
     base, a, b = models["llama"], models["llama-b"], models["llama-c"]
     head = f"base_model: {base}\nmodels: [{{model: {base}}}, " if with_base else "models: ["
-    recipe = write_recipe(f"merge_method: nuslerp\n{F32}{head}{{model: {a}, parameters: {{weight: 0.3}}}}, "
+    recipe = write_recipe(f"merge_method: nuslerp\n{F32}{shape_params}{head}{{model: {a}, parameters: {{weight: 0.3}}}}, "
                           f"{{model: {b}, parameters: {{weight: 0.7}}}}]\n")
     from composer import plan_recipe
 
-    assert {merge_mode(t) for t in plan_recipe(recipe).tensors} == {"angles"}
+    assert {merge_mode(t) for t in plan_recipe(recipe).tensors} == {mode}
     monkeypatch.setattr(ranked, "BLOCK", 3000)  # several blocks per tensor
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", 3 * 4096)
     out = run(recipe, tmp_path / "out")
     sd = [load_state_dict(p) for p in (base, a, b)]
+    shared = {"nuslerp_flatten": False, "nuslerp_row_wise": True} if mode == "columns" else {}
     for name, value in out.items():
         x = [s[name].to(torch.float32) for s in sd]
-        expected = METHODS["nuslerp"].apply(x[1:], base=x[0] if with_base else None,
+        expected = METHODS["nuslerp"].apply(x[1:], base=x[0] if with_base else None, shared=shared,
                                             per_input={"weight": [0.3, 0.7]})
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=name)
 

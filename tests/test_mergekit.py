@@ -213,6 +213,8 @@ MERGE_RECIPES = {
     "nuslerp": (_models("nuslerp", [("llama", "{weight: 0.3}"), ("llama-b", "{weight: 0.7}")]), "angles"),
     "nuslerp-base": (_models("nuslerp", [("llama", ""), ("llama-b", "{weight: 0.3}"), ("llama-c", "{weight: 0.7}")],
                              "llama"), "angles"),
+    "nuslerp-columns": (_models("nuslerp", [("llama", "{weight: 0.3}"), ("llama-b", "{weight: 0.7}")],
+                                params="{nuslerp_flatten: false, nuslerp_row_wise: true}"), "angles"),
     "task-arithmetic": (_models("task_arithmetic", [("llama", ""), *TWO], "llama"), "close"),
     "task-arithmetic-qwen2": (_models("task_arithmetic", [("qwen2", ""), ("qwen2-b", "{weight: 0.5}")], "qwen2",
                                       "{lambda: 0.8}"), "close"),
@@ -254,8 +256,9 @@ MERGES = {
 # BF16_ROUNDINGS = 8 covering the longest chain plus composer's own rounding. (Observed: at most 2.4.)
 U_BF16 = 2.0**-8
 BF16_ROUNDINGS = 8
-# float32 tolerance of the "angles" methods (model_stock, flattened nuslerp). composer streams their angle from
-# float64 sums over blocks; mergekit reduces whole float32 tensors, so its cosine is off by a few float32 ulps
+# float32 tolerance of the "angles" methods (model_stock, nuslerp flattened or per column). composer streams
+# their angles from float64 sums over blocks; mergekit reduces whole float32 tensors, so its cosine is off by a
+# few float32 ulps
 # (a sum of n float32 terms errs by up to ~log2(n) roundings with torch's pairwise reduction). That error reaches
 # the output through the interpolation coefficients (t for model_stock; sin((1-t)θ)/sin θ and sin(tθ)/sin θ for
 # nuslerp, whose sensitivity to cos is 1/sin^2 θ, ~1 for these unrelated random models), on top of the two tools'

@@ -245,6 +245,29 @@ def nuslerp_blend(v0: Tensor, v1: Tensor, t: float, angle: tuple[Tensor, Tensor,
     return (s0 * v0 + s1 * v1) / sin_theta
 
 
+def column_sums(v0: Tensor, v1: Tensor) -> Tensor:
+    """float64 [3, C]: for each column of two [rows, C] blocks, |v0|^2, |v1|^2 and <v0, v1> over the block's rows
+    (nuslerp_row_wise: its vectors run along dim 0)."""
+    a, b = v0.to(torch.float64), v1.to(torch.float64)
+    return torch.stack([(a * a).sum(0), (b * b).sum(0), (a * b).sum(0)])
+
+
+def nuslerp_column_angles(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sin((1 - t) theta), sin(t theta), sin theta, colinear), float32 [C] each, of nuslerp's per-column vectors
+    from their column_sums, as _nuslerp computes them for each column."""
+    norm0, norm1 = sums[0].sqrt().clamp(min=1e-7), sums[1].sqrt().clamp(min=1e-7)
+    cos = (sums[2] / (norm0 * norm1)).to(torch.float32).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
+
+
+def nuslerp_column_blend(v0: Tensor, v1: Tensor, t: float, angles: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """nuslerp's elementwise step for [rows, C] blocks with one angle per column, rounded as _nuslerp rounds it."""
+    s0, s1, sin_theta, colinear = angles
+    return torch.where(colinear, (1 - t) * v0 + t * v1, (s0 * v0 + s1 * v1) / sin_theta)
+
+
 def nuslerp_t(weights: Sequence[float]) -> float:
     """t = w1 / (w0 + w1), or 0.5 when |w0 + w1| < 1e-6."""
     w = [float(x) for x in weights]
