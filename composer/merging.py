@@ -68,9 +68,10 @@ def _task_vector_parts(t: TensorPlan):
     return spec, others, dict(t.params), per_input
 
 
-def _rows_grid(t: TensorPlan, block: int) -> tuple[int, int]:
-    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row)."""
-    width = t.shape[-1] if len(t.shape) == 2 else t.numel
+def _rows_grid(t: TensorPlan, block: int, width: int | None = None) -> tuple[int, int]:
+    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row unless
+    `width` says otherwise)."""
+    width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if width is None else width
     return width, width * max(1, block // width)
 
 
@@ -220,42 +221,38 @@ class Merged:
 
     def _columns_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """nuslerp per column (nuslerp_row_wise): float64 sums per column streamed over blocks of whole rows, once
-        per tensor, then the blend on blocks of whole rows. A 1-D tensor is one column."""
+        per tensor, then the blend on blocks of whole rows, as _rows_into cuts them. A 1-D tensor is one column."""
         from composer import ranked
         from composer.methods import averaging
 
         _, others, _, per_input = _task_vector_parts(t)
         width = t.shape[-1] if len(t.shape) == 2 else 1
-        rows = t.numel // width if width else 0
 
         def vectors(a: int, b: int) -> tuple:
-            """Rows [a, b) of the two vectors (the inputs, or their task vectors) as [b - a, width], and the base."""
-            xs = [_load(t.inputs[k], t, self._sources, a * width, b * width).reshape(-1, width) for k in others]
+            """Elements [a, b) (whole rows) of the two vectors, the inputs or their task vectors, and the base."""
+            xs = [_load(t.inputs[k], t, self._sources, a, b).reshape(-1, width) for k in others]
             if t.base is None:
                 return xs, None
-            base = _load(t.inputs[t.base], t, self._sources, a * width, b * width).reshape(-1, width)
+            base = _load(t.inputs[t.base], t, self._sources, a, b).reshape(-1, width)
             return [x - base for x in xs], base
-
-        def row_blocks(lo: int, hi: int, elements: int) -> list[tuple[int, int]]:
-            step = max(1, elements // max(1, width))
-            return [(r, min(hi, r + step)) for r in range(lo, hi, step)]
 
         with entry[0]:
             if entry[1] is None:
+                _, grid = _rows_grid(t, ranked.BLOCK, width)
                 total = sum(ranked.each(lambda a, b: averaging.column_sums(*vectors(a, b)[0]),
-                                        row_blocks(0, rows, ranked.BLOCK)))
+                                        [(a, min(t.numel, a + grid)) for a in range(0, t.numel, grid)]))
                 weight = averaging.nuslerp_t(per_input["weight"])
                 entry[1] = weight, averaging.nuslerp_column_angles(total, weight)
             weight, angles = entry[1]
+        _, grid = _rows_grid(t, CHUNK_ELEMENTS, width)
         out, work, first, last = _output(t, view, start)
-        if not width:
-            return
-        for ra, rb in row_blocks(first // width, -(-last // width), CHUNK_ELEMENTS):
-            xs, base = vectors(ra, rb)
+        for ga in range(first - first % grid, last, grid):
+            gb = min(t.numel, ga + grid)
+            xs, base = vectors(ga, gb)
             merged = averaging.nuslerp_column_blend(xs[0], xs[1], weight, angles)
             merged = (merged if base is None else base + merged).reshape(-1)
-            lo, hi = max(first, ra * width), min(last, rb * width)
-            out[lo - first: hi - first].copy_(merged[lo - ra * width: hi - ra * width].to(work))
+            a, b = max(ga, first), min(gb, last)
+            out[a - first: b - first].copy_(merged[a - ga: b - ga].to(work))
 
     def _ranked_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
         """A magnitude-pruned merge: which elements each task vector keeps is found once in streamed passes

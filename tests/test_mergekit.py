@@ -258,12 +258,11 @@ U_BF16 = 2.0**-8
 BF16_ROUNDINGS = 8
 # float32 tolerance of the "angles" methods (model_stock, nuslerp flattened or per column). composer streams
 # their angles from float64 sums over blocks; mergekit reduces whole float32 tensors, so its cosine is off by a
-# few float32 ulps
-# (a sum of n float32 terms errs by up to ~log2(n) roundings with torch's pairwise reduction). That error reaches
-# the output through the interpolation coefficients (t for model_stock; sin((1-t)θ)/sin θ and sin(tθ)/sin θ for
-# nuslerp, whose sensitivity to cos is 1/sin^2 θ, ~1 for these unrelated random models), on top of the two tools'
-# identical elementwise roundings: |composer - mergekit| <= F32_ROUNDINGS * U_F32 * S elementwise, S as above.
-# (Observed: at most 2.6.)
+# few float32 ulps (a sum of n float32 terms errs by up to ~log2(n) roundings with torch's pairwise reduction).
+# That error reaches the output through the interpolation coefficients (t for model_stock; sin((1-t)θ)/sin θ
+# and sin(tθ)/sin θ for nuslerp, whose sensitivity to cos is 1/sin^2 θ, ~1 for these unrelated random models),
+# on top of the two tools' identical elementwise roundings: |composer - mergekit| <= F32_ROUNDINGS * U_F32 * S
+# elementwise, S as above. (Observed: at most 2.6.)
 U_F32 = 2.0**-24
 F32_ROUNDINGS = 16
 

@@ -228,13 +228,9 @@ def model_stock_blend(base: Tensor, tensors: Sequence[Tensor], t: Tensor) -> Ten
 
 def nuslerp_angle(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """(sin((1 - t) theta), sin(t theta), sin theta) of nuslerp's flattened vectors v0, v1 (the inputs, or their
-    task vectors with a base) from their angle_sums; None when they are colinear."""
-    norms, dots, _ = _pair_cosines(sums, 2)
-    cos = (dots[0] / (norms[0].clamp(min=1e-7) * norms[1].clamp(min=1e-7))).to(torch.float32).clamp(-1, 1)
-    if (1 - cos.square()) <= 1e-16:
-        return None
-    theta = torch.acos(cos)
-    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+    task vectors with a base) from their angle_sums; None when they are colinear. One vector is one column."""
+    s0, s1, sin_theta, colinear = nuslerp_column_angles(sums.reshape(3, 1), t)  # [|v0|^2, |v1|^2, <v0, v1>]
+    return None if colinear.item() else (s0.reshape(()), s1.reshape(()), sin_theta.reshape(()))
 
 
 def nuslerp_blend(v0: Tensor, v1: Tensor, t: float, angle: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
