@@ -139,9 +139,9 @@ class Merged:
         self._served(t, entry, len(view))
 
     def _slerp_into(self, t: TensorPlan, entry: list, view: memoryview, start: int) -> None:
-        """SLERP: its coefficients from two streamed passes over both inputs (once per tensor, chunks on both
-        cores), then c0 * base + c1 * other block by block, in two float32 buffers kept by the thread: a fresh
-        temporary per step cost ~8x the arithmetic (allocation, page faults, one more pass over memory)."""
+        """SLERP: its coefficients from one streamed pass over both inputs (once per tensor, steps on both cores),
+        then c0 * base + c1 * other block by block, in two float32 buffers kept by the thread: a fresh temporary
+        per step cost ~8x the arithmetic (allocation, page faults, one more pass over memory)."""
         import torch
 
         from composer import ranked
@@ -151,10 +151,12 @@ class Merged:
         with entry[0]:
             if entry[1] is None:
                 def read(s: int, e: int):
-                    if not hasattr(_LOCAL, "slerp"):  # two buffers per pass thread, kept for its life
-                        _LOCAL.slerp = torch.empty(averaging.SLERP_CHUNK), torch.empty(averaging.SLERP_CHUNK)
-                    return (_load(base, t, self._sources, s, e, _LOCAL.slerp[0]).reshape(1, -1),
-                            _load(other, t, self._sources, s, e, _LOCAL.slerp[1]).reshape(1, -1))
+                    if not hasattr(_LOCAL, "slerp"):  # one [2, SLERP_CHUNK] buffer per pass thread, kept for its life
+                        _LOCAL.slerp = torch.empty(2, averaging.SLERP_CHUNK)
+                    pair = _LOCAL.slerp
+                    _load(base, t, self._sources, s, e, pair[0])
+                    _load(other, t, self._sources, s, e, pair[1])
+                    return pair[:, : e - s]
 
                 entry[1] = averaging.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
             c0, c1 = (c.reshape(()) for c in entry[1])  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower

@@ -88,8 +88,8 @@ RANDOM = ("dare_linear", "dare_ties", *DELLA)  # random masks drawn per block of
 
 
 def merge_mode(t: TensorPlan) -> str:
-    """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (two streamed
-    passes for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
+    """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (one streamed
+    pass for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
     elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
     first; DELLA's per block of whole rows), "angles" (model_stock, flattened nuslerp: float64 sums streamed for
     the angles, then elementwise), "rows" (model_stock per row, nuslerp per row: the method on blocks of whole

@@ -252,7 +252,7 @@ def test_dry_run_of_a_merge_does_not_import_torch(models, write_recipe):
     ("slerp", "parameters: {t: 0.3}", "slerp"),
 ])
 def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_path, monkeypatch, method, params, mode):
-    """Tiny blocks and chunks (and slerp's reduction chunks) split every tensor; the result still equals the method
+    """Tiny blocks and chunks (and slerp's statistics steps and runs) split every tensor; the result still equals the method
     applied to whole tensors, bit for bit."""
     import sys
 
@@ -263,6 +263,7 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
     monkeypatch.setattr(averaging, "SLERP_CHUNK", 512)
+    monkeypatch.setattr(averaging, "SLERP_RUN", 96)  # runs and a partial run per step
     monkeypatch.setattr(ranked, "BLOCK", 700)
     base, other = models["llama"], models["llama-b"]
     recipe = write_recipe(f"merge_method: {method}\nbase_model: {base}\n{F32}{params}\n"

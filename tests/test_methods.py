@@ -135,6 +135,45 @@ def test_slerp_zero_tensor_does_not_divide_by_zero(models):
     assert_close(out, base * math.sin(math.pi / 4), **TIGHT)
 
 
+def test_slerp_sums_are_near_exact_and_cover_every_element():
+    """slerp_sums: float32 sums over runs of SLERP_RUN elements (tail included), added in float64: within a few
+    float32 ulps of the exact float64 sums for a 2**20-element block plus a tail (one float32 reduction over the
+    block errs by hundreds)."""
+    from composer.methods import averaging
+
+    n = 2**20 + 777  # a partial run at the end
+    a = (0.02 * rand(n, seed=11)).bfloat16().float()
+    b = (a + 0.002 * rand(n, seed=12)).bfloat16().float()
+    got = averaging.slerp_sums(torch.stack([a, b]))
+    a64, b64 = a.double(), b.double()
+    exact = torch.stack([a64 @ a64, b64 @ b64, a64 @ b64])
+    assert ((got - exact).abs() / exact.abs()).max() < 8 * 2.0**-24
+    b[-1] += 1.0  # the tail counts
+    assert averaging.slerp_sums(torch.stack([a, b]))[1] > got[1] + 0.5
+
+
+def test_slerp_does_not_depend_on_the_thread_count():
+    """A reduction over a long float32 tensor is split among torch's threads, so its bits depend on their number
+    (mergekit's slerp norms and dot product do). composer's coefficients come from runs reduced on one thread each:
+    the same on any machine's core count."""
+    from composer.methods import averaging
+
+    threads = torch.get_num_threads()
+    try:
+        for seed in range(6):
+            a = 0.02 * rand(2**21 + 5, seed=20 + seed)
+            b = a + 0.002 * rand(2**21 + 5, seed=40 + seed)
+            coefficients = []
+            for n in (1, 2, 4):
+                torch.set_num_threads(n)
+                pair = torch.stack([a, b])
+                coefficients.append(averaging.slerp_coefficients(lambda s, e: pair[:, s:e], a.numel(), 0.3))
+            assert all(torch.equal(c[0], coefficients[0][0]) and torch.equal(c[1], coefficients[0][1])
+                       for c in coefficients), seed
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------- nuslerp
 
 

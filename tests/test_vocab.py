@@ -163,7 +163,9 @@ def test_aligned_dry_run_says_so(vocab_models, tmp_path):
 
 @pytest.mark.parametrize("case", ["slerp", "ties", "shuffled"])
 def test_alignment_matches_mergekit(mergekit, vocab_models, tmp_path, case):
-    """The same recipes give mergekit's tensors; float32 recipes, so bit for bit."""
+    """The same recipes give mergekit's tensors; float32 recipes, so bit for bit, except slerp, whose angle composer
+    takes from float64 sums (see test_mergekit): within F32_ROUNDINGS float32 roundings of the tensor's largest
+    value. A row taken from the wrong token would be off by a whole weight, ~10^5 times more."""
     a, short, mid, shuffled = (str(vocab_models[k]) for k in ("a", "short", "mid", "a-shuffled"))
     texts = {
         "slerp": f"merge_method: slerp\nbase_model: {short}\ntokenizer_source: base\ndtype: float32\n"
@@ -182,6 +184,10 @@ def test_alignment_matches_mergekit(mergekit, vocab_models, tmp_path, case):
     mine = load_state_dict(theirs)
     assert ours.keys() == mine.keys()
     for name in ours:
-        assert torch.equal(ours[name], mine[name]), name
+        if case == "slerp":
+            bound = test_mergekit.F32_ROUNDINGS * test_mergekit.U_F32 * mine[name].abs().max()
+            assert (ours[name] - mine[name]).abs().max() <= bound, name
+        else:
+            assert torch.equal(ours[name], mine[name]), name
     assert (json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"]
             == json.loads((theirs / "config.json").read_text())["vocab_size"])
