@@ -23,8 +23,13 @@ Steps
      mlp the reverse, 0.5 elsewhere);
    * ``ties``: base + ft1 + ft2, density 0.5 and weight 0.5 each.
 
-3. **Runs**: for each method, composer then mergekit, one after the other,
-   writing to ``--workdir``.  Measurement is ``bench_solar``'s: before each
+3. **Runs**: for each method, composer, then mergekit, then the I/O floor,
+   one after the other, writing to ``--workdir``.  The I/O floor is the disk
+   work no merge can avoid, done by plain tools: ``cp`` of the first input
+   model's shards (as many bytes as the merged output, within its header)
+   while ``cat`` reads the other inputs to ``/dev/null``, so every input is
+   read once and the output's bytes written once (``--skip-io`` leaves it
+   out).  Measurement is ``bench_solar``'s: before each
    run the disk settles and the page cache is dropped (or, if that is not
    permitted, the inputs are pre-read), the process tree's summed ``VmRSS``
    and ``RssAnon`` are sampled every 20 ms, and the wall time includes a final
@@ -36,7 +41,9 @@ Steps
    values is reported.
 
 4. **Report**: a Markdown table and the targets (composer peak anon <= 1 GB;
-   composer wall <= 0.5x mergekit for linear and ties, <= 0.25x for slerp).
+   composer wall <= 0.5x mergekit for linear and ties, <= 0.25x for slerp),
+   with each tool's wall time as a multiple of the I/O floor's: how far it is
+   from the disk's limit, which decides the ratio on a slow disk.
 
 Usage::
 
@@ -84,6 +91,7 @@ WALL_TARGETS = {"linear": 0.5, "slerp": 0.25, "ties": 0.5}
 ANON_TARGET = 1 * GB
 SAMPLE_ELEMS = 65536  # values compared per sampled tensor
 BUSY_WARN = 0.25  # warn when other processes kept this many CPUs busy on average during a run
+IO_FLOOR = "io floor (cp + cat)"
 
 
 # --------------------------------------------------------------------------
@@ -203,9 +211,20 @@ def recipe_for(method: str, dirs: dict[str, Path], layers: int) -> dict:
     raise ValueError(method)
 
 
-def recipe_inputs(method: str, dirs: dict[str, Path]) -> list[Path]:
+def recipe_inputs(method: str, dirs: dict[str, Path], by_model: bool = False) -> list:
+    """The input shards a method's recipe reads (a list of them per model with ``by_model``)."""
     names = {"linear": ("ft1", "ft2"), "slerp": ("base", "ft1"), "ties": ("base", "ft1", "ft2")}[method]
-    return [p for n in names for p in sorted(dirs[n].glob("*.safetensors"))]
+    models = [sorted(dirs[n].glob("*.safetensors")) for n in names]
+    return models if by_model else [p for m in models for p in m]
+
+
+def io_floor_command(method: str, dirs: dict[str, Path], out: Path) -> list[str]:
+    """The I/O floor of a merge with plain tools: cp the first input model's shards into ``out`` while cat reads
+    the other inputs; exits non-zero if either fails."""
+    first, *rest = recipe_inputs(method, dirs, by_model=True)
+    script = 'cat "$@" > /dev/null & reader=$!; cp -L ' + " ".join(shlex.quote(str(p)) for p in first) + \
+        " " + shlex.quote(str(out)) + '/ && wait "$reader"'
+    return ["sh", "-c", script, "io-floor", *(str(p) for model in rest for p in model)]
 
 
 def busy_cpu_s() -> float:
@@ -307,20 +326,22 @@ def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict
            gen: dict, machine: dict,
            argv: list[str], cache_mode: str) -> tuple[list[str], bool]:
     lines = [
-        "| method | tool | wall s (incl. sync) | ratio composer/mergekit | peak RSS GB | peak anon GB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | tool | wall s (incl. sync) | ratio composer/mergekit | x I/O floor | peak RSS GB | peak anon GB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     targets: list[str] = []
     all_pass = True
     for method, rs in results.items():
         comp = next((r for r in rs if r.tool == "composer" and r.returncode == 0), None)
         mk = next((r for r in rs if r.tool == "mergekit" and r.returncode == 0), None)
+        io = next((r for r in rs if r.tool == IO_FLOOR and r.returncode == 0), None)
         ratio = comp.wall_sync_s / mk.wall_sync_s if comp and mk else None
         for r in rs:
             name = r.tool if r.returncode == 0 else f"{r.tool} (FAILED rc={r.returncode})"
             cell = f"{ratio:.2f}x" if ratio is not None and r.tool == "composer" else ""
-            lines.append(f"| {method} | {name} | {r.wall_sync_s:.1f} | {cell} | {r.peak_rss_bytes / GB:.2f} "
-                         f"| {r.peak_anon_bytes / GB:.3f} |")
+            floor = f"{r.wall_sync_s / io.wall_sync_s:.2f}x" if io and r.returncode == 0 else ""
+            lines.append(f"| {method} | {name} | {r.wall_sync_s:.1f} | {cell} | {floor} "
+                         f"| {r.peak_rss_bytes / GB:.2f} | {r.peak_anon_bytes / GB:.3f} |")
         if comp:
             ok = comp.peak_anon_bytes <= ANON_TARGET
             all_pass &= ok
@@ -381,6 +402,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--small", action="store_true",
                    help="smoke test: 4 layers, hidden 512, intermediate 1408, 8/2 heads (~90 MB per model)")
+    p.add_argument("--skip-io", action="store_true",
+                   help="do not measure the I/O floor (cp of one input model while cat reads the others)")
     add_run_options(p, seed_help="seed of the base weights (fine-tune deltas: +1, +2)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -404,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample_names(spec)
 
     tools = [(t, c) for t, c, skip in (("composer", args.composer_cmd, args.skip_composer),
-                                       ("mergekit", args.mergekit_cmd, args.skip_mergekit)) if not skip]
+                                       ("mergekit", args.mergekit_cmd, args.skip_mergekit),
+                                       (IO_FLOOR, None, args.skip_io)) if not skip]
     results: dict[str, list[Result]] = {}
     outputs: dict[str, dict[str, dict]] = {}
     checks: dict[str, dict] = {}
@@ -416,18 +440,28 @@ def main(argv: list[str] | None = None) -> int:
         recipe.write_text(yaml.safe_dump(recipe_for(method, dirs, spec.layers), sort_keys=False))
         results[method], outputs[method], load[method] = [], {}, {}
         for tool, template in tools:
-            out = work / f"out-{method}-{tool}"
+            key = tool.split()[0]  # composer, mergekit, io
+            out = work / f"out-{method}-{key}"
             if out.exists():
                 shutil.rmtree(out)
-            cmd = shlex.split(template.format(recipe=shlex.quote(str(recipe)), out=shlex.quote(str(out)),
-                                              repo=shlex.quote(str(REPO))))
+            if template is None:  # the I/O floor: cp needs its destination folder
+                out.mkdir()
+                cmd = io_floor_command(method, dirs, out)
+            else:
+                cmd = shlex.split(template.format(recipe=shlex.quote(str(recipe)), out=shlex.quote(str(out)),
+                                                  repo=shlex.quote(str(REPO))))
             mode = prepare_cache(args.cache, recipe_inputs(method, dirs))
             modes.add(mode)
             print(f"\n== {method} / {tool} (page cache: {mode}): {shlex.join(cmd)}", flush=True)
-            res, others = run_with_load(tool, cmd, work / "logs" / f"{method}-{tool}.log", args.interval)
+            res, others = run_with_load(tool, cmd, work / "logs" / f"{method}-{key}.log", args.interval)
             load[method][tool] = others
             res.cache_mode = mode
-            if out.exists():
+            if out.exists() and template is None:
+                res.output_files = len(list(out.iterdir()))
+                res.output_bytes = sum(p.stat().st_size for p in out.iterdir())
+                shutil.rmtree(out)
+                os.sync()
+            elif out.exists():
                 tensors, data = read_output(out, samples)
                 res.output_files = len(list(out.rglob("*.safetensors")))
                 res.output_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
@@ -444,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 print(f"   FAILED, last lines of {res.log}:")
                 print("   " + "\n   ".join(Path(res.log).read_text(errors="replace").splitlines()[-15:]))
-            elif res.output_tensors != len(spec.tensors()):
+            elif template is not None and res.output_tensors != len(spec.tensors()):
                 print(f"   WARNING: {res.output_tensors} tensors in the output, expected {len(spec.tensors())}")
             results[method].append(res)
         if len(outputs[method]) == 2:
