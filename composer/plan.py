@@ -274,7 +274,8 @@ def _merge(recipe: Recipe, out_name: str, layer: LayerSource, infos: list[Tensor
         takes = spec.per_input if (k != base_index or spec.per_input_includes_base) else {}
         per_input.append(tuple(_resolve(takes, inp.scopes, info.name, layer.t, method).items()))
     if method == "slerp" and not 0 <= shared["t"] <= 1:
-        raise PlanError(f"slerp t={shared['t']} for '{out_name}' is outside [0, 1]")
+        raise PlanError(f"slerp t={shared['t']} for '{out_name}' is outside [0, 1]: use a t from 0 (the base "
+                        "model) to 1 (the other model)")
     for model, params in zip(models, per_input):
         density, epsilon = dict(params).get("density", 1.0), dict(params).get("epsilon")
         if epsilon is not None and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):

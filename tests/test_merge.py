@@ -179,7 +179,7 @@ slices:
 
 @pytest.mark.parametrize(("body", "expected"), [
     ("merge_method: slerp\nbase_model: A\nparameters: {t: 1.5}\nmodels: [{model: A}, {model: B}]\n",
-     "slerp t=1.5 for 'model.embed_tokens.weight' is outside [0, 1]"),
+     "slerp t=1.5 for 'model.embed_tokens.weight' is outside [0, 1]: use a t from 0 (the base model) to 1"),
     ("merge_method: ties\nparameters: {weight: 1.0}\nmodels: [{model: A}, {model: B}]\n",
      "merge_method ties needs a base model: set base_model"),
     ("merge_method: linear\nmodels: [{model: A, parameters: {weight: 1.0}}, {model: B, parameters: {weight: -1.0}}]\n",
