@@ -6,9 +6,10 @@ from typing import Callable, Mapping
 
 from composer.errors import ComposerError, CorruptFileError, OutputError, PlanError, RecipeError, SourceError
 from composer.execute import execute
-from composer.plan import DEFAULT_SHARD_SIZE, Plan, build_plan
+from composer.plan import build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.sources import SourceModel, open_sources
+from composer.tensorplan import DEFAULT_SHARD_SIZE, Plan
 
 __version__ = "0.1.0"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import yaml
 
-from composer.plan import Plan
 from composer.report import hub_bases, layer_runs, used_models
+from composer.tensorplan import Plan
 
 METHODS = {
     "depth-upscaling": (

@@ -15,9 +15,9 @@ import click
 from composer.errors import ComposerError
 from composer.execute import check_destination, check_empty, execute
 from composer.hub import HubClient
-from composer.stages import plan_stages
-from composer.plan import DEFAULT_SHARD_SIZE
 from composer.report import human_bytes, render, summary
+from composer.stages import plan_stages
+from composer.tensorplan import DEFAULT_SHARD_SIZE
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -17,9 +17,9 @@ from composer.dtypes import ITEMSIZE
 from composer.errors import OutputError
 from composer.merging import Merged, torch_dtype
 from composer.outputs import write_metadata
-from composer.plan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan
 from composer.reading import Sources, import_torch, prefetch, read_into
 from composer.sources import free_bytes
+from composer.tensorplan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan
 from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
 

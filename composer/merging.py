@@ -8,8 +8,8 @@ import hashlib
 import threading
 
 from composer.dtypes import ITEMSIZE
-from composer.plan import CHUNK_ELEMENTS, DELLA, TensorPlan, merge_mode
 from composer.sources import TensorInfo
+from composer.tensorplan import CHUNK_ELEMENTS, DELLA, TensorPlan, merge_mode
 from composer.vocab import AlignedRows, gather
 
 

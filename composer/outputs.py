@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from composer.card import model_card
-from composer.plan import Plan
-from composer.tokenizer import tokenizer_files
 from composer.report import provenance
+from composer.tensorplan import Plan
+from composer.tokenizer import tokenizer_files
 
 RECIPE_FILE = "composer_recipe.yaml"
 PROVENANCE_FILE = "composer_provenance.json"

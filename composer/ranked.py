@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from composer.plan import RANK_BLOCK
+from composer.tensorplan import RANK_BLOCK
 
 WORKERS = 2
 BLOCK = RANK_BLOCK  # elements per step of the passes that rank

@@ -16,8 +16,8 @@ from typing import Callable
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError
 from composer.merging import torch_dtype
-from composer.plan import Plan, merge_mode
 from composer.sources import TensorInfo
+from composer.tensorplan import Plan, merge_mode
 from composer.vocab import AlignedRows
 from composer.writer import ShardPlan
 

@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from composer.dtypes import DTYPE_NAME
-from composer.plan import CHUNK_BYTES, SPARE_CHUNKS, WORKERS, Plan, merge_mode
 from composer.sources import HubOrigin, free_bytes
+from composer.tensorplan import CHUNK_BYTES, SPARE_CHUNKS, WORKERS, Plan, merge_mode
 
 BASE_MEMORY = 60 * 2**20  # the interpreter with composer loaded
 TORCH_MEMORY = 250 * 2**20  # torch's own footprint once a tensor has to be computed, not copied

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from composer.outputs import PROVENANCE_FILE, RECIPE_FILE
-from composer.plan import DEFAULT_SHARD_SIZE, Plan, build_plan
+from composer.plan import build_plan
 from composer.recipe import Recipe, load_recipes
 from composer.report import hub_bases
 from composer.sources import HubOrigin, SourceModel, TensorInfo, open_model, open_sources
+from composer.tensorplan import DEFAULT_SHARD_SIZE, Plan
 
 __all__ = ["RECIPE_FILE", "Stage", "load_stages", "plan_stages", "stages_folder"]
 

@@ -120,7 +120,7 @@ def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, 
     import sys
 
     from composer import ranked
-    from composer.plan import merge_mode
+    from composer.tensorplan import merge_mode
 
     base, a, b = models["llama"], models["llama-b"], models["llama-c"]
     head = f"base_model: {base}\nmodels: [{{model: {base}}}, " if with_base else "models: ["
@@ -257,7 +257,7 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     import sys
 
     from composer import ranked
-    from composer.plan import merge_mode
+    from composer.tensorplan import merge_mode
 
     ex, averaging = sys.modules["composer.execute"], sys.modules["composer.methods.averaging"]
     monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
@@ -382,7 +382,7 @@ def test_row_methods_stream_by_blocks_of_rows(models, write_recipe, tmp_path, mo
     import sys
 
     from composer import plan_recipe, ranked
-    from composer.plan import merge_mode
+    from composer.tensorplan import merge_mode
 
     base, a, b = models["llama"], models["llama-b"], models["llama-c"]
     weights = ", parameters: {weight: 0.4}" if method == "nuslerp" else ""

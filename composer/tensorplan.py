@@ -1,0 +1,164 @@
+"""What a plan is made of: Plan, TensorPlan (one output tensor: op, inputs, parameters, dtype), LayerPlan, how
+each merged tensor is computed (merge_mode), and the chunk sizes that the planner, the dry run and the writer
+share. Plain data: building it is composer.plan's work."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from composer.dtypes import ITEMSIZE
+from composer.recipe import Recipe
+from composer.sources import SourceModel, TensorInfo
+from composer.vocab import AlignedRows
+from composer.writer import ShardPlan
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+CHUNK_ELEMENTS = 256 * 1024  # elements per compute step: float32 temporaries stay in L2 cache and in malloc's heap
+RANK_BLOCK = 2**20  # elements per step of the statistics passes (composer.ranked.BLOCK)
+CHUNK_BYTES = 64 * 2**20  # one output chunk: the unit of reading, computing and writing
+WORKERS = 2  # chunks in flight: keeps the disk busy while another chunk is read or computed
+# Chunk buffers beyond one per worker: a worker hands its filled chunk to a writer thread and fills the next one
+# meanwhile, so up to WORKERS + SPARE_CHUNKS writes can be in flight (direct writes here, a virtual disk, ran at
+# ~460 MB/s with one 64 MB write in flight and ~700 with two; dd, the rate varies with the neighbours' load).
+SPARE_CHUNKS = 1
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: what op makes it, from which source tensors, with which parameters, in which dtype."""
+
+    name: str
+    op: str  # "copy" | "zeros" | "scale", or a merge method ("linear", "slerp", ...)
+    inputs: tuple[TensorInfo, ...]
+    models: tuple[str, ...]
+    dtype: str
+    via: str | None = None  # the recipe's `dtype`: values are rounded through it first, as mergekit does
+    params: tuple[tuple[str, Any], ...] = ()  # shared parameters, resolved for this tensor
+    input_params: tuple[tuple[tuple[str, Any], ...], ...] = ()  # per input (merges), resolved for this tensor
+    base: int | None = None  # index in `inputs` of the base model's tensor (merges)
+    layer: int | None = None
+    source_layer: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
+
+    @property
+    def numel(self) -> int:
+        return self.inputs[0].numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def is_byte_copy(self) -> bool:
+        src = self.inputs[0].dtype
+        aligned = isinstance(self.inputs[0], AlignedRows)
+        return self.op == "copy" and src == self.dtype and self.via in (None, src) and not aligned
+
+    @property
+    def is_merge(self) -> bool:
+        return self.op not in ("copy", "zeros", "scale")
+
+    @property
+    def status(self) -> str:
+        if self.is_merge:
+            return "merged"
+        if self.op == "zeros" or (self.op == "scale" and dict(self.params).get("scale") == 0):
+            return "zeroed"
+        if self.op == "scale":
+            return "scaled"
+        return "copied" if self.is_byte_copy else "converted"
+
+
+RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # magnitude pruning, streamed by composer.ranked
+DELLA = ("della", "della_linear")  # random masks from per-row ranks, drawn per block of whole rows
+RANDOM = ("dare_linear", "dare_ties", *DELLA)  # random masks drawn per block of a fixed grid
+
+
+def merge_mode(t: TensorPlan) -> str:
+    """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (one streamed
+    pass for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
+    elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
+    first; DELLA's per block of whole rows), "angles" (model_stock, flattened nuslerp: float64 sums streamed for
+    the angles, then elementwise), "rows" (model_stock per row, nuslerp per row: the method on blocks of whole
+    rows), "columns" (nuslerp per column: float64 sums per column streamed over blocks of whole rows, then the
+    blend on blocks of whole rows) or "whole" (the whole tensor at once: DELLA on tensors of more than two
+    dimensions, nuslerp per column on them too)."""
+    from composer.methods import METHODS, locality
+
+    spec = METHODS[t.op]
+    if t.op == "slerp":
+        return "slerp"
+    keep = [k for k in range(len(t.inputs)) if k != t.base or spec.per_input_includes_base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
+    if not spec.random and locality(t.op, dict(t.params), per_input) == "elementwise":
+        return "elementwise"
+    if t.op in RANKED:
+        return "ranked"
+    shared = {**spec.shared, **dict(t.params)}
+    if t.op == "model_stock" and not shared["filter_wise"] or t.op == "nuslerp" and shared["nuslerp_flatten"]:
+        return "angles"
+    if len(t.shape) <= 2 and (t.op == "model_stock" or t.op == "nuslerp" and not shared["nuslerp_row_wise"]):
+        return "rows"  # one angle per row (along the last dim): any block of whole rows on its own
+    if len(t.shape) <= 2 and t.op == "nuslerp":
+        return "columns"  # nuslerp_row_wise: one angle per column (vectors along dim 0)
+    if t.op in RANDOM and (t.op not in DELLA or len(t.shape) <= 2):  # DELLA ranks along dim 1: rows of 2-D
+        return "random"
+    return "whole"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One output layer: which model and layer it comes from, and whether it is new (an identity block)."""
+
+    index: int
+    model: str
+    source_layer: int
+    status: str  # "copied" | "new" | "scaled" | "merged"
+    zeroed: tuple[str, ...] = ()
+    sources: tuple[tuple[str, int], ...] = ()  # every (model, layer) the layer is made from
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    operation: str
+    base: str
+    tokenizer_from: str
+    sources: Mapping[str, SourceModel]
+    tensors: tuple[TensorPlan, ...]
+    layers: tuple[LayerPlan, ...]
+    config: Mapping[str, Any]
+    shards: tuple[ShardPlan, ...]
+    recipe_text: str = ""
+    recipe_path: str = ""
+    notes: tuple[str, ...] = field(default=())
+    seed: int = 0  # seeds the random merge methods (DARE, DELLA), per tensor
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def compute_memory(self) -> int:
+        """Scratch memory one worker needs to compute (not copy) a chunk: a float32 copy and the cast result."""
+        worst = 0
+        for t in self.tensors:
+            if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
+                mode = merge_mode(t)
+                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows", "columns")
+                                                            else CHUNK_ELEMENTS)
+                worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
+            elif not t.is_byte_copy and t.op != "zeros":
+                worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
+        return worst
