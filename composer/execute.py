@@ -158,18 +158,21 @@ def _return_freed_memory() -> None:
 
 
 def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
-    """Write every shard front to back in aligned chunks, `workers` chunks in flight at once."""
+    """Write every shard front to back in aligned chunks, `workers` chunks in flight at once. torch is imported
+    only for a plan that computes: byte copies and zeros need none of it (a SOLAR up-scale is spared 1-3 s of
+    import and ~0.2 GB of memory)."""
     with ExitStack() as stack:
         sources = Sources()
         stack.callback(sources.close)
-        import_torch(plan, stack)
-        import torch
+        if plan.computes:
+            import_torch(plan, stack)
+            import torch
 
-        _return_freed_memory()
-        threads = torch.get_num_threads()
-        if workers > 1:  # our workers are the parallelism: torch's own threads would spin-wait on busy cores
-            torch.set_num_threads(1)
-        stack.callback(torch.set_num_threads, threads)
+            _return_freed_memory()
+            threads = torch.get_num_threads()
+            if workers > 1:  # our workers are the parallelism: torch's own threads would spin-wait on busy cores
+                torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, threads)
         _write_shards(plan, tmp, progress, workers, sources)
 
 

@@ -150,6 +150,11 @@ class Plan:
         return sum(s.size for s in self.shards)
 
     @property
+    def computes(self) -> bool:
+        """Whether any tensor is computed rather than copied as bytes or zero-filled: only then is torch needed."""
+        return any(t.is_merge or not (t.is_byte_copy or t.op == "zeros") for t in self.tensors)
+
+    @property
     def compute_memory(self) -> int:
         """Scratch memory one worker needs to compute (not copy) a chunk: a float32 copy and the cast result."""
         worst = 0

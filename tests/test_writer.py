@@ -140,10 +140,12 @@ def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, w
 
 
 def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_path):
-    """In a fresh interpreter the read-ahead starts once torch's core library has loaded and before the rest of
-    torch's import has run (the seconds it is meant to use); the output is still the model, byte for byte."""
-    src = models["llama"]
-    recipe = write_recipe(f"block_expansion: {{model: {src}, every: 2}}\n")
+    """In a fresh interpreter a plan that computes (a merge: byte copies need no torch) starts the read-ahead once
+    torch's core library has loaded and before the rest of torch's import has run (the seconds it is meant to
+    use); the output is still the model, byte for byte."""
+    a, b = models["llama"], models["llama-b"]
+    recipe = write_recipe(f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 0.3}}}}, "
+                          f"{{model: {b}, parameters: {{weight: 0.7}}}}]\n")
     script = f"""
 import sys
 import composer
