@@ -211,17 +211,20 @@ def recipe_for(method: str, dirs: dict[str, Path], layers: int) -> dict:
     raise ValueError(method)
 
 
-def recipe_inputs(method: str, dirs: dict[str, Path], by_model: bool = False) -> list:
-    """The input shards a method's recipe reads (a list of them per model with ``by_model``)."""
+def recipe_models(method: str, dirs: dict[str, Path]) -> list[list[Path]]:
+    """The input shards a method's recipe reads, model by model."""
     names = {"linear": ("ft1", "ft2"), "slerp": ("base", "ft1"), "ties": ("base", "ft1", "ft2")}[method]
-    models = [sorted(dirs[n].glob("*.safetensors")) for n in names]
-    return models if by_model else [p for m in models for p in m]
+    return [sorted(dirs[n].glob("*.safetensors")) for n in names]
+
+
+def recipe_inputs(method: str, dirs: dict[str, Path]) -> list[Path]:
+    return [p for model in recipe_models(method, dirs) for p in model]
 
 
 def io_floor_command(method: str, dirs: dict[str, Path], out: Path) -> list[str]:
     """The I/O floor of a merge with plain tools: cp the first input model's shards into ``out`` while cat reads
     the other inputs; exits non-zero if either fails."""
-    first, *rest = recipe_inputs(method, dirs, by_model=True)
+    first, *rest = recipe_models(method, dirs)
     script = 'cat "$@" > /dev/null & reader=$!; cp -L ' + " ".join(shlex.quote(str(p)) for p in first) + \
         " " + shlex.quote(str(out)) + '/ && wait "$reader"'
     return ["sh", "-c", script, "io-floor", *(str(p) for model in rest for p in model)]

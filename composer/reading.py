@@ -88,7 +88,7 @@ def prefetch(shard: ShardPlan, segs, start: int, end: int, sources: Sources) -> 
     in large requests."""
     for seg_start, seg_end, tensor in segs:
         a, b = max(start, seg_start), min(end, seg_end)
-        if a >= b or tensor is None or tensor.op == "zeros" or tensor.is_byte_copy:
+        if a >= b or tensor is None or not tensor.is_computed:
             continue
         first, last = (a - seg_start) // ITEMSIZE[tensor.dtype], -(-(b - seg_start) // ITEMSIZE[tensor.dtype])
         for info in tensor.inputs:

@@ -62,6 +62,11 @@ class TensorPlan:
         return self.op not in ("copy", "zeros", "scale")
 
     @property
+    def is_computed(self) -> bool:
+        """Made by arithmetic on values (torch), not by copying bytes or writing zeros."""
+        return not (self.is_byte_copy or self.op == "zeros")
+
+    @property
     def status(self) -> str:
         if self.is_merge:
             return "merged"
@@ -152,7 +157,7 @@ class Plan:
     @property
     def computes(self) -> bool:
         """Whether any tensor is computed rather than copied as bytes or zero-filled: only then is torch needed."""
-        return any(t.is_merge or not (t.is_byte_copy or t.op == "zeros") for t in self.tensors)
+        return any(t.is_computed for t in self.tensors)
 
     @property
     def compute_memory(self) -> int:
@@ -164,6 +169,6 @@ class Plan:
                 block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows", "columns")
                                                             else CHUNK_ELEMENTS)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
-            elif not t.is_byte_copy and t.op != "zeros":
+            elif t.is_computed:
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))
         return worst
