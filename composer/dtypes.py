@@ -1,4 +1,4 @@
-"""Dtype names: safetensors' codes, the recipe's names, and bytes per element."""
+"""Dtype names: safetensors' codes, the recipe's names, bytes per element, and the matching torch dtypes."""
 from __future__ import annotations
 
 ITEMSIZE = {
@@ -8,3 +8,10 @@ ITEMSIZE = {
 ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 DTYPE_NAME = {v: k for k, v in ST_DTYPE.items()}
 FLOAT_DTYPES = tuple(ST_DTYPE.values())
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code (torch is imported on first use: planning needs none)."""
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]

@@ -13,9 +13,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from composer.dtypes import ITEMSIZE
+from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import OutputError
-from composer.merging import Merged, torch_dtype
+from composer.merging import Merged
 from composer.outputs import write_metadata
 from composer.reading import Sources, import_torch, prefetch, read_into
 from composer.sources import free_bytes

@@ -4,43 +4,14 @@ TIES's magnitude cut, DARE's and DELLA's rescale), else whole, once; each served
 fully served."""
 from __future__ import annotations
 
-import hashlib
 import threading
 
-from composer.dtypes import ITEMSIZE
-from composer.sources import TensorInfo
+from composer.blocks import output_view, read_block, rows_grid, task_vector_parts, tensor_seed
+from composer.dtypes import torch_dtype
 from composer.tensorplan import CHUNK_ELEMENTS, DELLA, TensorPlan, merge_mode
-from composer.vocab import AlignedRows, gather
 
 
 _LOCAL = threading.local()  # per-thread work buffers, reused from tensor to tensor
-
-
-def torch_dtype(code: str):
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
-
-
-def _seed(seed: int, name: str) -> int:
-    """A per-tensor seed: random methods give the same tensor whatever the order chunks run in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-
-
-def _load(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: int | None = None, out=None):
-    """Elements [start, stop) of an input, flat, rounded through the recipe's dtype, as float32 (in `out`, a
-    float32 buffer at least that long, when given: big temporaries cost page faults)."""
-    import torch
-
-    stop = info.numel if stop is None else stop
-    via = torch_dtype(t.via or info.dtype)
-    if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
-        x = gather(info, sources.tensor, start, stop, via)
-    else:
-        x = sources.tensor(info, start, stop)
-    if out is not None:
-        return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
-    return x.to(via).to(torch.float32)
 
 
 def _apply(t: TensorPlan, inputs: list, seed: int):
@@ -52,37 +23,10 @@ def _apply(t: TensorPlan, inputs: list, seed: int):
     spec = METHODS[t.op]
     keep = [k for k in range(len(inputs)) if k != t.base or spec.per_input_includes_base]
     per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
-    generator = torch.Generator().manual_seed(_seed(seed, t.name)) if spec.random else None
+    generator = torch.Generator().manual_seed(tensor_seed(seed, t.name)) if spec.random else None
     base = inputs[t.base] if t.base is not None and spec.base != "ignored" else None
     return spec.apply([inputs[k] for k in keep], base=base,
                       shared=dict(t.params), per_input=per_input, generator=generator)
-
-
-def _task_vector_parts(t: TensorPlan):
-    """(method spec, indices of the non-base inputs, shared parameters, per-input parameters) of a merge."""
-    from composer.methods import METHODS
-
-    spec = METHODS[t.op]
-    others = [k for k in range(len(t.inputs)) if k != t.base]
-    per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
-    return spec, others, dict(t.params), per_input
-
-
-def _rows_grid(t: TensorPlan, block: int, width: int | None = None) -> tuple[int, int]:
-    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row unless
-    `width` says otherwise)."""
-    width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if width is None else width
-    return width, width * max(1, block // width)
-
-
-def _output(t: TensorPlan, view: memoryview, start: int):
-    """The chunk's part of a tensor as a typed view, the dtype results are rounded through, and the element
-    range [first, last) of the tensor that it holds."""
-    import torch
-
-    out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
-    first = start // ITEMSIZE[t.dtype]
-    return out, torch_dtype(t.via or t.inputs[0].dtype), first, first + out.numel()
 
 
 class Merged:
@@ -114,7 +58,7 @@ class Merged:
         if mode == "whole":
             with entry[0]:
                 if entry[1] is None:
-                    result = _apply(t, [_load(i, t, self._sources).reshape(i.shape) for i in t.inputs], self._seed)
+                    result = _apply(t, [read_block(i, t, self._sources).reshape(i.shape) for i in t.inputs], self._seed)
                     entry[1] = bytearray(t.nbytes)
                     torch.frombuffer(entry[1], dtype=out_dt).copy_(result.reshape(-1).to(work))
                 view[:] = memoryview(entry[1])[start: start + len(view)]
@@ -131,10 +75,10 @@ class Merged:
         elif mode == "columns":
             self._columns_into(t, entry, view, start)
         else:
-            out, work, first, _ = _output(t, view, start)
+            out, work, first, _ = output_view(t, view, start)
             for a in range(0, out.numel(), CHUNK_ELEMENTS):
                 b = min(out.numel(), a + CHUNK_ELEMENTS)
-                inputs = [_load(i, t, self._sources, first + a, first + b) for i in t.inputs]
+                inputs = [read_block(i, t, self._sources, first + a, first + b) for i in t.inputs]
                 out[a:b].copy_(_apply(t, inputs, self._seed).reshape(-1).to(work))
         self._served(t, entry, len(view))
 
@@ -154,19 +98,19 @@ class Merged:
                     if not hasattr(_LOCAL, "slerp"):  # one [2, SLERP_CHUNK] buffer per pass thread, kept for its life
                         _LOCAL.slerp = torch.empty(2, averaging.SLERP_CHUNK)
                     pair = _LOCAL.slerp
-                    _load(base, t, self._sources, s, e, pair[0])
-                    _load(other, t, self._sources, s, e, pair[1])
+                    read_block(base, t, self._sources, s, e, pair[0])
+                    read_block(other, t, self._sources, s, e, pair[1])
                     return pair[:, : e - s]
 
                 entry[1] = averaging.slerp_coefficients(read, t.numel, dict(t.params)["t"], each=ranked.each)
             c0, c1 = (c.reshape(()) for c in entry[1])  # 0-dim: a [1, 1] broadcast over 1-D blocks is 20x slower
-        out, work, first, _ = _output(t, view, start)
+        out, work, first, _ = output_view(t, view, start)
         if not hasattr(_LOCAL, "blend"):
             _LOCAL.blend = torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS)
         for a in range(0, out.numel(), CHUNK_ELEMENTS):
             b = min(out.numel(), a + CHUNK_ELEMENTS)
-            x = _load(base, t, self._sources, first + a, first + b, _LOCAL.blend[0]).mul_(c0)
-            y = _load(other, t, self._sources, first + a, first + b, _LOCAL.blend[1]).mul_(c1)
+            x = read_block(base, t, self._sources, first + a, first + b, _LOCAL.blend[0]).mul_(c0)
+            y = read_block(other, t, self._sources, first + a, first + b, _LOCAL.blend[1]).mul_(c1)
             merged = x.add_(y)  # rounds as c0 * base + c1 * other: two products, then their sum
             out[a:b].copy_(merged if work == out.dtype else merged.to(work))
 
@@ -175,12 +119,12 @@ class Merged:
         many as fit in ranked.BLOCK elements; a block that two chunks share is computed for each."""
         from composer import ranked
 
-        width, grid = _rows_grid(t, ranked.BLOCK)
-        out, work, first, last = _output(t, view, start)
+        width, grid = rows_grid(t, ranked.BLOCK)
+        out, work, first, last = output_view(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
             shape = (-1, width) if len(t.shape) == 2 else (-1,)
-            block = _apply(t, [_load(i, t, self._sources, ga, gb).reshape(shape) for i in t.inputs], self._seed)
+            block = _apply(t, [read_block(i, t, self._sources, ga, gb).reshape(shape) for i in t.inputs], self._seed)
             a, b = max(ga, first), min(gb, last)
             out[a - first: b - first].copy_(block.reshape(-1)[a - ga: b - ga].to(work))
 
@@ -190,11 +134,11 @@ class Merged:
         from composer import ranked
         from composer.methods import averaging
 
-        _, others, _, per_input = _task_vector_parts(t)
+        _, others, _, per_input = task_vector_parts(t)
 
         def vectors(a: int, b: int) -> tuple:
-            base = _load(t.inputs[t.base], t, self._sources, a, b) if t.base is not None else None
-            return base, [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+            base = read_block(t.inputs[t.base], t, self._sources, a, b) if t.base is not None else None
+            return base, [read_block(t.inputs[k], t, self._sources, a, b) for k in others]
 
         def sums(a: int, b: int):
             base, xs = vectors(a, b)
@@ -209,7 +153,7 @@ class Merged:
                     weight = averaging.nuslerp_t(per_input["weight"])
                     entry[1] = weight, averaging.nuslerp_angle(total, weight)
             stat = entry[1]
-        out, work, first, _ = _output(t, view, start)
+        out, work, first, _ = output_view(t, view, start)
         for a in range(0, out.numel(), CHUNK_ELEMENTS):
             b = min(out.numel(), a + CHUNK_ELEMENTS)
             base, xs = vectors(first + a, first + b)
@@ -227,27 +171,27 @@ class Merged:
         from composer import ranked
         from composer.methods import averaging
 
-        _, others, _, per_input = _task_vector_parts(t)
+        _, others, _, per_input = task_vector_parts(t)
         width = t.shape[-1] if len(t.shape) == 2 else 1
 
         def vectors(a: int, b: int) -> tuple:
             """Elements [a, b) (whole rows) of the two vectors, the inputs or their task vectors, and the base."""
-            xs = [_load(t.inputs[k], t, self._sources, a, b).reshape(-1, width) for k in others]
+            xs = [read_block(t.inputs[k], t, self._sources, a, b).reshape(-1, width) for k in others]
             if t.base is None:
                 return xs, None
-            base = _load(t.inputs[t.base], t, self._sources, a, b).reshape(-1, width)
+            base = read_block(t.inputs[t.base], t, self._sources, a, b).reshape(-1, width)
             return [x - base for x in xs], base
 
         with entry[0]:
             if entry[1] is None:
-                _, grid = _rows_grid(t, ranked.BLOCK, width)
+                _, grid = rows_grid(t, ranked.BLOCK, width)
                 total = sum(ranked.each(lambda a, b: averaging.column_sums(*vectors(a, b)[0]),
                                         [(a, min(t.numel, a + grid)) for a in range(0, t.numel, grid)]))
                 weight = averaging.nuslerp_t(per_input["weight"])
                 entry[1] = weight, averaging.nuslerp_column_angles(total, weight)
             weight, angles = entry[1]
-        _, grid = _rows_grid(t, CHUNK_ELEMENTS, width)
-        out, work, first, last = _output(t, view, start)
+        _, grid = rows_grid(t, CHUNK_ELEMENTS, width)
+        out, work, first, last = output_view(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
             xs, base = vectors(ga, gb)
@@ -263,11 +207,11 @@ class Merged:
         from composer.methods import streamed_task_arithmetic
         from composer.methods.sparsify import kept_range
 
-        spec, others, shared, per_input = _task_vector_parts(t)
+        spec, others, shared, per_input = task_vector_parts(t)
 
         def deltas(a: int, b: int) -> list:
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+            base = read_block(t.inputs[t.base], t, self._sources, a, b)
+            return [read_block(t.inputs[k], t, self._sources, a, b) - base for k in others]
 
         with entry[0]:
             if entry[1] is None:
@@ -277,11 +221,11 @@ class Merged:
                 entry[1] = ranked.select(deltas, t.numel, [kept_range(t.numel, float(d), None if g is None else float(g))
                                                            for d, g in zip(densities, gammas)], rescale)
             keeps = entry[1]
-        out, work, first, last = _output(t, view, start)
+        out, work, first, last = output_view(t, view, start)
         for a in range(first, last, CHUNK_ELEMENTS):
             b = min(last, a + CHUNK_ELEMENTS)
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+            base = read_block(t.inputs[t.base], t, self._sources, a, b)
+            xs = [read_block(t.inputs[k], t, self._sources, a, b) for k in others]
             merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input,
                                               lambda i, d: ranked.apply(keeps[i], d, a))
             out[a - first: b - first].copy_(merged.to(work))
@@ -298,22 +242,22 @@ class Merged:
         from composer.methods import streamed_task_arithmetic
         from composer.methods.sparsify import della_mask
 
-        spec, others, shared, per_input = _task_vector_parts(t)
+        spec, others, shared, per_input = task_vector_parts(t)
         densities = [float(d) for d in per_input["density"]]
         rescale = bool({**spec.shared, **shared}["rescale"])
         della = t.op in DELLA
-        width, grid = _rows_grid(t, ranked.BLOCK) if della else (1, ranked.BLOCK)
+        width, grid = rows_grid(t, ranked.BLOCK) if della else (1, ranked.BLOCK)
         epsilons = [float(e) for e in per_input["epsilon"]] if della else []
 
         def deltas(a: int, b: int) -> list:
-            base = _load(t.inputs[t.base], t, self._sources, a, b)
-            return [_load(t.inputs[k], t, self._sources, a, b) - base for k in others]
+            base = read_block(t.inputs[t.base], t, self._sources, a, b)
+            return [read_block(t.inputs[k], t, self._sources, a, b) - base for k in others]
 
         def masks(a: int, b: int, ds: list | None = None) -> list:
             """The masks of grid block [a, b) (DELLA's need that block's deltas)."""
             out = []
             for i, d in enumerate(densities):
-                generator = torch.Generator().manual_seed(_seed(self._seed, f"{t.name}:{i}:{a // grid}"))
+                generator = torch.Generator().manual_seed(tensor_seed(self._seed, f"{t.name}:{i}:{a // grid}"))
                 if d >= 1:
                     out.append(None)
                 elif della:
@@ -344,11 +288,11 @@ class Merged:
                             factors[i] = before / after
                 entry[1] = factors
             factors = entry[1]
-        out, work, first, last = _output(t, view, start)
+        out, work, first, last = output_view(t, view, start)
         for ga in range(first - first % grid, last, grid):
             gb = min(t.numel, ga + grid)
             if della and any(d < 1 for d in densities):  # the masks read the whole block: keep it for the merge
-                held = [_load(t.inputs[k], t, self._sources, ga, gb) for k in [t.base, *others]]
+                held = [read_block(t.inputs[k], t, self._sources, ga, gb) for k in [t.base, *others]]
                 drawn = masks(ga, gb, [x - held[0] for x in held[1:]])
             else:
                 held, drawn = None, masks(ga, gb)
@@ -362,8 +306,8 @@ class Merged:
                     return masked if factors[i] is None else masked * factors[i]
 
                 if held is None:
-                    base = _load(t.inputs[t.base], t, self._sources, a, b)
-                    xs = [_load(t.inputs[k], t, self._sources, a, b) for k in others]
+                    base = read_block(t.inputs[t.base], t, self._sources, a, b)
+                    xs = [read_block(t.inputs[k], t, self._sources, a, b) for k in others]
                 else:
                     base, *xs = (x[a - ga: b - ga] for x in held)
                 merged = streamed_task_arithmetic(t.op, base, xs, shared, per_input, sparsify)

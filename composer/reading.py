@@ -13,9 +13,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from composer.dtypes import ITEMSIZE
+from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import CorruptFileError
-from composer.merging import torch_dtype
 from composer.sources import TensorInfo
 from composer.tensorplan import Plan, merge_mode
 from composer.vocab import AlignedRows

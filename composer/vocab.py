@@ -8,8 +8,8 @@ the row of the one model that has it; else the base model's row, if the base is 
 of the rows of the models that have it (summed in the working dtype, then divided); zeros if no model has it.
 The output then has one row per token and `vocab_size` says so.
 
-The aligned inputs are read row block by row block like any other input (execute._load), so alignment costs no
-whole-tensor memory and composes with every merge method, slerp and ties statistics included.
+The aligned inputs are read row block by row block like any other input (composer.blocks.read_block), so
+alignment costs no whole-tensor memory and composes with every merge method, slerp and ties statistics included.
 """
 from __future__ import annotations
 

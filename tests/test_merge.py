@@ -344,7 +344,7 @@ def test_streamed_della_draws_per_block_of_rows(models, write_recipe, tmp_path, 
     import sys
 
     from composer import ranked
-    from composer.merging import _seed
+    from composer.blocks import tensor_seed
 
     base, other = models["llama"], models["llama-b"]
     density, eps = 0.5, 0.2
@@ -368,7 +368,7 @@ def test_streamed_della_draws_per_block_of_rows(models, write_recipe, tmp_path, 
         rank = d.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = the smallest |delta| of its row
         probs = density - eps + 2 * eps * rank / (width - 1)
         mask[r: r + per_block] = torch.bernoulli(probs, generator=torch.Generator().manual_seed(
-            _seed(3, f"{name}:0:{g}")))
+            tensor_seed(3, f"{name}:0:{g}")))
     factor = delta.abs().sum(dtype=torch.float64).float() / (delta * mask).abs().sum(dtype=torch.float64).float()
     torch.testing.assert_close(default[name], sb[name] + delta * mask * factor, rtol=1e-6, atol=1e-7)
     assert not torch.equal(default[name], run(recipe, tmp_path / "other", "--seed", "4")[name])

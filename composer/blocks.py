@@ -1,0 +1,59 @@
+"""Blocks of a merge's tensors: element ranges of an input read as float32 (rounded through the recipe's dtype),
+the output chunk's typed view, grids of whole rows, per-tensor seeds, and a merge's base and task-vector inputs;
+what every streamed merge mode in composer.merging is built from."""
+from __future__ import annotations
+
+import hashlib
+
+from composer.dtypes import ITEMSIZE, torch_dtype
+from composer.sources import TensorInfo
+from composer.tensorplan import TensorPlan
+from composer.vocab import AlignedRows, gather
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: random methods give the same tensor whatever the order chunks run in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def read_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: int | None = None, out=None):
+    """Elements [start, stop) of an input, flat, rounded through the recipe's dtype, as float32 (in `out`, a
+    float32 buffer at least that long, when given: big temporaries cost page faults)."""
+    import torch
+
+    stop = info.numel if stop is None else stop
+    via = torch_dtype(t.via or info.dtype)
+    if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
+        x = gather(info, sources.tensor, start, stop, via)
+    else:
+        x = sources.tensor(info, start, stop)
+    if out is not None:
+        return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
+    return x.to(via).to(torch.float32)
+
+
+def task_vector_parts(t: TensorPlan):
+    """(method spec, indices of the non-base inputs, shared parameters, per-input parameters) of a merge."""
+    from composer.methods import METHODS
+
+    spec = METHODS[t.op]
+    others = [k for k in range(len(t.inputs)) if k != t.base]
+    per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
+    return spec, others, dict(t.params), per_input
+
+
+def rows_grid(t: TensorPlan, block: int, width: int | None = None) -> tuple[int, int]:
+    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row unless
+    `width` says otherwise)."""
+    width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if width is None else width
+    return width, width * max(1, block // width)
+
+
+def output_view(t: TensorPlan, view: memoryview, start: int):
+    """The chunk's part of a tensor as a typed view, the dtype results are rounded through, and the element
+    range [first, last) of the tensor that it holds."""
+    import torch
+
+    out = torch.frombuffer(view, dtype=torch_dtype(t.dtype))
+    first = start // ITEMSIZE[t.dtype]
+    return out, torch_dtype(t.via or t.inputs[0].dtype), first, first + out.numel()
