@@ -1,6 +1,6 @@
 """Blocks of a merge's tensors: element ranges of an input read as float32 (rounded through the recipe's dtype),
-the output chunk's typed view, grids of whole rows, per-tensor seeds, and a merge's base and task-vector inputs;
-what every streamed merge mode in composer.merging is built from."""
+the output chunk's typed view, grids of whole rows, per-tensor seeds;
+what the merge engine reads and writes through."""
 from __future__ import annotations
 
 import hashlib
@@ -30,23 +30,6 @@ def read_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: i
     if out is not None:
         return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
     return x.to(via).to(torch.float32)
-
-
-def task_vector_parts(t: TensorPlan):
-    """(method spec, indices of the non-base inputs, shared parameters, per-input parameters) of a merge."""
-    from composer.methods import METHODS
-
-    spec = METHODS[t.op]
-    others = [k for k in range(len(t.inputs)) if k != t.base]
-    per_input = {name: [dict(t.input_params[k])[name] for k in others] for name in spec.per_input}
-    return spec, others, dict(t.params), per_input
-
-
-def rows_grid(t: TensorPlan, block: int, width: int | None = None) -> tuple[int, int]:
-    """(row width, grid step): as many whole rows as fit in `block` elements (a 1-D tensor is one row unless
-    `width` says otherwise)."""
-    width = (t.shape[-1] if len(t.shape) == 2 else t.numel) if width is None else width
-    return width, width * max(1, block // width)
 
 
 def output_view(t: TensorPlan, view: memoryview, start: int):

@@ -28,8 +28,9 @@ METHODS = {
 def _merge_method(name: str) -> tuple[str, str]:
     from composer.methods import METHODS as MERGES
 
-    title, _, url = MERGES[name].paper.rpartition(", ")
-    return f"the `{name}` merge (mergekit's semantics, computed in float32)", f"[{title}]({url})"
+    method = MERGES[name]
+    return (f"the `{name}` merge: {method.summary} (mergekit's semantics, computed in float32)",
+            f"[{method.title}]({method.url})")
 
 
 def _span(a: int, b: int) -> str:

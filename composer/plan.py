@@ -86,63 +86,62 @@ def _passthrough(recipe: Recipe, out_name: str, layer: LayerSource, info: Tensor
     return TensorPlan(op="copy", **common)
 
 
-def _resolve(spec_params: Mapping[str, Any], scopes: tuple, tensor: str, t: float, method: str) -> dict[str, Any]:
+def _resolve(method, params, scopes: tuple, tensor: str, t: float, model: str | None = None) -> dict[str, Any]:
+    """Each parameter's value for one tensor, checked against its type and range."""
     values = {}
-    for name, default in spec_params.items():
-        value = resolve_parameter(name, scopes, tensor, t, default)
+    for p in params:
+        value = resolve_parameter(p.name, scopes, tensor, t, None if p.required else p.default)
         if value is None:
-            raise PlanError(f"merge_method {method} needs parameter '{name}' for tensor '{tensor}': set it under "
-                            "parameters (globally, per slice or per model)")
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise PlanError(f"parameter {name} for '{tensor}' is {value!r}: it must be true or false")
-        if not isinstance(default, bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise PlanError(f"parameter {name} for '{tensor}' is {value!r}: it must be a number")
-        values[name] = value
+            raise PlanError(f"merge_method {method.name} needs parameter '{p.name}' for tensor '{tensor}': set it "
+                            "under parameters (globally, per slice or per model)")
+        problem = p.type_error(value)
+        if problem:
+            raise PlanError(f"parameter {p.name} for '{tensor}' is {value!r}: {problem}")
+        if p.kind != "bool" and not p.in_range(value):
+            who = f" of model '{model}'" if model else ""
+            raise PlanError(f"{method.name}: {p.name} {value:g}{who} for '{tensor}' is outside {p.range_text}"
+                            f"{' (' + p.why + ')' if p.why else ''}: use a value in {p.range_text}")
+        values[p.name] = value
     return values
 
 
 def _merge(recipe: Recipe, out_name: str, layer: LayerSource, infos: list[TensorInfo], where: dict) -> TensorPlan:
     """A merged tensor: inputs in recipe order, parameters resolved as mergekit resolves them (shared ones on the
-    output name over slice and global scopes; per-input ones on each input's own name, source scope first)."""
-    from composer.methods import METHODS
+    output name over slice and global scopes; per-input ones on each input's own name, source scope first), then
+    the method's contract and checks."""
+    from composer.methods import METHODS, MergeJob
 
-    method = recipe.merge_method
-    spec = METHODS[method]
+    method = METHODS[recipe.merge_method]
     models = [i.model for i in layer.inputs]
     base = layer.base if layer.base in models else None
-    if layer.base is not None and base is None and spec.needs_base:
-        raise PlanError(f"merge_method {method}: base_model '{layer.base}' is not among the sources of the slice "
+    if method.needs_base and layer.base is not None and base is None:
+        raise PlanError(f"merge_method {method.name}: base_model '{layer.base}' is not among the sources of the slice "
                         f"that makes '{out_name}': add it as a source")
-    if spec.needs_base and base is None:
-        raise PlanError(f"merge_method {method} needs a base model: set base_model")
+    if method.needs_base and base is None:
+        raise PlanError(f"merge_method {method.name} needs a base model: set base_model")
     base_index = models.index(base) if base is not None else None
-    shared = _resolve(spec.shared, layer.shared_scopes, out_name, layer.t, method)
+    takes_base = method.base == "ignored"
+    shared = _resolve(method, [p for p in method.params if not p.per_input], layer.shared_scopes, out_name, layer.t)
     per_input = []
     for k, (inp, info) in enumerate(zip(layer.inputs, infos)):
-        takes = spec.per_input if (k != base_index or spec.per_input_includes_base) else {}
-        per_input.append(tuple(_resolve(takes, inp.scopes, info.name, layer.t, method).items()))
-    if method == "slerp" and not 0 <= shared["t"] <= 1:
-        raise PlanError(f"slerp t={shared['t']} for '{out_name}' is outside [0, 1]: use a t from 0 (the base "
-                        "model) to 1 (the other model)")
-    for model, params in zip(models, per_input):
-        density, epsilon = dict(params).get("density", 1.0), dict(params).get("epsilon")
-        if epsilon is not None and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
-            raise PlanError(f"{method}: density {density} +/- epsilon {epsilon} leaves (0, 1) at '{out_name}': "
-                            f"choose epsilon below {min(density, 1 - density):g} for model '{model}'")
-    weights = [dict(p).get("weight") for p in per_input if "weight" in dict(p)]
-    if weights and shared.get("normalize") and sum(weights) == 0:
-        raise PlanError(f"the weights for '{out_name}' sum to 0, so normalize cannot divide by them: "
-                        "change a weight or set normalize: false")
-    n_other = len(infos) - (base_index is not None and not spec.per_input_includes_base)
-    if spec.min_inputs and len(infos) < spec.min_inputs or spec.max_inputs and len(infos) > spec.max_inputs:
-        raise PlanError(f"merge_method {method} takes {spec.min_inputs}"
-                        f"{'-' + str(spec.max_inputs) if spec.max_inputs != spec.min_inputs else ''} models "
-                        f"(base included), got {len(infos)}")
-    if spec.min_non_base and n_other < spec.min_non_base or spec.max_non_base and n_other > spec.max_non_base:
-        raise PlanError(f"merge_method {method} takes {spec.min_non_base} models besides the base, got {n_other}")
+        takes = [p for p in method.params if p.per_input] if (k != base_index or takes_base) else []
+        per_input.append(tuple(_resolve(method, takes, inp.scopes, info.name, layer.t, inp.model).items()))
+    n_other = len(infos) - (base_index is not None and not takes_base)
+    counts = (f"{method.min_inputs}" + ("+" if method.max_inputs is None else
+                                        f"-{method.max_inputs}" if method.max_inputs != method.min_inputs else ""))
+    if len(infos) < method.min_inputs or method.max_inputs is not None and len(infos) > method.max_inputs:
+        raise PlanError(f"merge_method {method.name} takes {counts} models (base included), got {len(infos)}")
+    if n_other < method.min_others or method.max_others is not None and n_other > method.max_others:
+        want = (f"{method.min_others}" if method.max_others == method.min_others else f"at least {method.min_others}"
+                if method.max_others is None else f"{method.min_others}-{method.max_others}")
+        raise PlanError(f"merge_method {method.name} takes {want} models besides the base, got {n_other}")
     via, out = _dtypes(recipe, infos[0])
-    return TensorPlan(name=out_name, op=method, inputs=tuple(infos), models=tuple(models), dtype=out, via=via,
-                      params=tuple(shared.items()), input_params=tuple(per_input), base=base_index, **where)
+    t = TensorPlan(name=out_name, op=method.name, inputs=tuple(infos), models=tuple(models), dtype=out, via=via,
+                   params=tuple(shared.items()), input_params=tuple(per_input), base=base_index, **where)
+    problem = method.check(MergeJob.of(t, method)) if method.check else None
+    if problem:
+        raise PlanError(f"{method.name} at '{out_name}': {problem}")
+    return t
 
 
 def _operation(recipe: Recipe, layers: list[LayerSource], tensors: list[TensorPlan], sources) -> str:
@@ -312,6 +311,15 @@ def build_plan(
     elif recipe.tokenizer_source is None:
         for inp in pre.inputs:
             check_vocabulary(sources[tok], sources[inp.model])
+    if merging:
+        from composer.methods import METHODS
+
+        method = METHODS[recipe.merge_method]
+        scopes = [recipe.parameters, *(m.parameters for m in recipe.models or []),
+                  *(sc for sl in recipe.slices or [] for sc in (sl.parameters, *(x.parameters for x in sl.sources)))]
+        for p in method.params:
+            if p.unused and any(p.name in (sc or {}) for sc in scopes):
+                notes.append(f"{method.name} ignores '{p.name}', as mergekit 0.1.5 does: {method.notes}")
     if sources[tok].path is not None and not tokenizer_files(sources[tok].path):
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
     return Plan(

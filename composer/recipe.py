@@ -10,25 +10,19 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from composer.errors import RecipeError
 from composer.recipe_errors import describe, fail, suggest, yaml_error
 
-# The merge methods of composer.methods (named here so that validating a recipe does not import torch).
-MERGE_METHODS = (
-    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock",
-)
+from composer.methods import METHODS as _METHODS  # the registry: importing it does not import torch
+
+MERGE_METHODS = tuple(_METHODS)
 SUPPORTED_METHODS = ("passthrough", *MERGE_METHODS)
-# mergekit methods we know by name but do not run yet: refused by name, never ignored.
-KNOWN_UNSUPPORTED_METHODS = (
-    "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "core_space", "ram", "goliath", "ram_ties",
-)
+# Methods of other mergekit versions and forks that composer knows by name but does not run: refused by name.
+KNOWN_UNSUPPORTED_METHODS = ("core_space", "goliath", "ram_ties")
 
 
 def method_parameters(method: str) -> tuple[str, ...]:
     """The parameter names a method takes, as mergekit names them."""
     if method == "passthrough":
         return ("scale",)
-    from composer.methods import METHODS
-
-    return tuple(sorted(METHODS[method].parameters))
+    return tuple(sorted(_METHODS[method].parameters))
 DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
@@ -47,6 +41,15 @@ class FilteredValue(_Strict):
 
     value: Union[Scalar, list[Scalar]]
     filter: StrictStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_pattern(cls, data: Any) -> Any:
+        # mergekit 0.1.5 drops an unknown `pattern:` and applies the entry to every tensor: never what was meant
+        if isinstance(data, dict) and "pattern" in data:
+            raise ValueError("'pattern:' is mergekit's old spelling, which mergekit 0.1.5 ignores (the entry then "
+                             "applies to every tensor): write 'filter:' instead")
+        return data
 
 
 ParameterValue = Union[Scalar, list[Scalar], list[FilteredValue], FilteredValue]
@@ -244,7 +247,8 @@ def _validate(data: Any, node: yaml.Node, path: str) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         # A typo shows up twice (an unknown key and a missing one): name the typo, which carries the fix.
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        # A validator's own message (a value_error) beats the alternatives a union lists for the same value.
+        errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] != "value_error"))
         loc, message = describe(Recipe, errors[0])
         raise fail(path, node, loc, message, len(errors) - 1) from None
     problem = _semantic_checks(recipe)

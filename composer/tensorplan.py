@@ -1,5 +1,5 @@
 """What a plan is made of: Plan, TensorPlan (one output tensor: op, inputs, parameters, dtype), LayerPlan, how
-each merged tensor is computed (merge_mode), and the chunk sizes that the planner, the dry run and the writer
+each merged tensor is computed (merge_mode, from composer.merging), and the chunk sizes that the planner, the dry run and the writer
 share. Plain data: building it is composer.plan's work."""
 from __future__ import annotations
 
@@ -77,41 +77,11 @@ class TensorPlan:
         return "copied" if self.is_byte_copy else "converted"
 
 
-RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # magnitude pruning, streamed by composer.ranked
-DELLA = ("della", "della_linear")  # random masks from per-row ranks, drawn per block of whole rows
-RANDOM = ("dare_linear", "dare_ties", *DELLA)  # random masks drawn per block of a fixed grid
-
-
 def merge_mode(t: TensorPlan) -> str:
-    """How a merged tensor is computed: "elementwise" (any block of elements on its own), "slerp" (one streamed
-    pass for its statistics, then elementwise), "ranked" (magnitude pruning found in streamed passes, then
-    elementwise: composer.ranked), "random" (DARE: masks drawn per block of a fixed grid, the L1 rescale streamed
-    first; DELLA's per block of whole rows), "angles" (model_stock, flattened nuslerp: float64 sums streamed for
-    the angles, then elementwise), "rows" (model_stock per row, nuslerp per row: the method on blocks of whole
-    rows), "columns" (nuslerp per column: float64 sums per column streamed over blocks of whole rows, then the
-    blend on blocks of whole rows) or "whole" (the whole tensor at once: DELLA on tensors of more than two
-    dimensions, nuslerp per column on them too)."""
-    from composer.methods import METHODS, locality
+    """The streaming shape a merged tensor is computed with (composer.merging.merge_mode)."""
+    from composer.merging import merge_mode as mode
 
-    spec = METHODS[t.op]
-    if t.op == "slerp":
-        return "slerp"
-    keep = [k for k in range(len(t.inputs)) if k != t.base or spec.per_input_includes_base]
-    per_input = {name: [dict(t.input_params[k])[name] for k in keep] for name in spec.per_input}
-    if not spec.random and locality(t.op, dict(t.params), per_input) == "elementwise":
-        return "elementwise"
-    if t.op in RANKED:
-        return "ranked"
-    shared = {**spec.shared, **dict(t.params)}
-    if t.op == "model_stock" and not shared["filter_wise"] or t.op == "nuslerp" and shared["nuslerp_flatten"]:
-        return "angles"
-    if len(t.shape) <= 2 and (t.op == "model_stock" or t.op == "nuslerp" and not shared["nuslerp_row_wise"]):
-        return "rows"  # one angle per row (along the last dim): any block of whole rows on its own
-    if len(t.shape) <= 2 and t.op == "nuslerp":
-        return "columns"  # nuslerp_row_wise: one angle per column (vectors along dim 0)
-    if t.op in RANDOM and (t.op not in DELLA or len(t.shape) <= 2):  # DELLA ranks along dim 1: rows of 2-D
-        return "random"
-    return "whole"
+    return mode(t)
 
 
 @dataclass(frozen=True)
@@ -165,9 +135,9 @@ class Plan:
         worst = 0
         for t in self.tensors:
             if t.is_merge:  # every input and the result in float32, then the output: for a block or the whole
-                mode = merge_mode(t)
-                block = t.numel if mode == "whole" else min(t.numel, RANK_BLOCK if mode in ("ranked", "random", "angles", "rows", "columns")
-                                                            else CHUNK_ELEMENTS)
+                from composer.merging import held_elements
+
+                block = held_elements(t)
                 worst = max(worst, block * (4 * (len(t.inputs) + 2) + ITEMSIZE[t.dtype]))
             elif t.is_computed:
                 worst = max(worst, min(t.numel, CHUNK_ELEMENTS) * (ITEMSIZE[t.dtype] + 2 * 4))

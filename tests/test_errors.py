@@ -43,7 +43,7 @@ def passthrough(model, rng="[0, 4]") -> str:
      "recipe.yaml:1: dtpye: unknown key 'dtpye'; did you mean 'dtype'?"),
     ("merge_method: pasthrough\nmodels: [{model: M}]\n",
      "recipe.yaml:1: merge_method: unknown merge_method 'pasthrough'; did you mean 'passthrough'?"),
-    ("merge_method: sce\nmodels: [{model: M}]\n", "merge_method 'sce' is not supported yet"),
+    ("merge_method: goliath\nmodels: [{model: M}]\n", "merge_method 'goliath' is not supported yet"),
     (passthrough("M", "[4, 0]"), "recipe.yaml:5: slices[0].sources[0].layer_range: layer_range [4, 0] is empty or reversed"),
     (passthrough("M", "[0, 40]"), "slices[0]: layer_range [0, 40] is out of range for 'M', which has 4 layers: use an end of at most 4"),
     (passthrough("does/not-exist"), "model 'does/not-exist' not found"),

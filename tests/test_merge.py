@@ -108,8 +108,8 @@ def test_model_stock_three_models(models, write_recipe, tmp_path):
 
 
 @pytest.mark.parametrize(("shape_params", "mode"), [
-    ("", "angles"),  # flattened: one angle per tensor
-    ("parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n", "columns"),  # one angle per column
+    ("", "statistics"),  # flattened: one angle per tensor
+    ("parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n", "column statistics"),  # one angle per column
 ])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, tmp_path, with_base, monkeypatch,
@@ -134,7 +134,7 @@ def test_streamed_nuslerp_equals_the_whole_tensor_formula(models, write_recipe, 
     monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", 3 * 4096)
     out = run(recipe, tmp_path / "out")
     sd = [load_state_dict(p) for p in (base, a, b)]
-    shared = {"nuslerp_flatten": False, "nuslerp_row_wise": True} if mode == "columns" else {}
+    shared = {"nuslerp_flatten": False, "nuslerp_row_wise": True} if mode == "column statistics" else {}
     for name, value in out.items():
         x = [s[name].to(torch.float32) for s in sd]
         expected = METHODS["nuslerp"].apply(x[1:], base=x[0] if with_base else None, shared=shared,
@@ -179,7 +179,8 @@ slices:
 
 @pytest.mark.parametrize(("body", "expected"), [
     ("merge_method: slerp\nbase_model: A\nparameters: {t: 1.5}\nmodels: [{model: A}, {model: B}]\n",
-     "slerp t=1.5 for 'model.embed_tokens.weight' is outside [0, 1]: use a t from 0 (the base model) to 1"),
+     "slerp: t 1.5 for 'model.embed_tokens.weight' is outside [0, 1] (from 0 (the base model) to 1 (the other "
+     "model)): use a value in [0, 1]"),
     ("merge_method: ties\nparameters: {weight: 1.0}\nmodels: [{model: A}, {model: B}]\n",
      "merge_method ties needs a base model: set base_model"),
     ("merge_method: linear\nmodels: [{model: A, parameters: {weight: 1.0}}, {model: B, parameters: {weight: -1.0}}]\n",
@@ -193,7 +194,7 @@ slices:
     ("merge_method: slerp\nbase_model: A\nparameters: {t: 0.5}\nmodels: [{model: A}, {model: NARROW}]\n",
      "shape mismatch"),
     ("merge_method: della\nbase_model: A\nmodels: [{model: B, parameters: {weight: 1.0, density: 0.9}}]\n",
-     "della: density 0.9 +/- epsilon 0.15 leaves (0, 1) at 'model.embed_tokens.weight': choose epsilon below 0.1 "
+     "della at 'model.embed_tokens.weight': density 0.9 +/- epsilon 0.15 leaves (0, 1): choose epsilon below 0.1 "
      "for model"),
 ])
 def test_bad_merges(models, tmp_path, body, expected):
@@ -249,7 +250,7 @@ def test_dry_run_of_a_merge_does_not_import_torch(models, write_recipe):
     ("ties", "parameters: {weight: 0.7, density: 0.3, rescale: true}", "ranked"),
     ("breadcrumbs", "parameters: {weight: 0.5, density: 0.6, gamma: 0.1}", "ranked"),
     ("breadcrumbs_ties", "parameters: {weight: 0.5, density: 0.8, gamma: 0.05, rescale: true}", "ranked"),
-    ("slerp", "parameters: {t: 0.3}", "slerp"),
+    ("slerp", "parameters: {t: 0.3}", "statistics"),
 ])
 def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_path, monkeypatch, method, params, mode):
     """Tiny blocks and chunks (and slerp's statistics steps and runs) split every tensor; the result still equals the method
@@ -259,7 +260,7 @@ def test_streamed_merges_equal_whole_tensor_merges(models, write_recipe, tmp_pat
     from composer import ranked
     from composer.tensorplan import merge_mode
 
-    ex, averaging = sys.modules["composer.execute"], sys.modules["composer.methods.averaging"]
+    ex, averaging = sys.modules["composer.execute"], sys.modules["composer.methods.spherical"]
     monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ex, "CHUNK_BYTES", 3 * 4096)
     monkeypatch.setattr(averaging, "SLERP_CHUNK", 512)
@@ -398,3 +399,46 @@ def test_row_methods_stream_by_blocks_of_rows(models, write_recipe, tmp_path, mo
     for name, value in out.items():
         x = [s[name].to(torch.float32) for s in sd]
         assert torch.equal(value, METHODS[method].apply(x[1:], base=x[0], shared=shared, per_input=per_input)), name
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("merge_method: ties\nbase_model: A\nmodels: [{model: A}, {model: B, parameters: {weight: 1.0, density: -0.5}}]\n",
+     "ties: density -0.5 of model"),
+    ("merge_method: ties\nbase_model: A\nmodels: [{model: A}, {model: B, parameters: {weight: 1.0, density: 1.5}}]\n",
+     "is outside [0, 1] (the fraction of the task vector kept): use a value in [0, 1]"),
+    ("merge_method: dare_ties\nbase_model: A\nmodels: [{model: A}, {model: B, parameters: {weight: -1.0}}]\n",
+     "dare_ties: weight -1 of model"),
+    ("merge_method: nearswap\nbase_model: A\nparameters: {t: 1.5}\nmodels: [{model: A}, {model: B}]\n",
+     "nearswap: t 1.5 for 'model.embed_tokens.weight' is outside [0, 1]"),
+    ("merge_method: sce\nbase_model: A\nparameters: {select_topk: 0}\nmodels: [{model: A}, {model: B}]\n",
+     "sce: select_topk 0 for 'model.embed_tokens.weight' is outside (0, 1]"),
+    ("merge_method: sce\nbase_model: A\nparameters: {select_topk: 1.2}\nmodels: [{model: A}, {model: B}]\n",
+     "is outside (0, 1]"),
+    ("merge_method: karcher\nparameters: {max_iter: 2.5}\nmodels: [{model: A}, {model: B}]\n",
+     "parameter max_iter for 'model.embed_tokens.weight' is 2.5: it must be a whole number"),
+    ("merge_method: arcee_fusion\nbase_model: A\nmodels: [{model: A}, {model: B}, {model: A2}]\n", "takes 2 models"),
+    ("merge_method: ties\nbase_model: A\nparameters: {density: [{pattern: mlp, value: 0.5}]}\n"
+     "models: [{model: A}, {model: B, parameters: {weight: 1.0}}]\n", "write 'filter:' instead"),
+])
+def test_meaningless_parameters_are_refused(models, tmp_path, body, expected):
+    """Values mergekit accepts silently but that mean nothing are refused at plan time, naming the model and the
+    range; nothing is written."""
+    text = (body.replace(" A2", f" {models['llama-c']}").replace(" A", f" {models['llama']}")
+            .replace(" B", f" {models['llama-b']}"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_sce_weight_is_accepted_and_ignored_with_a_note(models, write_recipe, tmp_path):
+    """mergekit 0.1.5's sce has no weight and ignores one: composer gives the same tensors and says so."""
+    base, a, b = models["llama"], models["llama-b"], models["llama-c"]
+    plain = f"merge_method: sce\nbase_model: {base}\n{F32}models: [{{model: {base}}}, {{model: {a}}}, {{model: {b}}}]\n"
+    weighted = plain.replace(f"{{model: {a}}}", f"{{model: {a}, parameters: {{weight: 0.9}}}}")
+    result = CliRunner().invoke(main, [str(write_recipe(weighted, "w.yaml")), "--dry-run"])
+    assert result.exit_code == 0 and "sce ignores 'weight', as mergekit 0.1.5 does" in result.output, result.output
+    one, two = run(write_recipe(plain, "p.yaml"), tmp_path / "p"), run(write_recipe(weighted, "w.yaml"), tmp_path / "w")
+    assert all(torch.equal(one[k], two[k]) for k in one)

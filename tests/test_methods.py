@@ -139,7 +139,7 @@ def test_slerp_sums_are_near_exact_and_cover_every_element():
     """slerp_sums: float32 sums over runs of SLERP_RUN elements (tail included), added in float64: within a few
     float32 ulps of the exact float64 sums for a 2**20-element block plus a tail (one float32 reduction over the
     block errs by hundreds)."""
-    from composer.methods import averaging
+    from composer.methods import spherical as averaging
 
     n = 2**20 + 777  # a partial run at the end
     a = (0.02 * rand(n, seed=11)).bfloat16().float()
@@ -156,7 +156,7 @@ def test_slerp_does_not_depend_on_the_thread_count():
     """A reduction over a long float32 tensor is split among torch's threads, so its bits depend on their number
     (mergekit's slerp norms and dot product do). composer's coefficients come from runs reduced on one thread each:
     the same on any machine's core count."""
-    from composer.methods import averaging
+    from composer.methods import spherical as averaging
 
     threads = torch.get_num_threads()
     try:
@@ -429,27 +429,35 @@ def test_model_stock_degenerate_cases(models):
 
 
 def test_specs_match_mergekit():
+    """The registry holds mergekit 0.1.5's 19 merge methods with its parameter names, defaults and contracts."""
     assert set(METHODS) == {
-        "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock",
+        "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "nearswap",
+        "arcee_fusion", "ram", "ramplus_tl",
     }
     gta = {"int8_mask", "normalize", "rescale", "lambda", "weight", "density"}
     assert METHODS["ties"].parameters == gta and "t" not in METHODS["ties"].parameters
     assert METHODS["breadcrumbs"].parameters == METHODS["breadcrumbs_ties"].parameters == gta | {"gamma"}
     assert METHODS["della"].parameters == METHODS["della_linear"].parameters == gta | {"epsilon"}
-    assert METHODS["slerp"].parameters == {"t"} and METHODS["slerp"].required == ("t",)
+    assert METHODS["slerp"].parameters == {"t"} and METHODS["slerp"].param("t").required
     assert METHODS["linear"].parameters == {"weight", "normalize"} and not METHODS["linear"].needs_base
     assert METHODS["nuslerp"].shared == {"nuslerp_row_wise": False, "nuslerp_flatten": True}
     assert METHODS["model_stock"].shared == {"filter_wise": False} and METHODS["model_stock"].min_inputs == 3
+    assert METHODS["sce"].shared == {"select_topk": 1.0, "int8_mask": False}
+    assert METHODS["karcher"].shared == {"max_iter": 10, "tol": 1e-5} and METHODS["karcher"].base == "ignored"
+    assert METHODS["multislerp"].shared == {"normalize_weights": True, "eps": 1e-8}
+    assert METHODS["multislerp"].base == "optional" and METHODS["multislerp"].per_input == {"weight": None}
+    assert METHODS["nearswap"].param("t").required and METHODS["nearswap"].max_inputs == 2
+    assert METHODS["arcee_fusion"].params == () and METHODS["arcee_fusion"].max_inputs == 2
+    assert METHODS["ram"].shared == {"epsilon": 1e-5}
+    assert METHODS["ramplus_tl"].shared == {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
     normalize = {n: s.shared["normalize"] for n, s in METHODS.items() if "normalize" in s.shared}
     assert [n for n, v in normalize.items() if v] == ["linear", "ties", "della"]
     rescale = {n for n, s in METHODS.items() if s.shared.get("rescale")}
     assert rescale == {"dare_ties", "dare_linear", "della", "della_linear"}
-    assert {n for n, s in METHODS.items() if s.random} == rescale
+    assert {n for n, s in METHODS.items() if s.random} == rescale | {"arcee_fusion"}
     for spec in METHODS.values():
-        assert "arxiv.org" in spec.paper or spec.name in ("slerp", "nuslerp")
-        assert all(spec.shared.get(p, spec.per_input.get(p, 0)) is None for p in spec.required)
-        assert spec.fn.__doc__ and "Locality" in spec.fn.__doc__
+        assert spec.url.startswith("https://") and spec.title and spec.summary
     assert METHODS["ties"].per_input == {"weight": None, "density": 1.0}
     assert METHODS["breadcrumbs"].per_input["gamma"] == 0.01 and METHODS["della"].per_input["epsilon"] == 0.15
 
@@ -469,16 +477,35 @@ def test_apply_maps_names_fills_defaults_and_validates(models):
     assert torch.equal(METHODS["linear"].apply(xs, per_input={"weight": W}), M.linear(xs, W))
 
 
-def test_locality():
-    assert M.locality("linear") == M.locality("task_arithmetic") == "elementwise"
-    assert M.locality("slerp") == M.locality("model_stock") == "tensor"
-    assert M.locality("model_stock", {"filter_wise": True}) == "rows"
-    assert M.locality("nuslerp", {"nuslerp_flatten": False}) == "rows"
-    assert M.locality("ties", per_input={"density": [0.5]}) == "tensor"
-    assert M.locality("ties") == "elementwise"  # density 1 trims nothing
-    assert M.locality("dare_ties", per_input={"density": [0.5]}) == "tensor"  # L1 rescale
-    assert M.locality("dare_ties", {"rescale": False}, {"density": [0.5]}) == "elementwise"
-    assert M.locality("della", {"rescale": False}, {"density": [0.5]}) == "rows"
+def _stream(name: str, shared=None, per_input=None, shape=(4, 4)) -> str:
+    """The streaming shape a method declares for one tensor's parameters ("whole": none)."""
+    from types import SimpleNamespace
+
+    from composer.methods import MergeJob
+
+    m = METHODS[name]
+    tensor = SimpleNamespace(shape=shape, numel=math.prod(shape), name="x", models=("a", "b", "c"))
+    inputs = (1, 2) if m.base != "ignored" else (0, 1, 2)
+    given = {k: (v,) * len(inputs) for k, v in m.per_input.items()} | dict(per_input or {})
+    stream = MergeJob(tensor, m, {**m.shared, **(shared or {})}, given, None if m.base == "ignored" else 0,
+                      inputs).stream
+    return "whole" if stream is None else stream.name
+
+
+def test_each_method_declares_its_streaming_shape():
+    assert _stream("linear") == _stream("task_arithmetic") == _stream("nearswap") == _stream("ram") == "elementwise"
+    assert _stream("slerp") == _stream("model_stock") == _stream("nuslerp") == "statistics"
+    assert _stream("model_stock", {"filter_wise": True}) == "rows"
+    assert _stream("model_stock", {"filter_wise": True}, shape=(2, 3, 4)) == "whole"
+    assert _stream("nuslerp", {"nuslerp_flatten": False}) == "rows"
+    assert _stream("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}) == "column statistics"
+    assert _stream("ties", per_input={"density": (0.5, 1.0)}) == "ranked"
+    assert _stream("ties") == "elementwise"  # density 1 trims nothing
+    assert _stream("dare_ties", per_input={"density": (0.5, 0.5)}) == "random"
+    assert _stream("della", per_input={"density": (0.5, 0.5)}) == "random"
+    assert _stream("della", per_input={"density": (0.5, 0.5)}, shape=(2, 3, 4)) == "whole"
+    for name in ("karcher", "multislerp", "sce", "arcee_fusion", "ramplus_tl"):
+        assert _stream(name) == "whole", name
 
 
 @pytest.mark.parametrize("block", [7, 64, 1000])

@@ -163,3 +163,29 @@ def test_readme_method_examples_are_valid_recipes():
         first = block.split("\n", 1)[0]
         shown.update(m for m in METHODS if re.search(rf"\b{m}\b", first))
     assert set(METHODS) <= shown, sorted(set(METHODS) - shown)
+
+
+def test_registry_drives_the_schema_the_card_and_the_readme_table(models, write_recipe):
+    """Every registered method is accepted by the recipe schema, named with its paper in the card, and listed in
+    the README's method table, which is exactly the one the registry renders."""
+    from composer.card import model_card
+    from composer.methods import METHODS, REGISTRY, table
+    from composer.recipe import MERGE_METHODS, parse_recipe
+
+    text = (REPO / "README.md").read_text()
+    assert table() in text
+    assert set(MERGE_METHODS) == set(METHODS) and len(REGISTRY) == len(METHODS)
+    for m in REGISTRY:
+        assert f"| `{m.name}` |" in text and m.url in text, m.name
+        required = {p.name: 0.5 for p in m.params if p.required and not p.per_input}
+        per = {p.name: 0.5 for p in m.params if p.required and p.per_input}
+        recipe = parse_recipe(f"merge_method: {m.name}\nbase_model: B\nparameters: {required or {}}\n"
+                              f"models: [{{model: B}}, {{model: C, parameters: {per or {}}}}]\n")
+        assert recipe.merge_method == m.name
+    a, b = models["llama"], models["llama-b"]
+    from composer import plan_recipe
+
+    plan = plan_recipe(write_recipe(f"merge_method: nearswap\nbase_model: {a}\nparameters: {{t: 0.01}}\n"
+                                    f"models: [{{model: {a}}}, {{model: {b}}}]\n"))
+    card = model_card(plan)
+    assert METHODS["nearswap"].summary in card and METHODS["nearswap"].url in card

@@ -1,8 +1,7 @@
-"""Averaging merges: linear, SLERP, NuSLERP and Model Stock, whole-tensor and with the streamed statistics
-composer.merging uses to run them block by block."""
+"""Averaging merges: linear and Model Stock, each a whole-tensor formula beside its streamed decomposition."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -13,10 +12,7 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import float32 as _float32, per_input as _per_input
-
-SLERP_CHUNK = 1024 * 1024  # elements per step of slerp's statistics pass (its float64 sums are grouped by these)
-SLERP_RUN = 1024  # within a step, squared norms and the dot product are float32 sums over runs of this many elements
-
+from composer.methods.method import ELEMENTWISE, ROWS, MergeJob, MergeMethod, Param, Streaming
 
 # --------------------------------------------------------------------------------------------------- linear
 
@@ -42,129 +38,6 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bo
             raise ValueError("linear: weights sum to zero, cannot normalize (set normalize: false)")
         result.div_(denominator.reshape(coefficient_shape))
     return result
-
-
-# ---------------------------------------------------------------------------------------------------- slerp
-
-
-def slerp(base: Tensor, other: Tensor, t: float) -> Tensor:
-    """Spherical linear interpolation from base (t=0) to other (t=1), treating each tensor as one flat vector.
-
-    Paper: "Animating rotation with quaternion curves", Shoemake 1985 (SIGGRAPH), https://doi.org/10.1145/325165.325242
-    (mergekit cites https://en.wikipedia.org/wiki/Slerp).
-    Locality: tensor (norms of both tensors and the angle between them). result = c0 * base + c1 * other with
-    c0 = sin((1-t)θ)/sin θ, c1 = sin(tθ)/sin θ, cos θ = <base/|base|, other/|other|> clamped to [-1, 1]; norms
-    below eps=1e-8 are replaced by 1; when |cos θ| > 0.9995 (near-parallel or antiparallel) it falls back to
-    (1-t)*base + t*other, as mergekit does. cos θ comes from slerp_coefficients' float64 sums (mergekit reduces
-    in float32, so its cos may differ in the last float32 bits: see there).
-    """
-    v0, v1 = _float32([base, other])
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    coef_a, coef_b = slerp_coefficients(lambda s, e: torch.cat([a[:, s:e], b[:, s:e]]), a.shape[1], t)
-    return (coef_a * a + coef_b * b).reshape(v0.shape)
-
-
-def slerp_sums(pair: Tensor) -> Tensor:
-    """float64 [3]: |a|^2, |b|^2 and <a, b> of a float32 [2, n] block whose rows are a and b.
-
-    One batched matrix product gives the float32 sums over runs of SLERP_RUN elements (each run reduced on one
-    thread, so the result does not depend on torch's thread count, as one reduction over the block does); the runs
-    are then summed in float64. Measured on 2**20-element blocks of bf16 weights: within 2 float32 ulps of the
-    exact sums; float32 reductions over the whole block (vector_norm, a plain dot) err by 100 to 700.
-    """
-    n = pair.shape[1]
-    whole = n - n % SLERP_RUN
-    gram = torch.zeros(2, 2, dtype=torch.float64)
-    if whole:
-        runs = pair[:, :whole].reshape(2, -1, SLERP_RUN).transpose(0, 1)  # [runs, 2, SLERP_RUN], a view
-        gram += torch.bmm(runs, runs.transpose(1, 2)).to(torch.float64).sum(0)
-    if whole < n:
-        tail = pair[:, whole:]
-        gram += (tail @ tail.T).to(torch.float64)
-    return torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
-
-
-def slerp_coefficients(
-    read: Callable[[int, int], Tensor], numel: int, t: float,
-    each: Callable[[Callable[[int, int], Any], list[tuple[int, int]]], Iterable[Any]] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """SLERP's whole-tensor statistics in one streamed pass: (c0, c1), each of shape [1, 1], such that the result
-    is c0 * base + c1 * other elementwise. `read(start, stop)` returns the float32 [2, stop - start] elements of the
-    flattened base (row 0) and other (row 1); they are read once, in steps of SLERP_CHUNK elements, whose
-    slerp_sums are added in order, so the result does not depend on who reads or where the tensor is cut into
-    output chunks. `each(fn, chunks)` runs fn on every step and returns the results in order (default: one by
-    one; the caller may run steps on several threads, as long as `read` is safe to call from them).
-
-    mergekit 0.1.5 takes two float32 passes (the norms, then the dot product of the normalised vectors), whose
-    bits depend on torch's thread count for tensors over ~32K elements. Here cos θ is the float64
-    <a, b> / (|a| |b|), rounded once to float32; from there the arithmetic is mergekit's, in float32.
-    """
-    tt = torch.tensor([float(t)], dtype=torch.float32).reshape(-1, 1)
-    if not numel:
-        return 1 - tt, tt
-    dot_threshold, eps = 0.9995, 1e-8
-    each = each or (lambda fn, chunks: [fn(s, e) for s, e in chunks])
-    steps = [(s, min(numel, s + SLERP_CHUNK)) for s in range(0, numel, SLERP_CHUNK)]
-    sums = torch.zeros(3, dtype=torch.float64)
-    for part in each(lambda s, e: slerp_sums(read(s, e)), steps):
-        sums += part
-    norms = sums[:2].sqrt()
-    norms = torch.where(norms > eps, norms, 1)
-    dot = (sums[2] / (norms[0] * norms[1])).to(torch.float32).reshape(1, 1).clamp(-1, 1)
-    lerp = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(lerp, 0, dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
-    coef_b = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
-    return coef_a, coef_b
-
-
-def nuslerp(
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    *,
-    base: Tensor | None = None,
-    nuslerp_row_wise: bool = False,
-    nuslerp_flatten: bool = True,
-) -> Tensor:
-    """mergekit's NuSLERP: slerp between exactly two models at t = w1 / (w0 + w1) (t = 0.5 when |w0 + w1| < 1e-6).
-
-    Paper: spherical interpolation, Shoemake 1985 (as slerp); NuSLERP is mergekit's own variant (no paper).
-    With a base, interpolates the task vectors: base + nuslerp(x0 - base, x1 - base).
-    nuslerp_flatten=True (default): one flat vector per tensor. Otherwise vectors run along the last dim (each row
-    separately), or along dim 0 (each column separately) when nuslerp_row_wise=True.
-    Locality: tensor when flattened or row_wise; rows (vectors along the last dim) otherwise.
-    Differences from slerp: unit vectors use x / max(|x|, 1e-7); the linear fallback triggers only when
-    1 - cos^2 <= 1e-16, i.e. practically only for exactly (anti)parallel vectors in float32; t is a Python float.
-    """
-    if len(tensors) != 2:
-        raise ValueError(f"nuslerp needs exactly two non-base tensors, got {len(tensors)}")
-    xs = _float32(list(tensors) + ([base] if base is not None else []))
-    t = nuslerp_t(_per_input("weight", weights, 2, None))
-    dim = 0 if nuslerp_row_wise else -1
-    if base is not None:
-        b = xs[2]
-        return b + _nuslerp(t, xs[0] - b, xs[1] - b, dim=dim, flatten=nuslerp_flatten)
-    return _nuslerp(t, xs[0], xs[1], dim=dim, flatten=nuslerp_flatten)
-
-
-def _nuslerp(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool, eps: float = 1e-8) -> Tensor:
-    out_shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif dim != -1:
-        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
-    v0_u = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    v1_u = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos_theta = torch.sum(v0_u * v1_u, dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos_theta.square()) <= eps**2
-    theta = torch.acos(torch.where(colinear, 0, cos_theta))
-    sin_theta = torch.sin(theta)
-    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
-    if dim != -1 and not flatten:
-        result = result.transpose(dim, -1)
-    return result.reshape(out_shape)
 
 
 # ------------------------------------------------------------------------------------------- model stock
@@ -241,45 +114,55 @@ def model_stock_blend(base: Tensor, tensors: Sequence[Tensor], t: Tensor) -> Ten
     return t * (sum(tensors) / len(tensors)) + (1 - t) * base
 
 
-def nuslerp_angle(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(sin((1 - t) theta), sin(t theta), sin theta) of nuslerp's flattened vectors v0, v1 (the inputs, or their
-    task vectors with a base) from their angle_sums; None when they are colinear. One vector is one column."""
-    s0, s1, sin_theta, colinear = nuslerp_column_angles(sums.reshape(3, 1), t)  # [|v0|^2, |v1|^2, <v0, v1>]
-    return None if colinear.item() else (s0.reshape(()), s1.reshape(()), sin_theta.reshape(()))
 
 
-def nuslerp_blend(v0: Tensor, v1: Tensor, t: float, angle: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
-    """nuslerp's elementwise step, rounded as _nuslerp rounds it."""
-    if angle is None:
-        return (1 - t) * v0 + t * v1
-    s0, s1, sin_theta = angle
-    return (s0 * v0 + s1 * v1) / sin_theta
+# ----------------------------------------------------------------------------------------------- the methods
 
 
-def column_sums(v0: Tensor, v1: Tensor) -> Tensor:
-    """float64 [3, C]: for each column of two [rows, C] blocks, |v0|^2, |v1|^2 and <v0, v1> over the block's rows
-    (nuslerp_row_wise: its vectors run along dim 0)."""
-    a, b = v0.to(torch.float64), v1.to(torch.float64)
-    return torch.stack([(a * a).sum(0), (b * b).sum(0), (a * b).sum(0)])
+def _weights_sum(job: MergeJob) -> str | None:
+    weights = job.per_input.get("weight", ())
+    if weights and job.shared.get("normalize") and sum(weights) == 0:
+        return "the weights sum to 0, so normalize cannot divide by them: change a weight or set normalize: false"
+    return None
 
 
-def nuslerp_column_angles(sums: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(sin((1 - t) theta), sin(t theta), sin theta, colinear), float32 [C] each, of nuslerp's per-column vectors
-    from their column_sums, as _nuslerp computes them for each column."""
-    norm0, norm1 = sums[0].sqrt().clamp(min=1e-7), sums[1].sqrt().clamp(min=1e-7)
-    cos = (sums[2] / (norm0 * norm1)).to(torch.float32).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= 1e-16
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
+LINEAR = MergeMethod(
+    name="linear",
+    title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
+    "inference time",
+    url="https://arxiv.org/abs/2203.05482",
+    summary="a weighted average (weights normalised to sum 1 unless normalize: false)",
+    params=(Param("weight", per_input=True), Param("normalize", True, kind="bool")),
+    formula=lambda base, xs, s, p, g: linear(xs, p["weight"], normalize=s["normalize"]),
+    base="ignored",
+    streaming=lambda job: ELEMENTWISE,
+    check=_weights_sum,
+)
 
 
-def nuslerp_column_blend(v0: Tensor, v1: Tensor, t: float, angles: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
-    """nuslerp's elementwise step for [rows, C] blocks with one angle per column, rounded as _nuslerp rounds it."""
-    s0, s1, sin_theta, colinear = angles
-    return torch.where(colinear, (1 - t) * v0 + t * v1, (s0 * v0 + s1 * v1) / sin_theta)
+def _stock_prepare(job: MergeJob) -> Tensor:
+    """t from the angles between the whole task vectors: float64 sums streamed over blocks."""
+    total = sum(job.each(lambda a, b: angle_sums(job.deltas(a, b)), job.steps()))
+    return model_stock_t(total, len(job.inputs))
 
 
-def nuslerp_t(weights: Sequence[float]) -> float:
-    """t = w1 / (w0 + w1), or 0.5 when |w0 + w1| < 1e-6."""
-    w = [float(x) for x in weights]
-    return 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+def _stock_blend(job: MergeJob, t: Tensor, a: int, b: int) -> Tensor:
+    return model_stock_blend(job.read_base(a, b), job.read_inputs(a, b), t)
+
+
+_STOCK = Streaming("statistics", _stock_blend, _stock_prepare)
+
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    title="Model Stock: All we need is just a few fine-tuned models",
+    url="https://arxiv.org/abs/2403.19522",
+    summary="interpolate between the base and the fine-tunes' mean by their angle (two or more fine-tunes)",
+    params=(Param("filter_wise", False, kind="bool"),),
+    formula=lambda base, xs, s, p, g: model_stock(base, xs, filter_wise=s["filter_wise"]),
+    min_inputs=3,
+    min_others=2,
+    # one angle per tensor: streamed statistics; per row (filter_wise): blocks of whole rows
+    streaming=lambda job: _STOCK if not job.shared["filter_wise"] else ROWS if len(job.shape) <= 2 else None,
+)
+
+METHODS = (LINEAR, MODEL_STOCK)

@@ -1,8 +1,9 @@
-"""The generalized task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della* (deltas from a
-base, sparsified, optionally sign-elected, weighted and summed)."""
+"""The generalized task-arithmetic family (deltas from a base, sparsified, optionally sign-elected, weighted and
+summed): its core, the parameters its members share, and task_arithmetic, ties and the Breadcrumbs pair, whose
+magnitude pruning streams through composer.ranked."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -13,7 +14,8 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import float32 as _float32, per_input as _per_input
-from composer.methods.sparsify import _bernoulli, _della_magprune, _magnitude, _magnitude_outliers
+from composer.methods.method import ELEMENTWISE, MergeJob, MergeMethod, Param, Streaming
+from composer.methods.sparsify import _magnitude, _magnitude_outliers, kept_range
 
 
 # ------------------------------------------------------------------------------ generalized task arithmetic
@@ -68,7 +70,7 @@ def _sign_consensus(weighted_deltas: Tensor, mask_dtype: torch.dtype) -> Tensor:
     return sign == majority
 
 
-_CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})  # the TIES sign election
+
 
 
 def task_arithmetic(
@@ -117,62 +119,6 @@ def ties(
     dens = _per_input("density", densities, n, 1.0)
     return _task_arithmetic(
         base, tensors, weights, lambda i, d: _magnitude(d, dens[i], rescale),
-        consensus=True, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
-    )
-
-
-def dare_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float] | None = None,
-    *,
-    generator: torch.Generator,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    lambda_: float = 1.0,
-) -> Tensor:
-    """DARE + task arithmetic: drop each delta element with probability 1 - density, then as task_arithmetic.
-
-    Paper: "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"
-    (DARE), Yu et al. 2023, https://arxiv.org/abs/2311.03099.
-    rescale (mergekit's default True) is NOT the paper's 1/density: mergekit multiplies the kept values by
-    |delta|_1 / |kept|_1 (per tensor and model; skipped when either is below 1e-7), so the L1 norm is preserved
-    exactly and the mean in expectation. Masks are drawn with torch.bernoulli from `generator`, model by model
-    in input order; a model with density >= 1 draws nothing.
-    Locality: elementwise when rescale=False (the stream is consumed one number per element, row-major);
-    tensor when rescale=True (two L1 norms per model).
-    """
-    n = len(tensors)
-    dens = _per_input("density", densities, n, 1.0)
-    return _task_arithmetic(
-        base, tensors, weights, lambda i, d: _bernoulli(d, dens[i], rescale, generator),
-        consensus=False, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
-    )
-
-
-def dare_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float] | None = None,
-    *,
-    generator: torch.Generator,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    lambda_: float = 1.0,
-) -> Tensor:
-    """DARE random drop + TIES sign election (no magnitude trim); see dare_linear and ties.
-
-    Paper: DARE, Yu et al. 2023, https://arxiv.org/abs/2311.03099 (with TIES, https://arxiv.org/abs/2306.01708).
-    Locality: elementwise when rescale=False, tensor when rescale=True. normalize defaults to False here.
-    """
-    n = len(tensors)
-    dens = _per_input("density", densities, n, 1.0)
-    return _task_arithmetic(
-        base, tensors, weights, lambda i, d: _bernoulli(d, dens[i], rescale, generator),
         consensus=True, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
     )
 
@@ -231,59 +177,93 @@ def breadcrumbs_ties(
     )
 
 
-def della(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float] | None = None,
-    *,
-    epsilons: Sequence[float] | None = None,
-    generator: torch.Generator,
-    normalize: bool = True,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    lambda_: float = 1.0,
-) -> Tensor:
-    """DELLA: MagPrune (magnitude-ranked random drop) + TIES sign election + disjoint mean.
 
-    Paper: "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
-    Deep et al. 2024, https://arxiv.org/abs/2406.11617.
-    Keep probability = density - epsilon + 2 * epsilon * (rank - 1) / (n - 1), ranks of |delta| within each row
-    (dim 1; 1-D tensors are one row); ValueError unless 0 < density - epsilon and density + epsilon < 1 (checked
-    only when 0 < density < 1). rescale is the L1-norm ratio over the whole tensor (not the paper's 1/p).
-    Locality: rows when rescale=False (one random number per element, row-major), tensor when rescale=True.
-    """
-    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=True,
-                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+# ----------------------------------------------------------------------------------------------- the methods
 
 
-def della_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float] | None = None,
-    *,
-    epsilons: Sequence[float] | None = None,
-    generator: torch.Generator,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    lambda_: float = 1.0,
-) -> Tensor:
-    """DELLA MagPrune + task arithmetic (no sign election); see della.
-
-    Paper: https://arxiv.org/abs/2406.11617.
-    Locality: rows when rescale=False, tensor when rescale=True.
-    """
-    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=False,
-                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+def _weights_sum(job: MergeJob) -> str | None:
+    weights = job.per_input.get("weight", ())
+    if weights and job.shared.get("normalize") and sum(weights) == 0:
+        return "the weights sum to 0, so normalize cannot divide by them: change a weight or set normalize: false"
+    return None
 
 
-def _della(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float] | None,
-           epsilons: Sequence[float] | None, generator: torch.Generator, rescale: bool, **options) -> Tensor:
-    n = len(tensors)
-    dens = _per_input("density", densities, n, 1.0)
-    eps = _per_input("epsilon", epsilons, n, 0.15)
-    return _task_arithmetic(
-        base, tensors, weights, lambda i, d: _della_magprune(d, dens[i], eps[i], rescale, generator), **options,
+def gta_method(name: str, title: str, url: str, summary: str, fn: Callable[..., Tensor], *, consensus: bool,
+               normalize: bool, rescale: bool, extra: tuple[Param, ...] = (), negative_weights: bool = False,
+               streaming: Callable[[MergeJob], Streaming | None] | None = None,
+               check: Callable[[MergeJob], str | None] | None = None, random: bool = False) -> MergeMethod:
+    """A member of the family as mergekit declares it: shared int8_mask, normalize, rescale, lambda; per-model
+    weight and density, plus `extra`. Only task arithmetic gives a negative weight a meaning (negating a task)."""
+    weight = Param("weight", per_input=True) if negative_weights else Param(
+        "weight", per_input=True, low=0, why="a task vector's share: a negative one has no meaning for " + name)
+    params = (
+        Param("int8_mask", False, kind="bool"), Param("normalize", normalize, kind="bool"),
+        Param("rescale", rescale, kind="bool"), Param("lambda", 1.0),
+        weight, Param("density", 1.0, per_input=True, low=0, high=1, why="the fraction of the task vector kept"),
+        *extra,
     )
+
+    def formula(base: Tensor, xs: list[Tensor], s: dict, p: dict, generator) -> Tensor:
+        kwargs: dict[str, Any] = dict(normalize=s["normalize"], rescale=s["rescale"], int8_mask=s["int8_mask"],
+                                      lambda_=s["lambda"])
+        kwargs.update({f"{k}s": p[k] for k in ("gamma", "epsilon") if k in p})
+        if random:
+            kwargs["generator"] = generator
+        return fn(base, xs, p["weight"], p["density"], **kwargs)
+
+    def checks(job: MergeJob) -> str | None:
+        return _weights_sum(job) or (check(job) if check else None)
+
+    return MergeMethod(name=name, title=title, url=url, summary=summary, params=params, formula=formula,
+                       streaming=streaming or (lambda job: ELEMENTWISE), check=checks, random=random,
+                       consensus=consensus)
+
+
+def merge_deltas(job: MergeJob, base: Tensor, xs: list[Tensor], sparsify: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """The family's arithmetic on a block whose sparsification was decided beforehand over the whole tensor."""
+    s = job.shared
+    return _task_arithmetic(base, xs, job.per_input["weight"], sparsify, consensus=job.method.consensus,
+                            normalize=s["normalize"], int8_mask=s["int8_mask"], lambda_=s["lambda"])
+
+
+def _ranked_prepare(job: MergeJob):
+    """Which elements each task vector keeps: found in streamed histogram passes (composer.ranked)."""
+    from composer import ranked
+
+    gammas = job.per_input.get("gamma", [None] * len(job.inputs))
+    ranges = [kept_range(job.numel, float(d), None if g is None else float(g))
+              for d, g in zip(job.per_input["density"], gammas)]
+    return ranked.select(job.deltas, job.numel, ranges, bool(job.shared["rescale"]))
+
+
+def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
+    from composer import ranked
+
+    return merge_deltas(job, job.read_base(a, b), job.read_inputs(a, b), lambda i, d: ranked.apply(keeps[i], d, a))
+
+
+_RANKED = Streaming("ranked", _ranked_blend, _ranked_prepare)
+
+
+def _magnitude_streaming(job: MergeJob) -> Streaming:
+    """Elementwise unless some density prunes: then the magnitude cut is found first."""
+    return _RANKED if any(d < 1 for d in job.per_input["density"]) else ELEMENTWISE
+
+
+_GAMMA = Param("gamma", 0.01, per_input=True, low=0, high=1, why="the fraction of the largest entries dropped")
+_TA = ("Editing Models with Task Arithmetic", "https://arxiv.org/abs/2212.04089")
+_TIES = ("TIES-Merging: Resolving Interference When Merging Models", "https://arxiv.org/abs/2306.01708")
+_CRUMBS = ("Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", "https://arxiv.org/abs/2312.06795")
+
+METHODS = (
+    gta_method("task_arithmetic", *_TA, "base + lambda * sum(weight * (model - base))", task_arithmetic,
+               consensus=False, normalize=False, rescale=False, negative_weights=True),
+    gta_method("ties", *_TIES, "trim each task vector to its top density, elect signs, average what agrees", ties,
+               consensus=True, normalize=True, rescale=False, streaming=_magnitude_streaming),
+    gta_method("breadcrumbs", *_CRUMBS, "drop the largest gamma and the smallest entries, keep density",
+               breadcrumbs, consensus=False, normalize=False, rescale=False, extra=(_GAMMA,),
+               streaming=_magnitude_streaming),
+    gta_method("breadcrumbs_ties", *_CRUMBS, "Breadcrumbs' sparsification with TIES' sign election",
+               breadcrumbs_ties, consensus=True, normalize=False, rescale=False, extra=(_GAMMA,),
+               streaming=_magnitude_streaming),
+)

@@ -1,0 +1,243 @@
+"""DARE and DELLA: task arithmetic on randomly dropped task vectors (a Bernoulli mask; DELLA's keep probability
+rising with magnitude), with the L1 rescale; masks are drawn per block of a fixed grid so any chunk can draw its
+part in any order."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from composer.methods.common import LazyTorch
+
+    torch = LazyTorch(globals())
+
+from composer.methods.common import per_input as _per_input
+from composer.methods.method import MergeJob, Param, Streaming
+from composer.methods.sparsify import _bernoulli, _della_magprune, della_mask
+from composer.methods.taskvectors import _task_arithmetic, gta_method
+
+def dare_linear(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    generator: torch.Generator,
+    normalize: bool = False,
+    rescale: bool = True,
+    int8_mask: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """DARE + task arithmetic: drop each delta element with probability 1 - density, then as task_arithmetic.
+
+    Paper: "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"
+    (DARE), Yu et al. 2023, https://arxiv.org/abs/2311.03099.
+    rescale (mergekit's default True) is NOT the paper's 1/density: mergekit multiplies the kept values by
+    |delta|_1 / |kept|_1 (per tensor and model; skipped when either is below 1e-7), so the L1 norm is preserved
+    exactly and the mean in expectation. Masks are drawn with torch.bernoulli from `generator`, model by model
+    in input order; a model with density >= 1 draws nothing.
+    Locality: elementwise when rescale=False (the stream is consumed one number per element, row-major);
+    tensor when rescale=True (two L1 norms per model).
+    """
+    n = len(tensors)
+    dens = _per_input("density", densities, n, 1.0)
+    return _task_arithmetic(
+        base, tensors, weights, lambda i, d: _bernoulli(d, dens[i], rescale, generator),
+        consensus=False, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
+    )
+
+
+def dare_ties(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    generator: torch.Generator,
+    normalize: bool = False,
+    rescale: bool = True,
+    int8_mask: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """DARE random drop + TIES sign election (no magnitude trim); see dare_linear and ties.
+
+    Paper: DARE, Yu et al. 2023, https://arxiv.org/abs/2311.03099 (with TIES, https://arxiv.org/abs/2306.01708).
+    Locality: elementwise when rescale=False, tensor when rescale=True. normalize defaults to False here.
+    """
+    n = len(tensors)
+    dens = _per_input("density", densities, n, 1.0)
+    return _task_arithmetic(
+        base, tensors, weights, lambda i, d: _bernoulli(d, dens[i], rescale, generator),
+        consensus=True, normalize=normalize, int8_mask=int8_mask, lambda_=lambda_,
+    )
+
+
+
+def della(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    epsilons: Sequence[float] | None = None,
+    generator: torch.Generator,
+    normalize: bool = True,
+    rescale: bool = True,
+    int8_mask: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """DELLA: MagPrune (magnitude-ranked random drop) + TIES sign election + disjoint mean.
+
+    Paper: "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+    Deep et al. 2024, https://arxiv.org/abs/2406.11617.
+    Keep probability = density - epsilon + 2 * epsilon * (rank - 1) / (n - 1), ranks of |delta| within each row
+    (dim 1; 1-D tensors are one row); ValueError unless 0 < density - epsilon and density + epsilon < 1 (checked
+    only when 0 < density < 1). rescale is the L1-norm ratio over the whole tensor (not the paper's 1/p).
+    Locality: rows when rescale=False (one random number per element, row-major), tensor when rescale=True.
+    """
+    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=True,
+                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+
+
+def della_linear(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    epsilons: Sequence[float] | None = None,
+    generator: torch.Generator,
+    normalize: bool = False,
+    rescale: bool = True,
+    int8_mask: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """DELLA MagPrune + task arithmetic (no sign election); see della.
+
+    Paper: https://arxiv.org/abs/2406.11617.
+    Locality: rows when rescale=False, tensor when rescale=True.
+    """
+    return _della(base, tensors, weights, densities, epsilons, generator, rescale, consensus=False,
+                  normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+
+
+def _della(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float] | None,
+           epsilons: Sequence[float] | None, generator: torch.Generator, rescale: bool, **options) -> Tensor:
+    n = len(tensors)
+    dens = _per_input("density", densities, n, 1.0)
+    eps = _per_input("epsilon", epsilons, n, 0.15)
+    return _task_arithmetic(
+        base, tensors, weights, lambda i, d: _della_magprune(d, dens[i], eps[i], rescale, generator), **options,
+    )
+
+
+# ------------------------------------------------------------------------------------------ streamed masks
+#
+# Each task vector's mask is drawn per block of a fixed grid from a generator seeded by (--seed, tensor, model,
+# block), so any chunk can draw its part in any order; the L1 rescale factors are streamed first. DARE's grid is
+# job.block elements; DELLA's is whole rows (it ranks |delta| within each row), as many as fit in job.block.
+
+
+def _grid(job: MergeJob) -> int:
+    return job.rows(job.block)[1] if job.method.name.startswith("della") else job.block
+
+
+def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) -> list:
+    """The masks of grid block [a, b) (None: keep all); DELLA's need that block's deltas."""
+    grid, della = _grid(job), "epsilon" in job.per_input
+    out = []
+    for i, d in enumerate(float(x) for x in job.per_input["density"]):
+        generator = job.generator(f"{i}:{a // grid}")
+        if d >= 1:
+            out.append(None)
+        elif della:
+            deltas = deltas if deltas is not None else job.deltas(a, b)
+            width = job.rows(job.block)[0]
+            out.append(della_mask(deltas[i].reshape(-1, width), d, float(job.per_input["epsilon"][i]),
+                                  generator).reshape(-1))
+        else:
+            out.append(torch.bernoulli(torch.full((b - a,), d), generator=generator))
+    return out
+
+
+def _random_prepare(job: MergeJob) -> list:
+    """The L1 rescale factor of each task vector, |delta|_1 / |kept delta|_1 over the whole tensor (None: none)."""
+    densities = [float(d) for d in job.per_input["density"]]
+    factors = [None] * len(job.inputs)
+    if not (job.shared["rescale"] and any(d < 1 for d in densities)):
+        return factors
+
+    def norms(a: int, b: int) -> list:
+        ds = job.deltas(a, b)
+        return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64)) if m is not None else None
+                for d, m in zip(ds, _masks(job, a, b, ds))]
+
+    sums = [[0.0, 0.0] for _ in job.inputs]
+    for part in job.each(norms, job.steps(_grid(job))):
+        for acc, got in zip(sums, part):
+            if got is not None:
+                acc[0] += float(got[0])
+                acc[1] += float(got[1])
+    for i, (before, after) in enumerate(sums):
+        before, after = torch.tensor(before).float(), torch.tensor(after).float()
+        if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
+            factors[i] = before / after
+    return factors
+
+
+def _random_blend(job: MergeJob, factors: list, ga: int, gb: int) -> Tensor:
+    """Grid block [ga, gb): its masks drawn once, then the merge in steps of job.chunk elements."""
+    from composer.methods.taskvectors import merge_deltas
+
+    held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)]
+    drawn = _masks(job, ga, gb, [x - held[0] for x in held[1:]])
+    out = torch.empty(gb - ga)
+    for a in range(ga, gb, job.chunk):
+        b = min(gb, a + job.chunk)
+
+        def sparsify(i: int, d: Tensor, a: int = a) -> Tensor:
+            if drawn[i] is None:
+                return d
+            masked = d * drawn[i][a - ga: a - ga + d.numel()]
+            return masked if factors[i] is None else masked * factors[i]
+
+        base, *xs = (x[a - ga: b - ga] for x in held)
+        out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify)
+    return out
+
+
+_RANDOM = Streaming("random", _random_blend, _random_prepare, grid=_grid)
+
+
+def _della_check(job: MergeJob) -> str | None:
+    for model, density, epsilon in zip(job.models, job.per_input["density"], job.per_input["epsilon"]):
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            return (f"density {density} +/- epsilon {epsilon} leaves (0, 1): choose epsilon below "
+                    f"{min(density, 1 - density):g} for model '{model}'")
+    return None
+
+
+_DARE = ("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+         "https://arxiv.org/abs/2311.03099")
+_DELLA = ("DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+          "https://arxiv.org/abs/2406.11617")
+_EPSILON = Param("epsilon", 0.15, per_input=True, low=0, high=1, open_high=True,
+                 why="the spread of the keep probabilities around density")
+_DELLA_STREAM = lambda job: _RANDOM if len(job.shape) <= 2 else None  # noqa: E731 (ranks along dim 1: rows of 2-D)
+
+METHODS = (
+    gta_method("dare_ties", *_DARE, "drop task-vector entries at random (kept with probability density), "
+               "rescale, elect signs", dare_ties, consensus=True, normalize=False, rescale=True,
+               streaming=lambda job: _RANDOM, random=True),
+    gta_method("dare_linear", *_DARE, "drop task-vector entries at random (kept with probability density), "
+               "rescale, add", dare_linear, consensus=False, normalize=False, rescale=True,
+               streaming=lambda job: _RANDOM, random=True),
+    gta_method("della", *_DELLA, "random drop with keep probability rising with magnitude (density +/- epsilon), "
+               "elect signs", della, consensus=True, normalize=True, rescale=True, extra=(_EPSILON,),
+               streaming=_DELLA_STREAM, check=_della_check, random=True),
+    gta_method("della_linear", *_DELLA, "random drop with keep probability rising with magnitude, add",
+               della_linear, consensus=False, normalize=False, rescale=True, extra=(_EPSILON,),
+               streaming=_DELLA_STREAM, check=_della_check, random=True),
+)
