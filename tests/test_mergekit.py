@@ -411,3 +411,15 @@ def test_random_merge_distributed_as_mergekit(mergekit_outputs, models, tmp_path
         ours_r, theirs_r = ((r[out == base[name]].mean() / r.mean()).item() for out in (ours[name], t))
         assert abs(ours_r - theirs_r) < 0.12, (name, ours_r, theirs_r)
     assert checked >= 20
+
+
+def test_every_registered_method_has_a_formula_test_and_a_cross_check():
+    """Registering a method without its formula test (a call of its function in tests/test_methods*.py) or without
+    a mergekit cross-check case here fails."""
+    from composer.methods import REGISTRY
+
+    formula_tests = "".join(p.read_text() for p in (REPO / "tests").glob("test_methods*.py"))
+    for method in REGISTRY:
+        assert re.search(rf"\b{method.name}\(", formula_tests), f"{method.name} has no formula test"
+        assert any(f"merge_method: {method.name}\n" in text for text, _ in MERGE_RECIPES.values()), \
+            f"{method.name} has no mergekit cross-check case"
