@@ -12,7 +12,7 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import float32 as _float32, per_input as _per_input
-from composer.methods.method import ELEMENTWISE, ROWS, MergeJob, MergeMethod, Param, Streaming
+from composer.methods.method import ELEMENTWISE, ROWS, MergeJob, MergeMethod, Param, Streaming, weights_sum
 
 # --------------------------------------------------------------------------------------------------- linear
 
@@ -119,13 +119,6 @@ def model_stock_blend(base: Tensor, tensors: Sequence[Tensor], t: Tensor) -> Ten
 # ----------------------------------------------------------------------------------------------- the methods
 
 
-def _weights_sum(job: MergeJob) -> str | None:
-    weights = job.per_input.get("weight", ())
-    if weights and job.shared.get("normalize") and sum(weights) == 0:
-        return "the weights sum to 0, so normalize cannot divide by them: change a weight or set normalize: false"
-    return None
-
-
 LINEAR = MergeMethod(
     name="linear",
     title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
@@ -136,7 +129,7 @@ LINEAR = MergeMethod(
     formula=lambda base, xs, s, p, g: linear(xs, p["weight"], normalize=s["normalize"]),
     base="ignored",
     streaming=lambda job: ELEMENTWISE,
-    check=_weights_sum,
+    check=weights_sum,
 )
 
 

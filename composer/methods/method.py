@@ -86,6 +86,14 @@ class Streaming:
     grid: Callable[[MergeJob], int] = lambda job: 1
 
 
+def weights_sum(job: MergeJob) -> str | None:
+    """The plan-time check of methods that normalize by the sum of their weights."""
+    weights = job.per_input.get("weight", ())
+    if weights and job.shared.get("normalize") and sum(weights) == 0:
+        return "the weights sum to 0, so normalize cannot divide by them: change a weight or set normalize: false"
+    return None
+
+
 def formula_blend(job: MergeJob, stats: Any, a: int, b: int) -> Tensor:
     """The whole-tensor formula on a block: right for methods whose arithmetic is elementwise."""
     return job.method.compute(job, job.read_base(a, b), job.read_inputs(a, b))

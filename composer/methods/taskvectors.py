@@ -14,7 +14,7 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import float32 as _float32, per_input as _per_input
-from composer.methods.method import ELEMENTWISE, MergeJob, MergeMethod, Param, Streaming
+from composer.methods.method import ELEMENTWISE, MergeJob, MergeMethod, Param, Streaming, weights_sum
 from composer.methods.sparsify import _magnitude, _magnitude_outliers, kept_range
 
 
@@ -181,13 +181,6 @@ def breadcrumbs_ties(
 # ----------------------------------------------------------------------------------------------- the methods
 
 
-def _weights_sum(job: MergeJob) -> str | None:
-    weights = job.per_input.get("weight", ())
-    if weights and job.shared.get("normalize") and sum(weights) == 0:
-        return "the weights sum to 0, so normalize cannot divide by them: change a weight or set normalize: false"
-    return None
-
-
 def gta_method(name: str, title: str, url: str, summary: str, fn: Callable[..., Tensor], *, consensus: bool,
                normalize: bool, rescale: bool, extra: tuple[Param, ...] = (), negative_weights: bool = False,
                streaming: Callable[[MergeJob], Streaming | None] | None = None,
@@ -212,7 +205,7 @@ def gta_method(name: str, title: str, url: str, summary: str, fn: Callable[..., 
         return fn(base, xs, p["weight"], p["density"], **kwargs)
 
     def checks(job: MergeJob) -> str | None:
-        return _weights_sum(job) or (check(job) if check else None)
+        return weights_sum(job) or (check(job) if check else None)
 
     return MergeMethod(name=name, title=title, url=url, summary=summary, params=params, formula=formula,
                        streaming=streaming or (lambda job: ELEMENTWISE), check=checks, random=random,
