@@ -15,6 +15,7 @@ import torch
 
 import reference
 from test_depth import compose
+from test_methods_fusion import sce_bounds
 from tinymodels import load_state_dict, logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,8 @@ TWO = [("llama-b", "{weight: 0.6, density: 0.5}"), ("llama-c", "{weight: 0.4, de
 # name: (recipe with {dtype}, how it is compared). "exact": bit for bit in float32 and bfloat16; "close": bit for bit
 # in float32, within BF16_ROUNDINGS in bfloat16; "angles": as "close", but within F32_ROUNDINGS in float32;
 # "slerp": within F32_ROUNDINGS in float32, one rounding in bfloat16;
-# "float32": bit for bit, float32 only; "random": distributions.
+# "float32": bit for bit, float32 only; "random": distributions; "f32-sums": within SCE_ROUNDINGS in float32, and
+# one bfloat16 step more after the final rounding (bf16out).
 MERGE_RECIPES = {
     "linear-normalize": (_models("linear", [("llama", "{weight: 0.7}"), ("llama-b", "{weight: 0.5}")],
                                  params="{normalize: true}"), "exact"),
@@ -257,10 +259,12 @@ MERGE_RECIPES = {
                                                ("llama-c", "{weight: 0.4}")], "llama",
                                 "{normalize_weights: false}"), "f32"),
     "nearswap": (_models("nearswap", [("llama", ""), ("llama-b", "")], "llama", "{t: 0.05}"), "f32"),
+    # sce streams its weights' mean squares as float64 sums over blocks (mergekit: float32 means over the whole
+    # tensor): within SCE_ROUNDINGS float32 roundings in float32, and one bfloat16 step more after the final rounding
     "sce": (_models("sce", [("llama", ""), ("llama-b", ""), ("llama-c", "")], "llama", "{select_topk: 0.5}"),
-            "f32"),
+            "f32-sums"),
     "sce-all": (_models("sce", [("llama", ""), ("llama-b", "{weight: 0.9}"), ("llama-c", "{weight: 0.1}")],
-                        "llama"), "f32"),
+                        "llama"), "f32-sums"),
     "arcee-fusion": (_models("arcee_fusion", [("llama", ""), ("llama-b", "")], "llama"), "f32"),
     "ram": (_models("ram", [("llama", ""), *[(m, "") for m, _ in TWO]], "llama", "{epsilon: 0.05}"), "f32"),
     "ramplus-tl": (_models("ramplus_tl", [("llama", ""), *[(m, "") for m, _ in TWO]], "llama",
@@ -301,6 +305,12 @@ F32_ROUNDINGS = 16
 # slerp in bfloat16: both tools compute in float32 and round once, with coefficients a few float32 ulps apart, so
 # a value can land on the other side of a bf16 rounding boundary: one bf16 ulp, at most 2 * U_BF16 * |value|.
 SLERP_BF16 = 2
+# sce ("f32-sums"): its per-model weights are mean squares of the task vectors over the whole tensor; composer
+# streams them as float64 sums over blocks, rounded once (within 2 roundings of exact), mergekit takes torch's
+# float32 mean (its cascade sum: measured within 2.3 roundings). The weights' common scale cancels in the weighted
+# mean, so the output moves by the spread of their own errors times |d_i - merged| <= S, plus each side's few
+# elementwise roundings: 25 roundings of S in all (derived in test_methods_fusion.sce_bounds; observed: 1.4).
+SCE_ROUNDINGS = sce_bounds(2)[2]
 
 
 def _pair(mergekit_outputs, tmp_path, case: str) -> tuple[dict, dict, Path]:
@@ -367,6 +377,23 @@ def test_merge_within_one_bf16_step_of_mergekit(mergekit_outputs, tmp_path, case
         step = 2 * U_BF16 * torch.maximum(a.abs(), b.abs()) + F32_ROUNDINGS * U_F32 * b.abs().max()
         assert ((a - b).abs() <= step).all(), (name, ((a - b).abs() / step).max())
         assert (a != b).float().mean() < 0.01, name  # a few elements, not a different merge
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "f32-sums"])
+def test_merge_within_the_weights_rounding_of_mergekit(mergekit_outputs, models, tmp_path, case):
+    """sce in float32: within SCE_ROUNDINGS roundings of S (as above) of mergekit, elementwise; rounded once to
+    bf16 (bf16out), a value within that of mergekit's may round to the next bf16 step: one step of its size more."""
+    ours, theirs, recipe = _pair(mergekit_outputs, tmp_path, case)
+    names = list(dict.fromkeys(re.findall(r"@([\w-]+)", MERGE_RECIPES[case.rsplit("-", 1)[0]][0])))
+    inputs = [load_state_dict(models[m]) for m in names]  # the base first
+    for name, t in theirs.items():
+        xs = [sd[_input_name(recipe.read_text(), name)].float() for sd in inputs]
+        scale = sum(x.abs() for x in xs) + sum((x - xs[0]).abs() for x in xs[1:])
+        a, b = ours[name].float(), t.float()
+        step = 2 * U_BF16 * torch.maximum(a.abs(), b.abs()) if case.endswith("bf16out") else 0
+        assert ((a - b).abs() <= SCE_ROUNDINGS * U_F32 * scale + step).all(), (name, ((a - b).abs() / scale).max())
+        if case.endswith("bf16out"):
+            assert (a != b).float().mean() < 0.01, name  # a few elements, not a different merge
 
 
 @pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "random"])

@@ -504,8 +504,12 @@ def test_each_method_declares_its_streaming_shape():
     assert _stream("dare_ties", per_input={"density": (0.5, 0.5)}) == "random"
     assert _stream("della", per_input={"density": (0.5, 0.5)}) == "random"
     assert _stream("della", per_input={"density": (0.5, 0.5)}, shape=(2, 3, 4)) == "whole"
-    for name in ("karcher", "multislerp", "sce", "arcee_fusion", "ramplus_tl"):
-        assert _stream(name) == "whole", name
+    assert _stream("sce") == _stream("ramplus_tl") == "statistics"
+    assert _stream("sce", {"select_topk": 0.5}) == "ranked"  # the top-k variance cut first
+    assert _stream("arcee_fusion") == _stream("arcee_fusion", shape=(2, 3, 4)) == "row statistics"
+    # a Gram pass, then sum c_i x_i block by block (a tensor of one block: the formula on it, inside the same shape)
+    assert _stream("karcher") == _stream("multislerp") == _stream("karcher", shape=(2, 3, 4)) == "statistics"
+    assert _stream("multislerp", {"normalize_weights": False}, shape=(2, 3, 4)) == "statistics"
 
 
 @pytest.mark.parametrize("block", [7, 64, 1000])

@@ -362,3 +362,270 @@ def test_unequal_shapes_are_rejected(method):
     base = rand(5, 4, seed=1)
     with pytest.raises(ValueError, match="shapes differ"):
         method(base, [base + 1, base[:-1]])
+
+
+# ---------------------------------------------------------------------------------------------------- streamed
+#
+# sce, arcee_fusion and ramplus_tl stream (composer.methods.method.Streaming): statistics passes over blocks, then
+# the output block by block. Run here through the merge engine (composer.merging.Merged) on inputs held in memory,
+# with statistics blocks of 500 elements (each computed in pieces of 200), blend steps of 200 and output pieces of
+# 3072 elements, so that every tensor spans several blocks, rows are cut across blocks, pieces and steps, and
+# compared with the whole-tensor formulas above.
+
+BLOCK, CHUNK, PIECE = 500, 200, 3 * 4096
+
+
+class _Memory:
+    """The engine's sources, in memory: input k's elements [start, stop) are those of the k-th tensor."""
+
+    def __init__(self, xs):
+        self.xs = [x.reshape(-1) for x in xs]
+
+    def tensor(self, info, start, stop):
+        return self.xs[int(info.name)][start:stop]
+
+
+def _plan(method, xs, shared):
+    from composer.methods import METHODS
+    from composer.sources import TensorInfo
+    from composer.tensorplan import TensorPlan
+
+    m = METHODS[method]
+    inputs = tuple(TensorInfo(str(k), "F32", tuple(xs[0].shape), None, 0) for k in range(len(xs)))
+    return TensorPlan("w", method, inputs, tuple(f"m{k}" for k in range(len(xs))), "F32",
+                      params=tuple({**m.shared, **(shared or {})}.items()),
+                      input_params=tuple(tuple(m.per_input.items()) for _ in xs), base=0)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    import sys
+
+    from composer import ranked
+
+    monkeypatch.setattr(ranked, "BLOCK", BLOCK)
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", CHUNK)
+
+
+def streamed(method, xs, shared=None, seed=0):
+    """(the engine's result, its streaming shape) for inputs xs, the base first."""
+    from composer.merging import Merged, merge_mode
+
+    t = _plan(method, xs, shared)
+    out = bytearray(t.nbytes)
+    merged = Merged(_Memory(xs), seed)
+    for start in range(0, t.nbytes, PIECE):
+        merged.copy_into(t, memoryview(out)[start: start + PIECE], start)
+    return torch.frombuffer(out, dtype=torch.float32).reshape(xs[0].shape), merge_mode(t)
+
+
+def whole(method, xs, shared=None, seed=0):
+    """The formula on whole tensors, with the generator the engine seeds for tensor "w"."""
+    from composer.blocks import tensor_seed
+    from composer.methods import METHODS
+
+    m = METHODS[method]
+    generator = torch.Generator().manual_seed(tensor_seed(seed, "w")) if m.random else None
+    return m.apply(xs[1:], base=xs[0], shared=shared, generator=generator)
+
+
+# (5, 40000): rows longer than the blocks, each block of them two or more whole rows (three at the end: never a
+# lone row, whose KL torch would reduce on several threads); (1500,): one row; (4, 6, 35): rows along the last dim.
+STREAM_SHAPES = [(37, 29), (5, 40000), (1500,), (4, 6, 35)]
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES)
+@pytest.mark.parametrize(("method", "n", "shared"), [
+    ("ramplus_tl", 3, {"epsilon": 0.05, "r": 0.5, "alpha": 0.5}),
+    ("ramplus_tl", 2, None),
+    ("ramplus_tl", 0, None),
+    ("arcee_fusion", 1, None),
+])
+def test_streamed_ramplus_tl_and_arcee_fusion_are_their_formulas(small_blocks, shape, method, n, shared):
+    """Bit for bit: ramplus_tl's counts are integers (block sums exact), arcee_fusion's row KLs are computed on
+    whole rows as the formula computes them, and the rest is the formulas' elementwise arithmetic."""
+    base, xs = sparse_models(shape, n, seed=len(shape) + n)
+    got, mode = streamed(method, [base, *xs], shared)
+    assert mode == {"ramplus_tl": "statistics", "arcee_fusion": "row statistics"}[method]
+    assert torch.equal(got, whole(method, [base, *xs], shared))
+
+
+@pytest.mark.parametrize("shape", [(301, 40), (5, 40000), (20000,)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streamed_arcee_fusion_samples_the_formulas_positions(small_blocks, monkeypatch, shape, seed):
+    """Above QUANTILE_SAMPLE elements (made small here) the quantiles come from QUANTILE_SAMPLE positions drawn from
+    the job's generator: the streamed pass gathers the importances at the very positions the formula draws (in
+    another order, which the sort undoes), so the threshold and the output are the formula's."""
+    monkeypatch.setattr(fusion, "QUANTILE_SAMPLE", 3000)
+    base = rand(*shape, seed=90 + seed)
+    xs = [base, base + 0.3 * rand(*shape, seed=91 + seed)]
+    got, _ = streamed("arcee_fusion", xs, seed=seed)
+    assert torch.equal(got, whole("arcee_fusion", xs, seed=seed))
+    assert not torch.equal(got, whole("arcee_fusion", xs, seed=seed + 7))  # the draw matters: it is the one used
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_sce_variance_is_torch_var_bit_for_bit(dtype, n):
+    """The streamed passes' variance across models is torch.var's (which the formula and mergekit take), bit for
+    bit: the same float64 Welford updates in the same order. In float64 any other order of operations shows (a
+    two-pass mean of squared deviations differs in about a third of the elements); in float32, after rounding."""
+    g = torch.Generator().manual_seed(n)
+    d = (torch.randn(n, 50_000, generator=g) * torch.rand(n, 1, generator=g) * 3).to(dtype)
+    for x in (d, (d * 64).round() / 256):  # and one with ties everywhere
+        assert torch.equal(fusion._sce_variance(x), torch.var(x, dim=0, unbiased=False))
+
+
+@pytest.mark.parametrize("shape", [(37, 29), (5, 40000), (3, 300000), (1500,)])
+def test_streamed_arcee_fusion_row_kl_and_threshold_are_the_formulas(small_blocks, monkeypatch, shape):
+    """The statistics themselves, bit for bit: every row's KL and the threshold (sampled above QUANTILE_SAMPLE
+    elements, 3000 here). Rows of 32K elements or more are where a block holding a lone row would differ (torch
+    reduces one long row on several threads, many rows one thread each): the blocks never do."""
+    from composer.methods import METHODS, MergeJob
+
+    monkeypatch.setattr(fusion, "QUANTILE_SAMPLE", 3000)
+
+    base = rand(*shape, seed=100)
+    x = base + 0.3 * rand(*shape, seed=101)
+    job = MergeJob.of(_plan("arcee_fusion", [base, x], None), METHODS["arcee_fusion"], sources=_Memory([base, x]),
+                      block=BLOCK, chunk=CHUNK)
+    width, kl, threshold = fusion._fusion_prepare(job)
+    assert width == shape[-1]
+    assert torch.equal(kl, fusion._fusion_kl(x, base).reshape(-1))
+    assert torch.equal(threshold, fusion._fusion_threshold(fusion._fusion_importance(x, base), job.generator()))
+
+
+def _sce_inputs(shape, n, seed, ties):
+    """A base and n models; with `ties` the deltas are multiples of 1/4 in [-1, 1], so variances tie everywhere
+    and every top-k cut falls inside a run of equal values."""
+    if not ties:
+        return sparse_models(shape, n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + torch.randint(-4, 5, shape, generator=g).float() / 4 for _ in range(n)]
+
+
+def _sce_job(xs, shared):
+    from composer.methods import METHODS, MergeJob
+
+    return MergeJob.of(_plan("sce", xs, shared), METHODS["sce"], sources=_Memory(xs), block=BLOCK, chunk=CHUNK)
+
+
+U_F32 = 2.0**-24  # float32's unit roundoff: one rounding moves a value v by at most |v| * U_F32
+# torch's float32 sum over a whole tensor (its cascade summation), as sce's formula takes the mean squares: measured
+# within 2.3 U_F32 of the exact sum for random squares of up to 2^20 elements (log2(numel) roundings is the usual
+# worst-case bound of pairwise summation; it is not approached).
+TORCH_SUM = 2.5
+
+
+def sce_bounds(n: int) -> tuple[float, float, float]:
+    """In units of U_F32, for n task vectors: (streamed weights vs the exact ones, relative; streamed vs the
+    formula's weights, relative; streamed vs the formula's output, in units of S = |base| + sum|x_i| + sum|d_i|).
+
+    - streamed mean squares m_i: float64 sums (error ~numel * 2^-53: nil) rounded once to float32, then divided by
+      numel: within 2. The weights w_i = m_i / T, T the float32 sum of the n m_j (n - 1 roundings, and m's error):
+      2 + (2 + n - 1) + 1 = n + 4.
+    - the formula's m_i: torch's sum error, then the division: TORCH_SUM + 1; its weights 2 * TORCH_SUM + n + 2.
+    - the output, merged = sum_i(w_i k_i d_i) / sum_i(w_i k_i): scaling every w_i alike (T) changes nothing, so
+      only each w_i's own error counts (ours 2 + 1, the formula's TORCH_SUM + 1 + 1); merged moves by at most the
+      spread of those relative errors, 2 * (TORCH_SUM + 5), times max|d_i - merged| <= S (the kept d_i share
+      merged's sign). On top, each side's own roundings: the products and the sum (no cancellation: the kept d_i
+      share a sign), the denominator's sum and the division (4 of merged's size each side), base + merged (one of
+      the output's size each side, i.e. 2 for its possible flip): 2 * (TORCH_SUM + 5) + 8 + 2.
+    """
+    ours, formula = n + 4, 2 * TORCH_SUM + n + 2
+    return ours, ours + formula, 2 * (TORCH_SUM + 5) + 10
+
+
+@pytest.mark.parametrize("shape", [(37, 29), (5, 40000), (1500,), (4, 6, 35)])
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("ties", [False, True])
+def test_streamed_sce_is_its_formula_within_the_mean_squares_rounding(small_blocks, shape, select_topk, ties):
+    """The selection is the formula's exactly (the same k, the same elements, ties kept in index order: ranked's
+    histogram passes over var recomputed per block); the weights come from float64 sums of the squared masked
+    deltas over blocks, where the formula takes torch's float32 mean over the whole tensor: within sce_bounds.
+    (Observed: weights within 2.0 U_F32 of the exact ones and 3.9 of the formula's, outputs within 1.1 U_F32 * S
+    of the formula's.)"""
+    n = 2
+    base, xs = _sce_inputs(shape, n, seed=len(shape) + int(10 * select_topk), ties=ties)
+    shared = {"select_topk": select_topk}
+    got, mode = streamed("sce", [base, *xs], shared)
+    assert mode == ("ranked" if select_topk < 1 else "statistics")
+    expected = whole("sce", [base, *xs], shared)
+    deltas = torch.stack([x - base for x in xs])
+    if select_topk < 1:  # the selection, exactly
+        keep, _ = fusion._sce_prepare(_sce_job([base, *xs], shared))
+        flat = fusion._sce_variance(deltas).reshape(-1)
+        mask = torch.cat([keep.mask(flat[a:b].abs(), a) for a, b in [(a, min(flat.numel(), a + BLOCK))
+                                                                       for a in range(0, flat.numel(), BLOCK)]])
+        assert torch.equal(mask, fusion._sce_mask(deltas, select_topk).reshape(-1))
+        deltas = deltas * mask.reshape(deltas.shape[1:]).unsqueeze(0)
+    ours, apart, output = sce_bounds(n)
+    _, w = fusion._sce_prepare(_sce_job([base, *xs], shared))
+    squares = deltas.double().square().reshape(n, -1).mean(dim=1)
+    exact = squares / squares.sum()
+    assert ((w.double() - exact).abs() <= ours * U_F32 * exact).all(), (w.double() - exact) / exact / U_F32
+    formula = fusion._sce_weights(deltas).double()
+    assert ((w.double() - formula).abs() <= apart * U_F32 * exact).all(), (w.double() - formula) / exact / U_F32
+    scale = base.abs() + sum(x.abs() for x in xs) + deltas.abs().sum(dim=0).reshape(shape)
+    error = (got - expected).abs() / (U_F32 * scale)
+    assert (error <= output).all(), error.max()
+
+
+def test_streamed_sce_edge_cases(small_blocks):
+    """No models besides the base, zero task vectors, k = 0 and select_topk >= 1: the formula's results."""
+    base, xs = sparse_models((37, 29), 2, seed=3)
+    assert torch.equal(streamed("sce", [base])[0], base)
+    same = [base, base.clone(), base.clone()]
+    for topk in (1.0, 0.5):
+        assert torch.equal(streamed("sce", same, {"select_topk": topk})[0], base)
+    tiny = {"select_topk": 1e-4}  # k = int(1073 * 1e-4) = 0: nothing selected
+    assert torch.equal(streamed("sce", [base, *xs], tiny)[0], whole("sce", [base, *xs], tiny))
+    assert torch.equal(streamed("sce", [base, *xs], {"select_topk": 1.5})[0],
+                       streamed("sce", [base, *xs])[0])
+
+
+@pytest.mark.parametrize(("method", "params", "mode"), [
+    ("sce", "{select_topk: 0.4}", "ranked"),
+    ("sce", "{int8_mask: true}", "statistics"),
+    ("arcee_fusion", "{}", "row statistics"),
+    ("ramplus_tl", "{epsilon: 0.05, r: 0.5, alpha: 0.5}", "statistics"),
+])
+def test_streamed_merges_through_the_cli(models, write_recipe, tmp_path, monkeypatch, method, params, mode):
+    """The real CLI on the tiny checkpoints (small blocks, chunks and output pieces; arcee_fusion sampling its
+    quantiles above 5000 elements): every tensor streamed, and equal to the formula on whole tensors (sce: within
+    the mean squares' rounding, as above)."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from composer import plan_recipe, ranked
+    from composer.blocks import tensor_seed
+    from composer.cli import main
+    from composer.methods import METHODS
+    from composer.tensorplan import merge_mode
+    from tinymodels import load_state_dict
+
+    monkeypatch.setattr(ranked, "BLOCK", BLOCK)
+    monkeypatch.setattr(sys.modules["composer.merging"], "CHUNK_ELEMENTS", CHUNK)
+    monkeypatch.setattr(sys.modules["composer.execute"], "CHUNK_BYTES", PIECE)
+    monkeypatch.setattr(fusion, "QUANTILE_SAMPLE", 5000)
+    names = ["llama", "llama-b"] if method == "arcee_fusion" else ["llama", "llama-b", "llama-c"]
+    recipe = write_recipe(f"merge_method: {method}\nbase_model: {models['llama']}\ndtype: float32\n"
+                          f"parameters: {params}\nmodels: [{', '.join(f'{{model: {models[m]}}}' for m in names)}]\n")
+    plan = plan_recipe(recipe)
+    assert {merge_mode(t) for t in plan.tensors} == {mode}
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    out = load_state_dict(tmp_path / "out")
+    inputs = [load_state_dict(models[m]) for m in names]
+    spec = METHODS[method]
+    for t in plan.tensors:
+        xs = [sd[t.name].float() for sd in inputs]
+        generator = torch.Generator().manual_seed(tensor_seed(0, t.name)) if spec.random else None
+        expected = spec.apply(xs[1:], base=xs[0], shared=dict(t.params), generator=generator)
+        if method == "sce":
+            scale = sum(x.abs() for x in xs) + sum((x - xs[0]).abs() for x in xs[1:])
+            assert ((out[t.name] - expected).abs() <= sce_bounds(2)[2] * U_F32 * scale).all(), t.name
+        else:
+            assert torch.equal(out[t.name], expected), t.name

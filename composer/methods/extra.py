@@ -2,8 +2,9 @@
 ramplus_tl) methods: their parameters, contracts and streaming, beside the formulas in geometric.py and fusion.py."""
 from __future__ import annotations
 
-from composer.methods.fusion import arcee_fusion, ram, ramplus_tl, sce
-from composer.methods.geometric import karcher, multislerp, nearswap
+from composer.methods.fusion import (ARCEE_STREAMING, RAMPLUS_STREAMING, arcee_fusion, ram, ramplus_tl,
+                                     sce, sce_streaming)
+from composer.methods.geometric import KARCHER_STREAMING, MULTISLERP_STREAMING, karcher, multislerp, nearswap
 from composer.methods.method import ELEMENTWISE, MergeMethod, Param
 
 
@@ -21,14 +22,14 @@ METHODS = (
                 Param("normalize_weights", True, kind="bool"), Param("eps", 1e-8, low=0, open_low=True)),
         formula=lambda base, xs, s, p, g: multislerp(base, xs, p["weight"], normalize_weights=s["normalize_weights"],
                                                      eps=s["eps"]),
-        base="optional", min_others=1,
+        base="optional", min_others=1, streaming=lambda job: MULTISLERP_STREAMING,
     ),
     MergeMethod(
         name="karcher", title="Karcher mean on the unit hypersphere", url="https://arxiv.org/abs/2603.04972",
         summary="the Riemannian (Karcher) mean of the models' directions, scaled by their mean norm",
         params=(Param("max_iter", 10, kind="integer", low=0), Param("tol", 1e-5, low=0, open_low=True)),
         formula=lambda base, xs, s, p, g: karcher(None, xs, max_iter=int(s["max_iter"]), tol=s["tol"]),
-        base="ignored",
+        base="ignored", streaming=lambda job: KARCHER_STREAMING,
     ),
     MergeMethod(
         name="nearswap", title="NearSwap (QuartetAnemoi's model card)",
@@ -48,13 +49,14 @@ METHODS = (
         formula=lambda base, xs, s, p, g: sce(base, xs, select_topk=s["select_topk"], int8_mask=s["int8_mask"]),
         notes="`weight` is accepted and ignored, as mergekit 0.1.5 ignores it: SCE weights each task vector by its "
         "mean square",
+        streaming=sce_streaming,
     ),
     MergeMethod(
         name="arcee_fusion", title="Arcee Fusion", url="https://arcee.ai",
         summary="keep the other model's changes whose KL-weighted importance exceeds median + 1.5 IQR",
         params=(), formula=lambda base, xs, s, p, g: (_one_other("arcee_fusion", xs),
                                                      arcee_fusion(base, xs, generator=g))[1],
-        min_inputs=2, max_inputs=2, min_others=1, max_others=1, random=True,
+        min_inputs=2, max_inputs=2, min_others=1, max_others=1, random=True, streaming=lambda job: ARCEE_STREAMING,
     ),
     MergeMethod(
         name="ram", title="Reinforced Agent Merging", url="https://arxiv.org/abs/2601.13572",
@@ -67,5 +69,6 @@ METHODS = (
         summary="ram with each model's unique changes scaled up by its share of shared ones",
         params=(Param("epsilon", 1e-5, low=0), Param("r", 0.1, low=0), Param("alpha", 0.2, low=0)),
         formula=lambda base, xs, s, p, g: ramplus_tl(base, xs, epsilon=s["epsilon"], r=s["r"], alpha=s["alpha"]),
+        streaming=lambda job: RAMPLUS_STREAMING,
     ),
 )

@@ -7,37 +7,50 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+    from composer import ranked
 else:
     from composer.methods.common import LazyTorch
 
     torch = LazyTorch(globals())
 
 from composer.methods.common import float32 as _float32
+from composer.methods.method import MergeJob, Streaming
 from composer.methods.taskvectors import _sign_consensus
 
 # Checked against mergekit 0.1.5 (merge_methods/sce.py, arcee_fusion.py, ram.py): the same torch operations in the
 # same order, on float32 inputs. mergekit computes in the inputs' own (promoted) dtype, so with `dtype: float32` the
-# two agree bit for bit; on bfloat16/float16 inputs mergekit rounds every intermediate (deltas, variances, weights,
-# softmaxes, sums) to that dtype, while composer computes in float32 and rounds once.
+# two agree bit for bit (the merge engine streams them, below: bit for bit too, except sce's weights); on
+# bfloat16/float16 inputs mergekit rounds every intermediate (deltas, variances, weights, softmaxes, sums) to that
+# dtype, while composer computes in float32 and rounds once.
 #
-# How each could stream over blocks of a tensor (composer.methods.method.Streaming):
+# How each streams over blocks of a tensor (composer.methods.method.Streaming; the streamed functions sit below
+# each formula, the registry entries in extra.py). Peak memory: per input a few float32 temporaries of
+# CHUNK_ELEMENTS (the statistics passes take blocks of ranked.BLOCK elements on the pass threads, each computed in
+# such pieces; the blend steps are that size), plus statistics of a few numbers per model or per row; never a
+# whole tensor, except a 1-D one in arcee_fusion (one row).
 # - ram: elementwise. The per-element contributor count runs over models, never over the tensor, so any block can
 #   be merged on its own (formula_blend).
-# - ramplus_tl: one statistics pass, then elementwise. Per model, count the elements where it is nonzero and shared
-#   (contributor count > 1) and where it is nonzero and unique (count == 1): integers, so block partial sums are
-#   exact and any block order gives the same lambda_i; then each block is elementwise with those lambdas.
-# - sce: one statistics pass for the per-model mean squares (sce_weight), then elementwise. mergekit's mean is a
-#   float32 torch reduction over the whole tensor: a blocked sum (even in float64) may differ from it in the weights'
-#   last bit. With select_topk < 1 a ranking first: the top k = int(count_nonzero(var) * select_topk) of the
-#   per-element variance across models over the whole tensor. That is a magnitude cut like TIES's and could be found
-#   the way composer/ranked.py does (histograms of the float32 bit patterns of var, per block, then the tie run at
-#   the cut in index order), var being recomputed per block from the inputs; the mean squares are then those of the
-#   masked task vectors, so the statistics pass comes after the ranking.
-# - arcee_fusion: rows, plus a global threshold. The KL term is one number per row (softmax over the last dim), so
-#   blocks must hold whole rows; the threshold needs three quantiles of the importance over the whole tensor: for
-#   numel <= 1M a pass collecting all importances (at most 4 MB) and sorting them; above, the 1M sampled positions
-#   (drawn up front, as one torch.randint call) gathered in a pass over the rows. A second pass applies the mask
-#   elementwise; the per-row KL values (one float per row) can be kept from the first pass.
+# - ramplus_tl ("statistics"): one pass counting, per model, the elements where it is nonzero and shared
+#   (contributor count > 1) and where it is nonzero and unique (count == 1): integers, so the blocks' sums are
+#   exact and equal the whole tensor's; lambda_i is then computed from them as the formula computes it, and each
+#   block is the formula's arithmetic with those lambdas: bit for bit the formula.
+# - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 first a pass counting the nonzero
+#   per-element variances across models (k = int(count * select_topk) as the formula takes it), then the top k of
+#   the variance found by composer.ranked.select (histograms of var's float32 bit patterns, var recomputed per
+#   block from the inputs, bit for bit torch.var's (_sce_variance); exact ties at the cut keep the earlier
+#   elements, as the formula does): the formula's selection, exactly. Then a pass for
+#   the per-model sums of the squared (masked) task vectors, in float64 over blocks, rounded to float32 and
+#   divided by numel, as torch's float32 mean divides its float32 sum; the weights, the sign election and the
+#   weighted mean are then the formula's, per block. The formula (and mergekit) sum the squares in float32 over
+#   the whole tensor: the streamed mean squares are correctly rounded where torch's may be a few float32 ulps
+#   off, so the weights (and through them the output) may differ from the formula's in the last bits.
+# - arcee_fusion ("row statistics"): one pass over blocks of whole rows (at least two rows each: torch splits a
+#   lone long row's reduction over threads, which rounds differently) computes the per-row KL (one float per row,
+#   kept) and the importances the threshold needs: all of them (at most 4 MB) when numel <= 1M, else those at the
+#   1M sampled positions, drawn up front from the job's generator exactly as the formula draws them (one
+#   torch.randint call) and gathered block by block; sorted, they give the formula's quantiles. Each output block
+#   is then elementwise: importance = |x - base| * its row's KL against that threshold. Bit for bit the formula.
 
 
 # ------------------------------------------------------------------------------------------------------- SCE
@@ -63,6 +76,8 @@ def sce(base: Tensor, tensors: Sequence[Tensor], *, select_topk: float = 1.0, in
     index order); mergekit's torch.topk picks among equal values in an unspecified order (whatever its kernel
     yields). Such ties are rare for float32-trained deltas but the rule, not the exception, for checkpoints stored
     in bfloat16, whose deltas take few distinct values: there the two keep different elements of the tied run.
+    The merge engine streams it (sce_streaming): the same selection, and mean squares summed in float64 over
+    blocks, so its weights (and output) may differ from this function's in the last float32 bits.
     """
     xs = _float32([base, *tensors])
     b, xs = xs[0], xs[1:]
@@ -71,8 +86,12 @@ def sce(base: Tensor, tensors: Sequence[Tensor], *, select_topk: float = 1.0, in
     deltas = torch.stack([x - b for x in xs], dim=0)
     if select_topk < 1:
         deltas = deltas * _sce_mask(deltas, select_topk).unsqueeze(0)
+    return _sce_erase_mean(b, deltas, _sce_weights(deltas), int8_mask)
+
+
+def _sce_erase_mean(b: Tensor, deltas: Tensor, w: Tensor, int8_mask: bool) -> Tensor:
+    """Erase and the disjoint weighted mean: elementwise, given the per-model weights w."""
     keep = _sign_consensus(deltas, torch.int8 if int8_mask else torch.float32)
-    w = _sce_weights(deltas)
     while w.dim() < deltas.dim():
         w = w.unsqueeze(-1)
     erased = w * keep
@@ -82,7 +101,11 @@ def sce(base: Tensor, tensors: Sequence[Tensor], *, select_topk: float = 1.0, in
 
 def _sce_weights(deltas: Tensor) -> Tensor:
     """Per-model mean squares, normalized to sum 1 (mergekit's sce_weight); equal weights below a 1e-6 sum."""
-    weights = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    return _sce_normalized(deltas.square().reshape(deltas.shape[0], -1).mean(dim=1))
+
+
+def _sce_normalized(weights: Tensor) -> Tensor:
+    """The mean squares [n] normalized to sum 1, or 1/n each when their sum is below 1e-6."""
     total = torch.sum(weights).item()
     if abs(total) < 1e-6:
         return torch.ones_like(weights) / weights.shape[0]
@@ -106,6 +129,88 @@ def _sce_mask(deltas: Tensor, density: float) -> Tensor:
     ties = torch.nonzero(flat == cut).flatten()[: k - int(keep.sum())]
     keep[ties] = True
     return keep.to(var.dtype).reshape(var.shape)
+
+
+def _sce_variance(deltas: Tensor) -> Tensor:
+    """torch.var(deltas, dim=0, unbiased=False), bit for bit, several times faster: torch's CPU kernel reduces each
+    element's n values with Welford's updates in float64 (WelfordOps: delta = x - mean, mean += delta / k,
+    m2 += delta * (x - mean)), element by element; here the same float64 operations in the same order over the
+    whole block at once, then the same m2 / n rounded to the input's dtype."""
+    x = deltas.to(torch.float64)
+    mean, m2 = torch.zeros_like(x[0]), torch.zeros_like(x[0])
+    for k in range(x.shape[0]):
+        delta = x[k] - mean
+        mean = mean + delta / (k + 1)
+        m2 = m2 + delta * (x[k] - mean)
+    return (m2 / x.shape[0]).to(deltas.dtype)
+
+
+def _sce_selected(job: MergeJob, keep: ranked.Keep | None, a: int, b: int) -> tuple[Tensor, Tensor]:
+    """The base and the task vectors [n, b - a] of elements [a, b), zeroed outside the selection `keep` (None: no
+    selection)."""
+    base = job.read_base(a, b)
+    deltas = torch.stack([x - base for x in job.read_inputs(a, b)], dim=0)
+    if keep is not None:
+        deltas = deltas * keep.mask(_sce_variance(deltas).abs(), a).unsqueeze(0)
+    return base, deltas
+
+
+def _pieces(job: MergeJob, a: int, b: int) -> list[tuple[int, int]]:
+    """[a, b) in steps of job.chunk elements. The statistics passes run on the pass threads in blocks of job.block
+    elements, each computed in these pieces: temporaries of 1-2 MB, which malloc hands out again and again, where
+    whole-block ones (4-8 MB each, a dozen per block) piled up in the pass threads' heaps (measured: 0.5 GB)."""
+    return [(s, min(b, s + job.chunk)) for s in range(a, b, job.chunk)]
+
+
+def _sce_prepare(job: MergeJob) -> tuple[ranked.Keep | None, Tensor] | None:
+    """The selection (with select_topk < 1) and the per-model weights, from passes over blocks (None: no models
+    besides the base)."""
+    from composer import ranked  # imports torch: not at planning time
+
+    if not job.inputs:
+        return None
+    topk = job.shared["select_topk"]
+    keep = None
+    if topk < 1:
+        keep = ranked.Keep(None, None)  # select_topk <= 0: nothing selected
+        if topk > 0:
+            def variance(a: int, b: int) -> Tensor:
+                out = torch.empty(b - a)
+                for s, e in _pieces(job, a, b):
+                    out[s - a: e - a] = _sce_variance(_sce_selected(job, None, s, e)[1])
+                return out
+
+            def nonzero(a: int, b: int) -> int:
+                return sum(int(torch.count_nonzero(_sce_variance(_sce_selected(job, None, s, e)[1])))
+                           for s, e in _pieces(job, a, b))
+
+            k = int(torch.tensor(sum(job.each(nonzero, job.steps()))) * topk)  # as int(count_nonzero(var) * density)
+            keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, [(0, k)], False)[0]
+
+    def squares(a: int, b: int) -> Tensor:
+        return sum(_sce_selected(job, keep, s, e)[1].square().sum(dim=1, dtype=torch.float64)
+                   for s, e in _pieces(job, a, b))
+
+    sums = sum(job.each(squares, job.steps()))  # float64 [n], blocks added in order
+    # torch's float32 mean is its float32 sum divided by numel: here the float64 sum rounded once, then divided
+    return keep, _sce_normalized(sums.to(torch.float32) / job.numel)
+
+
+def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
+    if stats is None:
+        return job.read_base(a, b)
+    keep, w = stats
+    base, deltas = _sce_selected(job, keep, a, b)
+    return _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+
+
+_SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare)
+_SCE_RANKED = Streaming("ranked", _sce_blend, _sce_prepare)
+
+
+def sce_streaming(job: MergeJob) -> Streaming:
+    """Ranked (the top-k variance cut first) when select_topk < 1, else the weights' statistics pass only."""
+    return _SCE_RANKED if job.shared["select_topk"] < 1 else _SCE_STATISTICS
 
 
 # ----------------------------------------------------------------------------------------------- Arcee Fusion
@@ -142,22 +247,91 @@ def arcee_fusion(base: Tensor, tensors: Sequence[Tensor], *, generator: torch.Ge
 
 
 def _fusion_importance(x: Tensor, b: Tensor) -> Tensor:
-    diff = (x - b).abs()
+    return (x - b).abs() * _fusion_kl(x, b)
+
+
+def _fusion_kl(x: Tensor, b: Tensor) -> Tensor:
+    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row (along the last dim), keepdim."""
     eps = 1e-8
     p = torch.nn.functional.softmax(x, dim=-1) + eps
     q = torch.nn.functional.softmax(b, dim=-1) + eps
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return diff * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
 def _fusion_threshold(importance: Tensor, generator: torch.Generator | None) -> Tensor:
     flat = importance.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
         flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator, device=flat.device)]
-    ordered = torch.sort(flat).values
+    return _fusion_quantile_threshold(torch.sort(flat).values)
+
+
+def _fusion_quantile_threshold(ordered: Tensor) -> Tensor:
+    """median + 1.5 IQR of the sorted importances, taken index-wise."""
     at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[at.to(ordered.device)]
     return median + 1.5 * (q3 - q1)
+
+
+def _fusion_width(job: MergeJob) -> int:
+    """The length of a row: the last dim (a 1-D tensor is one row)."""
+    return job.shape[-1] if job.shape else 1
+
+
+def _fusion_row_steps(job: MergeJob, a: int, b: int, elements: int) -> list[tuple[int, int]]:
+    """Elements [a, b) (whole rows) in blocks of whole rows, about `elements` each, and never a lone row when there
+    are several: torch splits the reduction of a single long row (>= 32K elements) over its threads, which rounds
+    its KL differently from the whole tensor's, whose rows are each reduced by one thread."""
+    width = _fusion_width(job)
+    per = max(2, elements // width)
+    steps = [[r, min(b // width, r + per)] for r in range(a // width, b // width, per)]
+    if len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
+        last = steps.pop()
+        steps[-1][1] = last[1]
+    return [(r0 * width, r1 * width) for r0, r1 in steps]
+
+
+def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
+    """(row width, the KL of every row, the threshold) from one pass over blocks of whole rows (each computed in
+    pieces of whole rows, as sce's: see _pieces). The threshold's importances are all of them up to
+    QUANTILE_SAMPLE elements, else those at QUANTILE_SAMPLE positions drawn from job.generator() as the formula
+    draws them; their order does not matter, as they are sorted."""
+    if len(job.inputs) != 1:
+        raise ValueError(f"arcee_fusion merges exactly one model into the base: got {len(job.inputs)} besides the base")
+    width, other = _fusion_width(job), job.inputs[0]
+    sample = None
+    if job.numel > QUANTILE_SAMPLE:
+        sample = torch.randint(job.numel, (QUANTILE_SAMPLE,), generator=job.generator()).sort().values
+
+    def piece(a: int, b: int) -> tuple[Tensor, Tensor]:
+        base, x = job.read_base(a, b).reshape(-1, width), job.read(other, a, b).reshape(-1, width)
+        kl = _fusion_kl(x, base)
+        importance = ((x - base).abs() * kl).reshape(-1)
+        if sample is not None:
+            lo, hi = torch.searchsorted(sample, torch.tensor([a, b])).tolist()
+            importance = importance[sample[lo:hi] - a]
+        return kl.reshape(-1), importance
+
+    def rows(a: int, b: int) -> tuple[Tensor, Tensor]:
+        parts = [piece(s, e) for s, e in _fusion_row_steps(job, a, b, job.chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    parts = list(job.each(rows, _fusion_row_steps(job, 0, job.numel, job.block)))
+    kl = torch.cat([part[0] for part in parts])
+    threshold = _fusion_quantile_threshold(torch.sort(torch.cat([part[1] for part in parts])).values)
+    return width, kl, threshold
+
+
+def _fusion_blend(job: MergeJob, stats: tuple[int, Tensor, Tensor], a: int, b: int) -> Tensor:
+    """Any block: each element's importance from its row's KL, against the tensor's threshold."""
+    width, kl, threshold = stats
+    base, x = job.read_base(a, b), job.read(job.inputs[0], a, b)
+    first, last = a // width, (b - 1) // width + 1
+    row_kl = kl[first:last].reshape(-1, 1).expand(-1, width).reshape(-1)[a - first * width: b - first * width]
+    mask = (((x - base).abs() * row_kl) >= threshold).float()
+    return base + (x - base) * mask
+
+
+ARCEE_STREAMING = Streaming("row statistics", _fusion_blend, _fusion_prepare)
 
 
 # ------------------------------------------------------------------------------------------------------- RAM
@@ -203,13 +377,53 @@ def ramplus_tl(
         return b
     shared_counts = (nonzero & overlap).sum(dim=1)
     unique_counts = (nonzero & unique).sum(dim=1)
+    lambda_ = _ramplus_lambda(shared_counts, unique_counts, epsilon, r, alpha)
+    return _ramplus_merge(b, deltas, nonzero, counts, overlap, unique, lambda_)
+
+
+def _ramplus_lambda(shared_counts: Tensor, unique_counts: Tensor, epsilon: float, r: float, alpha: float) -> Tensor:
+    """lambda_i = 1 + r * clamp(S_i / max(U_i, epsilon), 0, alpha), from the integer counts S and U [n]."""
     rho = shared_counts / unique_counts.clamp(min=epsilon)
-    lambda_ = 1 + r * rho.clamp(min=0, max=alpha)
+    return 1 + r * rho.clamp(min=0, max=alpha)
+
+
+def _ramplus_merge(b: Tensor, deltas: Tensor, nonzero: Tensor, counts: Tensor, overlap: Tensor, unique: Tensor,
+                   lambda_: Tensor) -> Tensor:
+    """RAM+'s elementwise step, given the per-model lambdas."""
     kept = deltas * nonzero
     merged = ((kept * unique * lambda_.unsqueeze(-1)) + (kept * overlap / counts.clamp(min=1))).sum(
         dim=0, keepdim=True
     )
     return b + merged.reshape_as(b)
+
+
+def _ramplus_prepare(job: MergeJob) -> Tensor | None:
+    """The lambdas, from the counts S_i and U_i summed over blocks (int64: exact); None: no models but the base."""
+    if not job.inputs:
+        return None
+    s = job.shared
+
+    def counts(a: int, b: int) -> Tensor:
+        total = 0
+        for start, stop in _pieces(job, a, b):
+            _, _, nonzero, _, overlap, unique = _ram_parts(job.read_base(start, stop), job.read_inputs(start, stop),
+                                                           s["epsilon"])
+            total = total + torch.stack([(nonzero & overlap).sum(dim=1), (nonzero & unique).sum(dim=1)])
+        return total
+
+    total = sum(job.each(counts, job.steps()))
+    return _ramplus_lambda(total[0], total[1], s["epsilon"], s["r"], s["alpha"])
+
+
+def _ramplus_blend(job: MergeJob, lambda_: Tensor | None, a: int, b: int) -> Tensor:
+    base, deltas, nonzero, counts, overlap, unique = _ram_parts(job.read_base(a, b), job.read_inputs(a, b),
+                                                               job.shared["epsilon"])
+    if deltas is None:
+        return base
+    return _ramplus_merge(base, deltas, nonzero, counts, overlap, unique, lambda_)
+
+
+RAMPLUS_STREAMING = Streaming("statistics", _ramplus_blend, _ramplus_prepare)
 
 
 def _ram_parts(base: Tensor, tensors: Sequence[Tensor], epsilon: float):
