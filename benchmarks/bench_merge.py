@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark merges of three 1.1B Llama checkpoints: composer vs mergekit (linear, slerp, ties).
+"""Benchmark every merge method on three 1.1B Llama checkpoints: composer vs mergekit vs the I/O floor.
 
 Steps
 -----
@@ -15,13 +15,18 @@ Steps
    ``bench_solar``'s generator, so shards are cut the way bench_solar cuts
    them (2 shards per model, index + ``config.json``).
 
-2. **Recipes** (mergekit syntax, ``dtype: bfloat16``), one per method:
+2. **Recipes** (mergekit syntax, ``dtype: bfloat16``), one per method of
+   ``METHODS`` (every method both tools have; see ``recipe_for``):
 
-   * ``linear``: ft1 + ft2, weight 0.5 each;
+   * ``linear``: ft1 + ft2, weight 0.5 each; ``nuslerp``: ft1 + ft2, weights
+     0.4 / 0.6; ``karcher``: base + ft1 + ft2, no base;
    * ``slerp``: base + ft1 over all layers, ``t`` a gradient as in
      ``recipes/slerp-gradient.yaml`` (self_attn 0 -> 0.5 -> 0.3 -> 0.7 -> 1,
      mlp the reverse, 0.5 elsewhere);
-   * ``ties``: base + ft1 + ft2, density 0.5 and weight 0.5 each.
+   * ``nearswap`` (``t`` 0.002) and ``arcee_fusion``: base + ft1;
+   * the others: base + ft1 + ft2 with base ``base``: weight 0.5 each where
+     the method has weights, density 0.5 for ties / DARE / DELLA (epsilon 0.1),
+     0.9 with gamma 0.01 for the Breadcrumbs pair, ``select_topk`` 0.5 for sce.
 
 3. **Runs**: for each method, composer, then mergekit, then the I/O floor,
    one after the other, writing to ``--workdir``.  The I/O floor is the disk
@@ -40,15 +45,16 @@ Steps
    dtypes and shapes is required, the largest difference of the sampled
    values is reported.
 
-4. **Report**: a Markdown table and the targets (composer peak anon <= 1 GB;
-   composer wall <= 0.5x mergekit for linear and ties, <= 0.25x for slerp),
-   with each tool's wall time as a multiple of the I/O floor's: how far it is
-   from the disk's limit, which decides the ratio on a slow disk.
+4. **Report**: a Markdown table, one row per method, and the targets for
+   every method: composer peak anon <= 1 GB; composer wall <= 0.5x
+   mergekit's (<= 0.25x for slerp) and <= 2.0x the I/O floor's (how far it
+   is from the disk's limit, which decides the ratio on a slow disk).
 
 Usage::
 
     .venv/bin/python benchmarks/bench_merge.py --small          # smoke test, ~90 MB models
-    .venv/bin/python benchmarks/bench_merge.py --json bench-merge.json
+    .venv/bin/python benchmarks/bench_merge.py --json bench-merge.json   # all methods, ~1 hour
+    .venv/bin/python benchmarks/bench_merge.py --methods ties,sce            # a subset
 
 Standard library, PyYAML and torch (only in a spawned generator process);
 the script does not import composer.
@@ -84,10 +90,13 @@ from bench_solar import (  # noqa: E402
     safetensors_header,
 )
 
-METHODS = ("linear", "slerp", "ties")
+METHODS = ("linear", "slerp", "nuslerp", "model_stock", "multislerp", "karcher", "task_arithmetic", "ties",
+           "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear", "sce", "ram",
+           "ramplus_tl", "nearswap", "arcee_fusion")
 DELTA_STD = 0.002
 # composer wall (incl. sync) / mergekit wall (incl. sync) must not exceed this
-WALL_TARGETS = {"linear": 0.5, "slerp": 0.25, "ties": 0.5}
+WALL_TARGETS = {m: 0.25 if m == "slerp" else 0.5 for m in METHODS}
+FLOOR_TARGET = 2.0  # composer wall / the I/O floor's, every method
 ANON_TARGET = 1 * GB
 SAMPLE_ELEMS = 65536  # values compared per sampled tensor
 BUSY_WARN = 0.25  # warn when other processes kept this many CPUs busy on average during a run
@@ -178,43 +187,64 @@ def ensure_inputs(spec: LlamaSpec, work: Path, seed: int) -> tuple[dict[str, Pat
     return dirs, times
 
 
+def _models(*entries: tuple[Path, dict | None]) -> list[dict]:
+    return [{"model": str(m), **({"parameters": p} if p else {})} for m, p in entries]
+
+
 def recipe_for(method: str, dirs: dict[str, Path], layers: int) -> dict:
-    base, ft1, ft2 = (str(dirs[k]) for k in ("base", "ft1", "ft2"))
+    """The benchmark's recipe for `method`, in mergekit syntax, over base, ft1 and ft2."""
+    base, ft1, ft2 = (dirs[k] for k in ("base", "ft1", "ft2"))
+    half = {"weight": 0.5}
+    sparse = {"weight": 0.5, "density": 0.5}
+    three = {  # base_model, models, shared parameters
+        "task_arithmetic": (base, _models((base, None), (ft1, half), (ft2, half)), {}),
+        "ties": (base, _models((base, None), (ft1, sparse), (ft2, sparse)), {"normalize": True}),
+        "breadcrumbs": (base, _models((base, None), (ft1, {**half, "density": 0.9, "gamma": 0.01}),
+                                      (ft2, {**half, "density": 0.9, "gamma": 0.01})), {}),
+        "breadcrumbs_ties": (base, _models((base, None), (ft1, {**half, "density": 0.9, "gamma": 0.01}),
+                                           (ft2, {**half, "density": 0.9, "gamma": 0.01})), {}),
+        "dare_linear": (base, _models((base, None), (ft1, sparse), (ft2, sparse)), {}),
+        "dare_ties": (base, _models((base, None), (ft1, sparse), (ft2, sparse)), {}),
+        "della": (base, _models((base, None), (ft1, {**sparse, "epsilon": 0.1}), (ft2, {**sparse, "epsilon": 0.1})),
+                  {"lambda": 1.0}),
+        "della_linear": (base, _models((base, None), (ft1, {**sparse, "epsilon": 0.1}),
+                                       (ft2, {**sparse, "epsilon": 0.1})), {"lambda": 1.0}),
+        "model_stock": (base, _models((base, None), (ft1, None), (ft2, None)), {}),
+        "nuslerp": (None, _models((ft1, {"weight": 0.4}), (ft2, {"weight": 0.6})), {}),
+        "multislerp": (base, _models((base, None), (ft1, half), (ft2, half)), {}),
+        "karcher": (None, _models((base, None), (ft1, None), (ft2, None)), {}),
+        "sce": (base, _models((base, None), (ft1, None), (ft2, None)), {"select_topk": 0.5}),
+        "ram": (base, _models((base, None), (ft1, None), (ft2, None)), {}),
+        "ramplus_tl": (base, _models((base, None), (ft1, None), (ft2, None)), {}),
+        "nearswap": (base, _models((base, None), (ft1, None)), {"t": 0.002}),
+        "arcee_fusion": (base, _models((base, None), (ft1, None)), {}),
+    }
     if method == "linear":
-        return {
-            "models": [{"model": ft1, "parameters": {"weight": 0.5}},
-                       {"model": ft2, "parameters": {"weight": 0.5}}],
-            "merge_method": "linear",
-            "dtype": "bfloat16",
-        }
+        return {"models": _models((ft1, half), (ft2, half)), "merge_method": "linear", "dtype": "bfloat16"}
     if method == "slerp":
         return {
-            "slices": [{"sources": [{"model": base, "layer_range": [0, layers]},
-                                    {"model": ft1, "layer_range": [0, layers]}]}],
+            "slices": [{"sources": [{"model": str(base), "layer_range": [0, layers]},
+                                    {"model": str(ft1), "layer_range": [0, layers]}]}],
             "merge_method": "slerp",
-            "base_model": base,
+            "base_model": str(base),
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
                                  {"value": 0.5}]},
             "dtype": "bfloat16",
         }
-    if method == "ties":
-        return {
-            "models": [{"model": base},
-                       {"model": ft1, "parameters": {"density": 0.5, "weight": 0.5}},
-                       {"model": ft2, "parameters": {"density": 0.5, "weight": 0.5}}],
-            "merge_method": "ties",
-            "base_model": base,
-            "parameters": {"normalize": True},
-            "dtype": "bfloat16",
-        }
-    raise ValueError(method)
+    if method not in three:
+        raise ValueError(method)
+    b, models, shared = three[method]
+    return {"models": models, "merge_method": method, **({"base_model": str(b)} if b else {}),
+            **({"parameters": shared} if shared else {}), "dtype": "bfloat16"}
 
 
 def recipe_models(method: str, dirs: dict[str, Path]) -> list[list[Path]]:
-    """The input shards a method's recipe reads, model by model."""
-    names = {"linear": ("ft1", "ft2"), "slerp": ("base", "ft1"), "ties": ("base", "ft1", "ft2")}[method]
-    return [sorted(dirs[n].glob("*.safetensors")) for n in names]
+    """The input shards a method's recipe reads, model by model (in the order the recipe names them)."""
+    recipe = recipe_for(method, dirs, 1)
+    entries = recipe.get("models") or recipe["slices"][0]["sources"]
+    folders = list(dict.fromkeys(Path(e["model"]) for e in entries))
+    return [sorted(d.glob("*.safetensors")) for d in folders]
 
 
 def recipe_inputs(method: str, dirs: dict[str, Path]) -> list[Path]:
@@ -329,22 +359,29 @@ def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict
            gen: dict, machine: dict,
            argv: list[str], cache_mode: str) -> tuple[list[str], bool]:
     lines = [
-        "| method | tool | wall s (incl. sync) | ratio composer/mergekit | x I/O floor | peak RSS GB | peak anon GB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | composer s | mergekit s | I/O floor s | composer / mergekit | composer / floor "
+        "| mergekit / floor | composer peak anon GB | mergekit peak anon GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     targets: list[str] = []
     all_pass = True
+
+    def cell(r: Result | None, fmt: str, value) -> str:
+        return fmt.format(value(r)) if r is not None else "failed"
+
     for method, rs in results.items():
-        comp = next((r for r in rs if r.tool == "composer" and r.returncode == 0), None)
-        mk = next((r for r in rs if r.tool == "mergekit" and r.returncode == 0), None)
-        io = next((r for r in rs if r.tool == IO_FLOOR and r.returncode == 0), None)
+        runs = {r.tool: r for r in rs}
+        comp, mk, io = (next((r for r in rs if r.tool == t and r.returncode == 0), None)
+                        for t in ("composer", "mergekit", IO_FLOOR))
         ratio = comp.wall_sync_s / mk.wall_sync_s if comp and mk else None
-        for r in rs:
-            name = r.tool if r.returncode == 0 else f"{r.tool} (FAILED rc={r.returncode})"
-            cell = f"{ratio:.2f}x" if ratio is not None and r.tool == "composer" else ""
-            floor = f"{r.wall_sync_s / io.wall_sync_s:.2f}x" if io and r.returncode == 0 else ""
-            lines.append(f"| {method} | {name} | {r.wall_sync_s:.1f} | {cell} | {floor} "
-                         f"| {r.peak_rss_bytes / GB:.2f} | {r.peak_anon_bytes / GB:.3f} |")
+        floor = comp.wall_sync_s / io.wall_sync_s if comp and io else None
+        mk_floor = mk.wall_sync_s / io.wall_sync_s if mk and io else None
+        row = [method] + [cell(r, "{:.1f}", lambda r: r.wall_sync_s) if t in runs else ""
+                          for t, r in (("composer", comp), ("mergekit", mk), (IO_FLOOR, io))]
+        row += ["" if x is None else f"{x:.2f}x" for x in (ratio, floor, mk_floor)]
+        row += [cell(r, "{:.3f}", lambda r: r.peak_anon_bytes / GB) if t in runs else ""
+                for t, r in (("composer", comp), ("mergekit", mk))]
+        lines.append("| " + " | ".join(row) + " |")
         if comp:
             ok = comp.peak_anon_bytes <= ANON_TARGET
             all_pass &= ok
@@ -355,7 +392,12 @@ def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict
             all_pass &= ok
             targets.append(f"- {method}: composer wall <= {WALL_TARGETS[method]}x mergekit: {ratio:.2f}x "
                            f"-> {'PASS' if ok else 'FAIL'}")
-        elif not comp:
+        if floor is not None:
+            ok = floor <= FLOOR_TARGET
+            all_pass &= ok
+            targets.append(f"- {method}: composer wall <= {FLOOR_TARGET}x the I/O floor: {floor:.2f}x "
+                           f"-> {'PASS' if ok else 'FAIL'}")
+        if not comp:
             all_pass = False
             targets.append(f"- {method}: composer not run or failed, targets not checked")
     lines += ["", "Targets:"] + targets

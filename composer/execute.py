@@ -153,8 +153,8 @@ def _return_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
-    libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic threshold
-    libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD: give the heap's free top back to the system beyond 16 MiB
+    libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic threshold
+    libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD: give the heap's free top back to the system beyond 16 MiB
 
 
 def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:

@@ -6,18 +6,21 @@ That set is: every element strictly between the values at the two ends, plus, fo
 equal elements whose rank among the elements equal to v (in index order) falls in a range. Finding it:
 
 1. a histogram of the upper 16 bits of |delta|'s float32 pattern (monotone in the value for non-negative floats);
-2. a histogram of the lower 16 bits inside the bins holding the two ends: the exact end values and how many
-   elements lie below and at each;
-3. only where an end cuts through a run of equal values: where in the tensor the kept part of the run starts and
-   ends (equal elements are kept in index order, so the kept ones are those between two indices);
-4. only with `rescale`: the L1 norm of the kept elements.
+2. the elements inside the bins holding the two ends, gathered (their positions and lower 16 bits): the exact
+   end values, how many elements lie below and at each, and, where an end cuts through a run of equal values,
+   where in the tensor the kept part of the run starts and ends (equal elements are kept in index order, so the
+   kept ones are those between two indices). When those bins hold more than GATHER elements (a tensor of very
+   few distinct values), a histogram of their lower 16 bits instead, and a third pass for the run's ends;
+3. only with `rescale`: the L1 norm of the kept elements.
 
-Memory is a few float32 blocks of BLOCK elements per input and 0.5 MB of histogram, whatever the tensor size;
+Memory is a few float32 blocks of BLOCK elements per input, 0.5 MB of histogram and at most GATHER gathered
+elements (12 bytes each), whatever the tensor size;
 the result equals methods.sparsify._magnitude / _magnitude_outliers on the whole tensor, bit for bit (both sum the L1
 norms in float64; the blocks' float64 partial sums round to the same float32).
 """
 from __future__ import annotations
 
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from composer.tensorplan import RANK_BLOCK
 
 WORKERS = 2
 BLOCK = RANK_BLOCK  # elements per step of the passes that rank
+GATHER = 1 << 22  # most elements of the end bins gathered in pass 2 (12 bytes each); more: histograms, a third pass
 
 
 def blocks(start: int, stop: int) -> list[tuple[int, int]]:
@@ -45,10 +49,25 @@ class _End:
     ranks: tuple[int, int]  # kept iff rank among equals (index order) in [ranks[0], ranks[1])
     total: int  # elements equal to it
     indices: tuple[int, int] = (0, 0)  # when the run is cut: the kept equal elements lie at indices [i0, i1)
+    top: bool = False  # the tensor's largest value: nothing lies above it
 
     @property
     def cut(self) -> bool:
         return self.ranks != (0, self.total)
+
+    @property
+    def value(self) -> float:
+        return struct.unpack("<f", struct.pack("<i", self.bits))[0]
+
+    def run_kept(self, start: int, stop: int) -> bool | None:
+        """Whether the equal elements in [start, stop) are all kept (True), all dropped (False), or some of each
+        (None: the block holds an end of the kept part of the run)."""
+        if not self.cut:
+            return True
+        first, end = self.indices
+        if self.ranks[0] >= self.ranks[1] or stop <= first or start >= end:
+            return False
+        return True if first <= start and stop <= end else None
 
 
 @dataclass
@@ -64,8 +83,21 @@ class Keep:
         if self.lo is None:
             return torch.zeros_like(magnitudes)
         bits = magnitudes.view(torch.int32)
-        keep = (bits > self.lo.bits) & (bits < self.hi.bits)
-        ends = [self.lo] if self.lo.bits == self.hi.bits else [self.lo, self.hi]
+        stop = start + magnitudes.numel()
+        unbounded = self.hi.top and not self.hi.cut  # everything above lo is kept: no upper test
+        low, high = self.lo.run_kept(start, stop), True if unbounded else self.hi.run_kept(start, stop)
+        if (self.lo.bits != self.hi.bits and low is not None and high is not None and self.lo.bits < _INF
+                and (unbounded or self.hi.bits < _INF)):
+            # the common block: no end of a kept run inside it, so one step per end (none above the top), in float
+            # arithmetic: torch's comparisons and bool casts cost ~5x as much
+            keep = _step(magnitudes - self.lo.value, low)
+            if not unbounded:
+                keep.mul_(_step(self.hi.value - magnitudes, high))
+            return keep
+        keep = bits > self.lo.bits
+        if not unbounded:
+            keep &= bits < self.hi.bits
+        ends = [self.lo] if self.lo.bits == self.hi.bits or unbounded else [self.lo, self.hi]
         for end in ends:
             equal = bits == end.bits
             if end.cut:
@@ -74,6 +106,16 @@ class Keep:
                 equal[max(0, stop - start):] = False
             keep |= equal
         return keep.to(torch.float32)
+
+
+_INF = 0x7F800000  # float32 +inf's bits: an end at inf or NaN takes the comparisons' path
+
+
+def _step(difference: Tensor, at_zero: bool) -> Tensor:
+    """1.0 where `difference` > 0, and where it is 0 when `at_zero`; else 0.0 (a difference of two floats is 0
+    only where they are equal)."""
+    step = difference.sign_()
+    return step.add_(1).clamp_(max=1) if at_zero else step.clamp_(min=0)
 
 
 def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
@@ -134,47 +176,81 @@ def select(
         out = []
         for i in active:
             magnitudes = deltas[i].abs()
-            out.append((torch.bincount(magnitudes.view(torch.int32) >> 16, minlength=1 << 16),
-                        magnitudes.sum(dtype=torch.float64) if rescale else None))
+            bits = magnitudes.view(torch.int32)
+            floor = torch.bincount(bits >> 16, minlength=1 << 16)
+            ceiling = torch.bincount((-bits).bitwise_right_shift_(16).neg_(), minlength=(1 << 16) + 1)
+            out.append((floor, ceiling, magnitudes.sum(dtype=torch.float64) if rescale else None))
         return out
 
     high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
+    rounded = {i: torch.zeros((1 << 16) + 1, dtype=torch.int64) for i in active}
+    per_block: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in active}  # each block's two histograms
     l1 = {i: torch.zeros((), dtype=torch.float64) for i in active}
-    for part in each(upper, grid):  # pass 1: upper 16 bits
-        for i, (hist, norm) in zip(active, part):
-            high[i] += hist
+    for part in each(upper, grid):  # pass 1: upper 16 bits, rounded down and up
+        for i, (floor, ceiling, norm) in zip(active, part):
+            high[i] += floor
+            rounded[i] += ceiling
+            per_block[i].append((floor.to(torch.int32), ceiling.to(torch.int32)))
             if rescale:
                 l1[i] += norm
+    # elements of each bin whose lower 16 bits are not all 0: ceil(bits / 2**16) moves exactly those one bin up,
+    # so inexact[b] = sum over bins <= b of (rounded down - rounded up)
+    inexact = {i: torch.cumsum(high[i] - rounded[i][:-1], 0) for i in active}
     # the smallest and the largest kept value, as positions in ascending order
     wanted = {i: [numel - ranges[i][1], numel - 1 - ranges[i][0]] for i in active}
     located = {i: [_locate(high[i], p) for p in wanted[i]] for i in active}
-    bins = [(i, hb) for i in active for hb in sorted({hb for hb, _ in located[i]})]
+    top = {i: int(torch.nonzero(high[i]).max()) for i in active}  # the bin of each task vector's largest value
+    # A bin's exact elements (lower bits 0) are its smallest. An end among them, or the largest kept when the range
+    # starts at the top (its value is never tested) outside the other end's bin, is known now; pass 2 reads the
+    # lower bits of the other ends' bins (bfloat16 inputs give few).
+    def known(i: int, k: int) -> bool:
+        (hb, below), p = located[i][k], wanted[i][k]
+        return p - below < high[i][hb] - inexact[i][hb] or k == 1 and ranges[i][0] == 0 and hb != located[i][0][0]
 
-    def lower(a: int, b: int) -> list:
-        deltas = read(a, b)
-        magnitudes = {i: deltas[i].abs().view(torch.int32) for i in active}
-        return [torch.bincount(magnitudes[i][(magnitudes[i] >> 16) == hb] & 0xFFFF, minlength=1 << 16)
-                for i, hb in bins]
-
-    low = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in bins}
-    for part in each(lower, grid):  # pass 2: lower 16 bits in the bins holding the ends
-        for key, hist in zip(bins, part):
-            low[key] += hist
-    cut: list[_End] = []
+    bins = sorted({(i, located[i][k][0]) for i in active for k in (0, 1) if not known(i, k)})
+    lows: dict = {}
+    positions: dict | None = None
+    if bins and sum(int(high[i][hb]) for i, hb in bins) <= GATHER:
+        lows, positions = _gather(read, grid, active, bins)
+    elif bins:
+        lows = _low_histograms(read, grid, active, bins)
+    cut: list[tuple[int, _End]] = []
+    exact_runs: list[tuple[int, _End, list[int]]] = []
     for i in active:
         start, end = ranges[i]
         ends = []
-        for p, (hb, below) in zip(wanted[i], located[i]):
-            lb, below_in_bin = _locate(low[i, hb], p - below)
-            total = int(low[i, hb][lb])
+        for k, (p, (hb, below)) in enumerate(zip(wanted[i], located[i])):
+            if k == 1 and start == 0 and hb != located[i][0][0]:
+                # the largest kept is the largest: all of the top is kept, its exact value is never tested
+                ends.append(_End((hb << 16) | 0xFFFF, (0, 1), 1, top=True))
+                continue
+            if (i, hb) not in lows:  # among the bin's exact elements, all equal to hb << 16
+                exact = int(high[i][hb] - inexact[i][hb])
+                lb, below_in_bin, total, largest = 0, 0, exact, 0 if exact == high[i][hb] else -1
+            else:
+                counts = lows[i, hb] if positions is None else torch.bincount(lows[i, hb], minlength=1 << 16)
+                lb, below_in_bin = _locate(counts, p - below)
+                total, largest = int(counts[lb]), int(torch.nonzero(counts).max())
             greater = numel - below - below_in_bin - total  # equal values sit at [greater, greater + total)
             ranks = (max(0, start - greater), min(total, end - greater))
-            ends.append(_End((hb << 16) | lb, ranks, total))
+            e = _End((hb << 16) | lb, ranks, total, top=hb == top[i] and lb == largest)
+            if e.cut and ranks[0] < ranks[1]:
+                if (i, hb) not in lows:  # the exact elements of bin hb, block by block
+                    exact_runs.append((i, e, [int(f[hb]) - int((f[: hb + 1] - c[: hb + 1]).sum())
+                                              for f, c in per_block[i]]))
+                elif positions is not None:
+                    equal = positions[i, hb][lows[i, hb] == lb]  # in index order
+                    e.indices = (int(equal[ranks[0]]), int(equal[ranks[1] - 1]) + 1)
+                else:
+                    cut.append((i, e))
+            ends.append(e)
         keeps[i] = Keep(*ends)
-        cut += [e for e in ends if e.cut]
-    if cut:  # pass 3: where the kept elements of each cut run of equal values start and stop
-        _find_indices(read, numel, [(i, e) for i in active for e in (keeps[i].lo, keeps[i].hi) if e.cut])
-    if rescale:  # pass 4: L1 norm kept; the factor as methods.sparsify._rescaled computes it
+    for i, e, counts in exact_runs:  # the run is the whole bin: read only the blocks holding its kept part's ends
+        e.indices = (_nth_equal(read, grid, i, e.bits, counts, e.ranks[0]),
+                     _nth_equal(read, grid, i, e.bits, counts, e.ranks[1] - 1) + 1)
+    if cut:  # pass 3, only after histograms: where the kept elements of each cut run of equal values lie
+        _find_indices(read, numel, cut)
+    if rescale:  # the last pass: L1 norm kept; the factor as methods.sparsify._rescaled computes it
         def norms(a: int, b: int) -> list:
             deltas = read(a, b)
             return [(m * keeps[i].mask(m, a)).sum(dtype=torch.float64) for i in active for m in [deltas[i].abs()]]
@@ -188,6 +264,53 @@ def select(
             if before >= 1e-7 and after >= 1e-7:
                 keeps[i].factor = before / after
     return keeps
+
+
+def _gather(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, int]], active: list[int],
+            bins: list[tuple[int, int]]) -> tuple[dict, dict]:
+    """Pass 2: the lower 16 bits and the positions of the elements in each (task vector, upper bin), index order."""
+    def gathered(a: int, b: int) -> list:
+        deltas = read(a, b)
+        bits = {i: deltas[i].abs().view(torch.int32) for i in active}
+        out = []
+        for i, hb in bins:
+            at = torch.nonzero((bits[i] >> 16) == hb).reshape(-1)
+            out.append((bits[i][at] & 0xFFFF, at + a))
+        return out
+
+    parts = list(each(gathered, grid))
+    lows = {key: torch.cat([part[k][0] for part in parts]) for k, key in enumerate(bins)}
+    positions = {key: torch.cat([part[k][1] for part in parts]) for k, key in enumerate(bins)}
+    return lows, positions
+
+
+def _low_histograms(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, int]], active: list[int],
+                    bins: list[tuple[int, int]]) -> dict:
+    """Pass 2 where the end bins hold too many elements to gather: histograms of their lower 16 bits."""
+    def lower(a: int, b: int) -> list:
+        deltas = read(a, b)
+        magnitudes = {i: deltas[i].abs().view(torch.int32) for i in active}
+        return [torch.bincount(magnitudes[i][(magnitudes[i] >> 16) == hb] & 0xFFFF, minlength=1 << 16)
+                for i, hb in bins]
+
+    low = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in bins}
+    for part in each(lower, grid):
+        for key, hist in zip(bins, part):
+            low[key] += hist
+    return low
+
+
+def _nth_equal(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, int]], i: int, bits: int,
+               counts: list[int], rank: int) -> int:
+    """The index of the rank-th element (index order) of task vector i whose |delta| has these bits, given how many
+    each block holds: one block read."""
+    seen = 0
+    for (a, b), count in zip(grid, counts):
+        if rank < seen + count:
+            equal = read(a, b)[i].abs().view(torch.int32) == bits
+            return a + int(torch.nonzero(equal).reshape(-1)[rank - seen])
+        seen += count
+    raise AssertionError("rank beyond the run")  # the counts come from the same blocks
 
 
 def _find_indices(read: Callable[[int, int], Sequence[Tensor]], numel: int, owners: list) -> None:

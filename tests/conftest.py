@@ -28,7 +28,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
     made["llama-c"] = make_checkpoint(root / "llama-c", "llama", seed=3)
     made["mistral-b"] = make_checkpoint(root / "mistral-b", "mistral", sharded=True, seed=1)
     made["qwen2-b"] = make_checkpoint(root / "qwen2-b", "qwen2", seed=1)
+    # Three llamas whose values are multiples of 1/64: their task vectors take a few dozen distinct values, so
+    # every magnitude cut runs through a run of equal values (the ranked methods' tie rule decides what is kept).
+    for name in ("llama", "llama-b", "llama-c"):
+        made[f"{name}-q"] = _quantized(made[name], root / f"{name}-q", 1 / 64)
     return made
+
+
+def _quantized(source: Path, dest: Path, step: float) -> Path:
+    """A copy of a checkpoint folder with every tensor rounded to a multiple of `step`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    for shard in dest.glob("*.safetensors"):
+        save_file({k: (v / step).round() * step for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    return dest
 
 
 @pytest.fixture

@@ -235,6 +235,13 @@ MERGE_RECIPES = {
                                             ("llama-c", "{weight: 0.4, density: 0.8, gamma: 0.05}")], "llama"),
                     "float32"),
     "breadcrumbs-ties": (_models("breadcrumbs_ties", [("llama", ""), *TWO], "llama"), "float32"),
+    # values on a 1/64 grid: every cut runs through a run of equal magnitudes (see test_ranked_merge_differs_...)
+    "ties-at-ties": (_models("ties", [("llama-q", ""), ("llama-b-q", "{weight: 0.6, density: 0.5}"),
+                                      ("llama-c-q", "{weight: 0.4, density: 0.3}")], "llama-q"), "cut"),
+    "breadcrumbs-at-ties": (_models("breadcrumbs_ties", [("llama-q", ""),
+                                                         ("llama-b-q", "{weight: 0.6, density: 0.6, gamma: 0.1}"),
+                                                         ("llama-c-q", "{weight: 0.4, density: 0.8, gamma: 0.05}")],
+                                    "llama-q"), "cut"),
     "slices-slerp": (_upscaled("slerp", [("llama", ""), ("llama-b", "")], "llama", [(0, 3), (1, 4)],
                                "{t: [0, 0.5, 1]}"), "slerp"),
     "slices-linear": (_upscaled("linear", [("llama", "{weight: 0.25}"), ("llama-b", "{weight: 0.75}")], None,
@@ -394,6 +401,38 @@ def test_merge_within_the_weights_rounding_of_mergekit(mergekit_outputs, models,
         assert ((a - b).abs() <= SCE_ROUNDINGS * U_F32 * scale + step).all(), (name, ((a - b).abs() / scale).max())
         if case.endswith("bf16out"):
             assert (a != b).float().mean() < 0.01, name  # a few elements, not a different merge
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "cut"])
+def test_ranked_merge_differs_from_mergekit_only_at_the_cut(mergekit_outputs, models, tmp_path, case):
+    """TIES and Breadcrumbs where the magnitude cut runs through runs of equal |delta|: mergekit's unstable argsort
+    keeps an arbitrary subset of the tied run, composer the earliest elements (flat index order). So the outputs
+    may differ, but only at elements where some model's |delta| equals one of that model's cut values (the
+    smallest kept, and with gamma the largest kept); everywhere else they are bit for bit the same."""
+    from composer.methods.sparsify import kept_range
+
+    ours, theirs, _ = _pair(mergekit_outputs, tmp_path, case)
+    entries = re.findall(r"\{model: @([\w-]+)(?:, parameters: \{([^}]*)\})?\}", MERGE_RECIPES[case.rsplit("-", 1)[0]][0])
+    (base_name, _), *others = entries
+    base = load_state_dict(models[base_name])
+    params = [dict((k.strip(), float(v)) for k, v in (kv.split(":") for kv in text.split(","))) for _, text in others]
+    inputs = [load_state_dict(models[m]) for m, _ in others]
+    differ = tied_cuts = 0
+    for name, t in theirs.items():
+        at_cut = torch.zeros(t.numel(), dtype=torch.bool)
+        for sd, p in zip(inputs, params):
+            magnitude = (sd[name] - base[name]).abs().reshape(-1)
+            start, end = kept_range(magnitude.numel(), p["density"], p.get("gamma")) or (0, magnitude.numel())
+            ordered = magnitude.sort(descending=True).values
+            cuts = [ordered[end - 1]] + ([ordered[start]] if start else [])
+            tied_cuts += sum(int((magnitude == c).sum()) > 1 for c in cuts)
+            for c in cuts:
+                at_cut |= magnitude == c
+        different = (ours[name] != t).reshape(-1)
+        assert not (different & ~at_cut).any(), f"{name}: differs from mergekit away from the cut"
+        differ += int(different.sum())
+    assert tied_cuts > len(theirs), "the fixture should put most cuts inside runs of equal magnitudes"
+    assert differ > 0, "with tied cuts the two tools' tie rules should keep different elements somewhere"
 
 
 @pytest.mark.parametrize("case", [c for c, (_, kind) in MERGES.items() if kind == "random"])

