@@ -33,12 +33,19 @@ from composer.tensorplan import RANK_BLOCK
 
 WORKERS = 2
 BLOCK = RANK_BLOCK  # elements per step of the passes that rank
+PIECE = 1 << 18  # elements read at once inside a block: 1 MiB temporaries, which malloc hands out again and again
+# (a 4 MiB one is a fresh mmap: page faults at every use)
 GATHER = 1 << 22  # most elements of the end bins gathered in pass 2 (12 bytes each); more: histograms, a third pass
 
 
 def blocks(start: int, stop: int) -> list[tuple[int, int]]:
     """Elements [start, stop) in blocks of BLOCK."""
     return [(a, min(stop, a + BLOCK)) for a in range(start, stop, BLOCK)]
+
+
+def pieces(start: int, stop: int) -> list[tuple[int, int]]:
+    """A block's elements [start, stop) in the steps that a pass reads and computes at once."""
+    return [(a, min(stop, a + PIECE)) for a in range(start, stop, PIECE)]
 
 
 @dataclass
@@ -172,14 +179,17 @@ def select(
     grid = blocks(0, numel)
 
     def upper(a: int, b: int) -> list:
-        deltas = read(a, b)
-        out = []
-        for i in active:
-            magnitudes = deltas[i].abs()
-            bits = magnitudes.view(torch.int32)
-            floor = torch.bincount(bits >> 16, minlength=1 << 16)
-            ceiling = torch.bincount((-bits).bitwise_right_shift_(16).neg_(), minlength=(1 << 16) + 1)
-            out.append((floor, ceiling, magnitudes.sum(dtype=torch.float64) if rescale else None))
+        out = [(torch.zeros(1 << 16, dtype=torch.int64), torch.zeros((1 << 16) + 1, dtype=torch.int64),
+                torch.zeros((), dtype=torch.float64)) for _ in active]
+        for pa, pb in pieces(a, b):
+            deltas = read(pa, pb)
+            for (floor, ceiling, norm), i in zip(out, active):
+                magnitudes = deltas[i].abs()
+                bits = magnitudes.view(torch.int32)
+                floor += torch.bincount(bits >> 16, minlength=1 << 16)
+                ceiling += torch.bincount((-bits).bitwise_right_shift_(16).neg_(), minlength=(1 << 16) + 1)
+                if rescale:
+                    norm += magnitudes.sum(dtype=torch.float64)
         return out
 
     high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
@@ -270,13 +280,14 @@ def _gather(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, 
             bins: list[tuple[int, int]]) -> tuple[dict, dict]:
     """Pass 2: the lower 16 bits and the positions of the elements in each (task vector, upper bin), index order."""
     def gathered(a: int, b: int) -> list:
-        deltas = read(a, b)
-        bits = {i: deltas[i].abs().view(torch.int32) for i in active}
-        out = []
-        for i, hb in bins:
-            at = torch.nonzero((bits[i] >> 16) == hb).reshape(-1)
-            out.append((bits[i][at] & 0xFFFF, at + a))
-        return out
+        found: list[list] = [[] for _ in bins]
+        for pa, pb in pieces(a, b):
+            deltas = read(pa, pb)
+            bits = {i: deltas[i].abs().view(torch.int32) for i in active}
+            for got, (i, hb) in zip(found, bins):
+                at = torch.nonzero((bits[i] >> 16) == hb).reshape(-1)
+                got.append((bits[i][at] & 0xFFFF, at + pa))
+        return [(torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])) for got in found]
 
     parts = list(each(gathered, grid))
     lows = {key: torch.cat([part[k][0] for part in parts]) for k, key in enumerate(bins)}
@@ -288,10 +299,13 @@ def _low_histograms(read: Callable[[int, int], Sequence[Tensor]], grid: list[tup
                     bins: list[tuple[int, int]]) -> dict:
     """Pass 2 where the end bins hold too many elements to gather: histograms of their lower 16 bits."""
     def lower(a: int, b: int) -> list:
-        deltas = read(a, b)
-        magnitudes = {i: deltas[i].abs().view(torch.int32) for i in active}
-        return [torch.bincount(magnitudes[i][(magnitudes[i] >> 16) == hb] & 0xFFFF, minlength=1 << 16)
-                for i, hb in bins]
+        hists = [torch.zeros(1 << 16, dtype=torch.int64) for _ in bins]
+        for pa, pb in pieces(a, b):
+            deltas = read(pa, pb)
+            magnitudes = {i: deltas[i].abs().view(torch.int32) for i in active}
+            for hist, (i, hb) in zip(hists, bins):
+                hist += torch.bincount(magnitudes[i][(magnitudes[i] >> 16) == hb] & 0xFFFF, minlength=1 << 16)
+        return hists
 
     low = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in bins}
     for part in each(lower, grid):

@@ -318,7 +318,7 @@ def test_dare_formulas_with_the_same_random_stream(models):
     base, xs = models
     dens = [0.3, 1.0, 0.7]  # density 1 draws nothing
     g = torch.Generator().manual_seed(3)
-    masks = [torch.bernoulli(torch.full_like(base, d), generator=g) if d < 1 else torch.ones_like(base) for d in dens]
+    masks = [(torch.rand(base.shape, generator=g) < d).float() if d < 1 else torch.ones_like(base) for d in dens]
     masked = [base + (x - base) * m for x, m in zip(xs, masks)]
     out = M.dare_linear(base, xs, W, dens, generator=torch.Generator().manual_seed(3), rescale=False)
     assert_close(out, M.task_arithmetic(base, masked, W), **TIGHT)
@@ -372,7 +372,7 @@ def test_della_formula_with_the_same_random_stream(models):
         d = x - base
         rank = d.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest in its row
         probs = density - eps + 2 * eps * rank / (d.shape[1] - 1)
-        pruned.append(base + d * torch.bernoulli(probs, generator=g))
+        pruned.append(base + d * (torch.rand(probs.shape, generator=g) < probs).float())
     out = M.della(base, xs, W, [density] * 3, epsilons=[eps] * 3, generator=torch.Generator().manual_seed(5), rescale=False)
     assert_close(out, plain_ties(base, pruned, W, [1.0] * 3), **TIGHT)
     out = M.della_linear(base, xs, W, [density] * 3, epsilons=[eps] * 3, generator=torch.Generator().manual_seed(5), rescale=False)
@@ -526,6 +526,7 @@ def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, gather, b
 
     monkeypatch.setattr(ranked, "BLOCK", block)
     monkeypatch.setattr(ranked, "GATHER", gather)
+    monkeypatch.setattr(ranked, "PIECE", max(1, block // 3))  # blocks read in pieces
     g = torch.Generator().manual_seed(7)
     steps = torch.randint(-6, 7, (37, 29), generator=g).float() / 4
     nudged = steps.clone()  # bins holding equal exact values (lower 16 bits 0) and a few just above them

@@ -32,7 +32,7 @@ class LazyTorch:
 #   its tokenizer step, or truncated to the shortest row count by --unsafe-truncate-embeddings.
 # - Input order matters to the last bit (sums run in model order), as in mergekit: pass models in recipe order.
 # - Locality, for streaming in row blocks (blocks along dim 0): "elementwise" methods may be computed on any row
-#   block independently (random ones need the generator consumed in row-major order: torch.bernoulli draws one
+#   block independently (random ones need the generator consumed in row-major order: a mask draws one uniform
 #   number per element, in order); "rows" methods need whole rows; "tensor" methods need whole-tensor statistics.
 #   See locality().
 

@@ -14,8 +14,8 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import per_input as _per_input
-from composer.methods.method import MergeJob, Param, Streaming
-from composer.methods.sparsify import _bernoulli, _della_magprune, della_mask
+from composer.methods.method import MergeJob, Param, Streaming, scratch
+from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask
 from composer.methods.taskvectors import _task_arithmetic, gta_method
 
 def dare_linear(
@@ -36,7 +36,7 @@ def dare_linear(
     (DARE), Yu et al. 2023, https://arxiv.org/abs/2311.03099.
     rescale (mergekit's default True) is NOT the paper's 1/density: mergekit multiplies the kept values by
     |delta|_1 / |kept|_1 (per tensor and model; skipped when either is below 1e-7), so the L1 norm is preserved
-    exactly and the mean in expectation. Masks are drawn with torch.bernoulli from `generator`, model by model
+    exactly and the mean in expectation. Masks are drawn as uniform < density from `generator` (sparsify.bernoulli), model by model
     in input order; a model with density >= 1 draws nothing.
     Locality: elementwise when rescale=False (the stream is consumed one number per element, row-major);
     tensor when rescale=True (two L1 norms per model).
@@ -157,8 +157,8 @@ def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) ->
             width = job.rows(job.block)[0]
             out.append(della_mask(deltas[i].reshape(-1, width), d, float(job.per_input["epsilon"][i]),
                                   generator).reshape(-1))
-        else:
-            out.append(torch.bernoulli(torch.full((b - a,), d), generator=generator))
+        else:  # into a buffer the thread keeps: a fresh 4 MiB one per block is a fresh mmap, page faults included
+            out.append(bernoulli(d, (b - a,), generator, out=scratch("dare-masks", len(job.inputs), b - a)[i]))
     return out
 
 
@@ -170,9 +170,20 @@ def _random_prepare(job: MergeJob) -> list:
         return factors
 
     def norms(a: int, b: int) -> list:
-        ds = job.deltas(a, b)
-        return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64)) if m is not None else None
-                for d, m in zip(ds, _masks(job, a, b, ds))]
+        if "epsilon" in job.per_input:  # DELLA ranks within the block's rows: its deltas whole
+            ds = job.deltas(a, b)
+            return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
+                    if m is not None else None for d, m in zip(ds, _masks(job, a, b, ds))]
+        from composer import ranked  # imports torch: not at planning time
+
+        masks = _masks(job, a, b)
+        sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
+        for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
+            for acc, d, m in zip(sums, job.deltas(pa, pb), masks):
+                if acc is not None:
+                    acc[0] = acc[0] + d.abs().sum(dtype=torch.float64)
+                    acc[1] = acc[1] + (d * m[pa - a: pb - a]).abs().sum(dtype=torch.float64)
+        return sums
 
     sums = [[0.0, 0.0] for _ in job.inputs]
     for part in job.each(norms, job.steps(_grid(job))):
@@ -191,8 +202,9 @@ def _random_blend(job: MergeJob, factors: list, ga: int, gb: int) -> Tensor:
     """Grid block [ga, gb): its masks drawn once, then the merge in steps of job.chunk elements."""
     from composer.methods.taskvectors import merge_deltas
 
-    held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)]
-    drawn = _masks(job, ga, gb, [x - held[0] for x in held[1:]])
+    della = "epsilon" in job.per_input  # ranks within the block's rows: its inputs whole
+    held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)] if della else None
+    drawn = _masks(job, ga, gb, [x - held[0] for x in held[1:]] if della else None)
     out = torch.empty(gb - ga)
     for a in range(ga, gb, job.chunk):
         b = min(gb, a + job.chunk)
@@ -203,7 +215,10 @@ def _random_blend(job: MergeJob, factors: list, ga: int, gb: int) -> Tensor:
             masked = d * drawn[i][a - ga: a - ga + d.numel()]
             return masked if factors[i] is None else masked * factors[i]
 
-        base, *xs = (x[a - ga: b - ga] for x in held)
+        if della:
+            base, *xs = (x[a - ga: b - ga] for x in held)
+        else:
+            base, *xs = (job.read(k, a, b) for k in (job.base, *job.inputs))
         out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify)
     return out
 

@@ -77,8 +77,16 @@ def _bernoulli(tensor: Tensor, density: float, rescale: bool, generator: torch.G
     """DARE: keep each element with probability density (density >= 1 keeps all and draws nothing)."""
     if density >= 1:
         return tensor
-    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
+    mask = bernoulli(density, tensor.shape, generator)
     return _rescaled(tensor, mask, rescale)
+
+
+def bernoulli(p: float | Tensor, shape, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
+    """A float32 mask: 1.0 with probability p (a number, or a tensor of the mask's shape), else 0.0, drawn as
+    uniform < p, as torch.bernoulli does, at ~1/4 of its cost here (one uniform number per element); into `out`
+    when given."""
+    u = torch.rand(shape, generator=generator, out=out)
+    return u.neg_().add_(p).sign_().clamp_(min=0)
 
 
 def _della_magprune(tensor: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
@@ -101,9 +109,13 @@ def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Ge
         return torch.zeros_like(rows)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
-    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
+    # each element's rank: the inverse of the sorting permutation (argsort of the argsort, as mergekit computes
+    # it, but scattered: one sort instead of two)
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    ranks = torch.empty_like(rows).scatter_(
+        1, order, torch.arange(1, rows.shape[1] + 1, dtype=torch.float32).expand(rows.shape[0], -1))
     min_ranks = ranks.min(dim=1, keepdim=True).values
     max_ranks = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return torch.bernoulli(probs, generator=generator)
+    return bernoulli(probs, probs.shape, generator)
