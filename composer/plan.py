@@ -1,9 +1,10 @@
 """Build a recipe into a Plan: every output tensor's op, sources, parameters and dtype, from headers alone."""
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
+from composer import architectures
+from composer.architectures import LAYER_NAME, PER_LAYER_KEYS
 from composer.depth import LayerSource, compile_layers
 from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ST_DTYPE
 from composer.errors import PlanError, SourceError
@@ -15,21 +16,15 @@ from composer.tokenizer import check_vocabulary, tokenizer_files
 from composer.vocab import align, is_vocabulary_tensor
 from composer.writer import layout_shards
 
-LAYER_RE = re.compile(r"^(.*?\blayers)\.(\d+)\.(.+)$")
-# Architectures whose decoder block is x + attn(norm(x)) then x + mlp(norm(x)), with the attention ending in
-# o_proj and the MLP in down_proj: zeroing those two (and their biases) makes the block an exact identity.
-IDENTITY_SAFE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-ZEROED_IN_COPIES = ("o_proj", "down_proj")
-# Config entries that hold one value per layer and must follow the new layer order.
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+# Architecture facts (layer names, depth key, embeddings, the tensors zeroed in block expansion): composer.architectures
 def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInfo]], dict[str, TensorInfo]]:
     """Split a model's tensors into (layer prefix, {layer: {suffix: info}}, {non-layer name: info})."""
     prefixes, layers, other = set(), {}, {}
     for name, info in model.tensors.items():
-        m = LAYER_RE.match(name)
+        m = LAYER_NAME.match(name)
         if m:
-            prefixes.add(m.group(1))
-            layers.setdefault(int(m.group(2)), {})[m.group(3)] = info
+            prefixes.add(m["prefix"])
+            layers.setdefault(int(m["layer"]), {})[m["rest"]] = info
         else:
             other[name] = info
     if len(prefixes) > 1:
@@ -38,11 +33,12 @@ def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInf
             "multi-module models are not supported yet"
         )
     if not prefixes:
-        raise PlanError(f"model '{model.name}' has no decoder layers (no tensor named like '*.layers.N.*')")
+        raise PlanError(f"model '{model.name}' has no decoder layers (no tensor named like '<prefix>.N.*')")
     n = model.num_layers
     if sorted(layers) != list(range(n)):
         raise PlanError(
-            f"model '{model.name}': config.json says num_hidden_layers={n} but its weights hold layers "
+            f"model '{model.name}': config.json says {architectures.depth_key(model.config)}={n} but its weights "
+            f"hold layers "
             f"{min(layers)}..{max(layers)} ({len(layers)} layers)"
         )
     return prefixes.pop(), layers, other
@@ -162,7 +158,7 @@ def _operation(recipe: Recipe, layers: list[LayerSource], tensors: list[TensorPl
 
 def _output_config(base: SourceModel, layers: list[LayerSource], sources, out_dtype: str | None) -> dict[str, Any]:
     config = dict(base.config)
-    config["num_hidden_layers"] = len(layers)
+    config[architectures.depth_key(base.config) or "num_hidden_layers"] = len(layers)
     if "torch_dtype" in config:
         config.setdefault("dtype", config.pop("torch_dtype"))
     if out_dtype:
@@ -186,7 +182,9 @@ def _tied_head(model: SourceModel, other: Mapping[str, TensorInfo], name: str) -
     """A model with tied embeddings stores no LM head: its head is its embedding matrix."""
     if name != "lm_head.weight" or not model.config.get("tie_word_embeddings"):
         return None
-    return next((info for n, info in other.items() if n.endswith("embed_tokens.weight")), None)
+    return next((info for n, info in other.items()
+                 if n.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight"))),
+                None)
 
 
 def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], used: set[str]) -> None:
@@ -256,7 +254,7 @@ def build_plan(
 
     aligned: list[int] = []
 
-    pre_names = [n for n in base_other if "embed" in n]
+    pre_names = [n for n in base_other if architectures.is_embedding(base.config, n)]
     tensors: list[TensorPlan] = edge_tensors(pre_names, pre)
     layer_plans: list[LayerPlan] = []
     for out_idx, layer in enumerate(layers):
@@ -270,10 +268,12 @@ def build_plan(
                     f"(differs in: {', '.join(diff[:3])}): the models do not share an architecture"
                 )
             per_input.append(suffixes)
-        if layer.expanded and not all(any(z in s for s in per_input[0]) for z in ZEROED_IN_COPIES):
+        row = architectures.family(base.config)
+        if layer.expanded and row is not None and not all(
+                any(architectures.under(z, s) for s in per_input[0]) for z in row.zeroed):
             raise PlanError(
-                f"block expansion needs o_proj and down_proj in every layer; '{layer.model}' layer "
-                f"{layer.source_layer} lacks one"
+                f"block expansion needs {' and '.join(row.zeroed)} in every layer; "
+                f"'{layer.model}' layer {layer.source_layer} lacks one"
             )
         made = []
         for suffix in template:
@@ -281,7 +281,7 @@ def build_plan(
             infos = [suffixes[suffix] for suffixes in per_input]
             for inp, info in zip(layer.inputs, infos):
                 _check_same_shape(info, template[suffix], inp.model, out_name)
-            zero = layer.expanded and any(z in suffix for z in ZEROED_IN_COPIES)
+            zero = layer.expanded and architectures.zeroed(base.config, suffix)
             made.append(make(out_name, layer, infos, zero, layer=out_idx, source_layer=layer.source_layer))
         tensors += made
         zeroed = tuple(t.name.rsplit(f".{out_idx}.", 1)[1] for t in made if t.status == "zeroed")
@@ -293,12 +293,9 @@ def build_plan(
     tensors += edge_tensors([n for n in base_other if n not in pre_names], post)
 
     if recipe.block_expansion is not None:
-        arch = (base.config.get("architectures") or ["unknown"])[0]
-        if arch not in IDENTITY_SAFE:
-            raise PlanError(
-                f"block expansion keeps the model's function only for pre-norm residual blocks ending in o_proj "
-                f"and down_proj; verified for {', '.join(sorted(IDENTITY_SAFE))}, not for {arch}"
-            )
+        refusal = architectures.expansion_refusal(base.config)
+        if refusal:
+            raise PlanError(refusal)
 
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
     config = _output_config(base, layers, sources, out_dtype)

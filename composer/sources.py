@@ -76,10 +76,13 @@ class SourceModel:
 
     @property
     def num_layers(self) -> int:
-        n = self.config.get("num_hidden_layers")
-        if not isinstance(n, int):
-            raise SourceError(f"model '{self.name}': config.json has no integer num_hidden_layers")
-        return n
+        from composer.architectures import DEPTH_KEYS, depth_key
+
+        key = depth_key(self.config)
+        if key is None:
+            raise SourceError(f"model '{self.name}': config.json has no integer layer count "
+                              f"({' or '.join(DEPTH_KEYS)})")
+        return self.config[key]
 
     def tensor(self, name: str) -> TensorInfo:
         try:
