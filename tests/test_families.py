@@ -165,3 +165,66 @@ def test_every_family_of_the_table_is_tested_here_and_listed_in_the_readme():
 
 
 FAMILIES_TESTED = tuple(FAMILIES)
+
+
+# ------------------------------------------------------------------------------------ full scale, from shapes
+
+FULL_SCALE = {  # the published configs' shapes; transformers builds them on the meta device (no memory)
+    "Gemma-2-9B": transformers.Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                            num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                            vocab_size=256000),
+    "Qwen3-8B": transformers.Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                         vocab_size=151936, tie_word_embeddings=False),
+    "Phi-3-mini": transformers.Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                                          pad_token_id=32000),
+    "GPT-2 XL": transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+    "Pythia-6.9B": transformers.GPTNeoXConfig(hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                                              num_attention_heads=32, vocab_size=50432, tie_word_embeddings=False),
+    "Falcon-7B": transformers.FalconConfig(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                                           vocab_size=65024, multi_query=True, parallel_attn=True,
+                                           new_decoder_architecture=False, bias=False),
+    "OLMo-2-7B": transformers.Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=100352),
+}
+# Parameter counts as their model cards publish them, for the base models whose count is well known
+PUBLISHED = {"Gemma-2-9B": 9_241_705_984, "GPT-2 XL": 1_557_611_200, "Falcon-7B": 6_921_720_704}
+
+
+def shapes(name: str, config) -> "SourceModel":
+    """A source model with the tensor names and shapes the checkpoint stores (a tied head is not stored)."""
+    from composer.sources import SourceModel, TensorInfo
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tied = getattr(config, "tie_word_embeddings", False)
+    tensors = {n: TensorInfo(n, "BF16", tuple(p.shape), None, 0) for n, p in model.state_dict().items()
+               if not (tied and n == "lm_head.weight")}
+    return SourceModel(name=name, path=None, config={**config.to_dict(), "architectures": [type(model).__name__]},
+                       tensors=tensors), model.num_parameters()
+
+
+@pytest.mark.parametrize("name", FULL_SCALE)
+def test_block_expansion_plans_at_full_scale_from_shapes(name):
+    """`every: 4` on each family's published shapes: checked against transformers' own model at the new depth,
+    built on the meta device from the same config with only the depth changed (its parameter count is what the
+    expanded checkpoint must hold), and the base count against the published one where listed."""
+    from composer import build_plan, parse_recipe
+    from composer.architectures import depth_key
+
+    config = FULL_SCALE[name]
+    source, base_count = shapes(name, config)
+    key = depth_key(source.config)
+    n = source.config[key]
+    assert base_count == PUBLISHED.get(name, base_count)
+    plan = build_plan(parse_recipe(f"block_expansion: {{model: {name}, every: 4}}\n"), {name: source})
+    grown = n + n // 4
+    assert len(plan.layers) == grown and plan.config[key] == grown
+    assert [la.index for la in plan.layers if la.status == "new"] == [5 * k + 4 for k in range(n // 4)]
+    bigger = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+    bigger[key] = grown
+    _, expected = shapes(name, type(config)(**bigger))
+    assert plan.num_parameters == expected
+    assert all(t.op == "zeros" for t in plan.tensors if ".%d." % plan.layers[4].index in t.name
+               and any(m in t.name for m in ZEROED.get(source.config["model_type"], ("o_proj", "down_proj"))))
