@@ -67,6 +67,28 @@ FAMILIES: tuple[Family, ...] = (
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module of a multimodal checkpoint: the prefix of its tensors' names and the sub-config that describes
+    it (None: a module without layers, such as a projector)."""
+
+    prefix: str
+    config: str | None
+
+
+# Multimodal families by model_type: mergekit's module names, the names transformers saves them under
+MULTIMODAL: dict[str, dict[str, ModuleSpec]] = {
+    "gemma3": {"text_decoder": ModuleSpec("language_model.", "text_config"),
+               "vision_tower": ModuleSpec("vision_tower.", "vision_config"),
+               "multi_modal_projector": ModuleSpec("multi_modal_projector.", None)},
+}
+
+
+def modules(config: Mapping[str, Any]) -> dict[str, ModuleSpec] | None:
+    """The modules of a multimodal model (None: not a multimodal family composer knows)."""
+    return MULTIMODAL.get(str(config.get("model_type", "")))
+
+
 def family(config: Mapping[str, Any]) -> Family | None:
     """The table's row for a config (None: a model the rule alone must handle)."""
     return BY_MODEL_TYPE.get(str(config.get("model_type", "")))

@@ -22,6 +22,9 @@ METHODS = {
         "[SOLAR 10.7B](https://arxiv.org/abs/2312.15166) for depth up-scaling by layer stacking",
     ),
     "passthrough": ("passthrough: layers stacked as the recipe lists them", ""),
+    "modules": ("a multimodal model built module by module (mergekit's `modules:`): each module the recipe names "
+                "from its own slices or models, every other tensor (projector, other towers) the base model's; the "
+                "layer table below is the text decoder's", ""),
 }
 
 

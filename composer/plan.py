@@ -1,6 +1,7 @@
 """Build a recipe into a Plan: every output tensor's op, sources, parameters and dtype, from headers alone."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from composer import architectures
@@ -10,6 +11,7 @@ from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ST_DTYPE
 from composer.errors import PlanError, SourceError
 from composer.params import resolve_parameter
 from composer.recipe import DTYPES, Recipe
+from composer.recipe_errors import suggest
 from composer.sources import SourceModel, TensorInfo
 from composer.tensorplan import DEFAULT_SHARD_SIZE, LayerPlan, Plan, TensorPlan
 from composer.tokenizer import check_vocabulary, tokenizer_files
@@ -28,9 +30,11 @@ def _layer_table(model: SourceModel) -> tuple[str, dict[int, dict[str, TensorInf
         else:
             other[name] = info
     if len(prefixes) > 1:
+        known = architectures.modules(model.config)
         raise PlanError(
             f"model '{model.name}' has layers under several prefixes ({', '.join(sorted(prefixes))}): "
-            "multi-module models are not supported yet"
+            + (f"write the recipe with modules: ({', '.join(known)})" if known else
+               f"multi-module models of model_type {model.config.get('model_type')} are not supported yet")
         )
     if not prefixes:
         raise PlanError(f"model '{model.name}' has no decoder layers (no tensor named like '<prefix>.N.*')")
@@ -200,6 +204,64 @@ def _tokenizer_model(recipe: Recipe, base: str) -> str:
     return base if ts in (None, "base") else ts
 
 
+def _module_view(model: SourceModel, spec: architectures.ModuleSpec, module: str) -> SourceModel:
+    """A model as one of its modules: the tensors under the module's prefix (named without it), its sub-config."""
+    config = model.config.get(spec.config) if spec.config else None
+    if spec.config and not isinstance(config, Mapping):
+        raise PlanError(f"model '{model.name}' has no '{spec.config}' in config.json, which describes its module "
+                        f"'{module}': it is not a {model.config.get('model_type')} checkpoint")
+    tensors = {n[len(spec.prefix):]: info for n, info in model.tensors.items() if n.startswith(spec.prefix)}
+    if not tensors:
+        raise PlanError(f"model '{model.name}' has no tensors under '{spec.prefix}' (module '{module}')")
+    return replace(model, config=dict(config or {}), tensors=tensors)
+
+
+def _build_modular(recipe: Recipe, sources: Mapping[str, SourceModel], shard_size: int, recipe_text: str,
+                   recipe_path: str, seed: int) -> Plan:
+    """mergekit's `modules:`: each named module planned as a recipe of its own over the models' module tensors
+    (renamed back under the module's prefix), its sub-config updated; every other tensor copied from the base."""
+    base = sources[recipe.base_model]
+    specs = architectures.modules(base.config)
+    if specs is None:
+        known = ", ".join(sorted(architectures.MULTIMODAL))
+        raise PlanError(f"'{base.name}' (model_type {base.config.get('model_type')}) has no modules composer knows "
+                        f"(it knows those of: {known}): write its recipe with slices or models")
+    config = dict(base.config)
+    tensors: list[TensorPlan] = []
+    layers: tuple[LayerPlan, ...] = ()
+    notes: list[str] = []
+    for name in recipe.modules:
+        spec = specs.get(name)
+        if spec is None:
+            raise PlanError(f"'{base.name}' has no module '{name}'{suggest(name, list(specs))} (its modules: "
+                            f"{', '.join(specs)})")
+        sub = recipe.module(name)
+        views = {m: _module_view(sources[m], spec, name) for m in sub.referenced_models()}
+        plan = build_plan(sub, views, shard_size=shard_size, seed=seed)
+        tensors += [replace(t, name=spec.prefix + t.name) for t in plan.tensors]
+        if spec.config:
+            config[spec.config] = {k: v for k, v in plan.config.items()
+                                   if k in base.config[spec.config] or k == architectures.depth_key(plan.config)}
+        if spec.config == "text_config" or not layers:
+            layers = plan.layers
+        notes += [f"{name}: {note}" for note in plan.notes]
+    covered = tuple(specs[n].prefix for n in recipe.modules)
+    for name, info in base.tensors.items():  # outside the recipe's modules: the base's, as they are
+        if not name.startswith(covered):
+            via, out = _dtypes(recipe, info)
+            tensors.append(TensorPlan(name=name, op="copy", inputs=(info,), models=(base.name,), dtype=out, via=via))
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    if "torch_dtype" in config:
+        config.setdefault("dtype", config.pop("torch_dtype"))
+    if out_dtype:
+        config["dtype"] = out_dtype
+    notes.insert(0, f"modules: {', '.join(recipe.modules)} from the recipe; the rest copied from '{base.name}'")
+    return Plan(recipe=recipe, operation="modules", base=base.name,
+                tokenizer_from=_tokenizer_model(recipe, base.name), sources=sources, tensors=tuple(tensors),
+                layers=layers, config=config, shards=layout_shards(tensors, shard_size), recipe_text=recipe_text,
+                recipe_path=recipe_path, notes=tuple(notes), seed=seed)
+
+
 def build_plan(
     recipe: Recipe, sources: Mapping[str, SourceModel], *, shard_size: int = DEFAULT_SHARD_SIZE,
     recipe_text: str = "", recipe_path: str = "", seed: int = 0,
@@ -208,6 +270,8 @@ def build_plan(
     missing = [m for m in recipe.referenced_models() if m not in sources]
     if missing:
         raise SourceError(f"model '{missing[0]}' was not resolved")
+    if recipe.modules is not None:
+        return _build_modular(recipe, sources, shard_size, recipe_text, recipe_path, seed)
     layers, pre, post = compile_layers(recipe, sources)
     base_name = recipe.base_model or pre.model
     base = sources[base_name]

@@ -124,6 +124,20 @@ class Interleave(_Strict):
         return self
 
 
+class Module(_Strict):
+    """One module of a multimodal model (mergekit's `modules:` entry): its own slices or models, and parameters."""
+
+    slices: list[OutputSlice] | None = None
+    models: list[ModelEntry] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Module:
+        if (self.slices is None) == (self.models is None):
+            raise ValueError("a module needs exactly one of slices or models")
+        return self
+
+
 class Recipe(_Strict):
     name: StrictStr | None = None  # names a stage of a multi-document recipe, for later stages to use as a model
     merge_method: StrictStr | None = None
@@ -136,13 +150,22 @@ class Recipe(_Strict):
     out_dtype: StrictStr | None = None
     tokenizer_source: StrictStr | None = None
     parameters: Parameters | None = None
+    modules: dict[StrictStr, Module] | None = None  # multimodal models: one recipe body per module
     # mergekit keys composer knows but does not support yet: accepted by the schema, refused by name below.
-    modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     chat_template: StrictStr | None = None
 
+    def module(self, name: str) -> Recipe:
+        """The recipe of one module: its slices or models and parameters (over the global ones), the rest shared."""
+        module = self.modules[name]
+        parameters = {**(self.parameters or {}), **(module.parameters or {})} or None
+        return self.model_copy(update=dict(modules=None, slices=module.slices, models=module.models,
+                                           parameters=parameters))
+
     @property
     def form(self) -> str:
+        if self.modules is not None:
+            return "modules"
         for key in ("slices", "models", "block_expansion", "interleave"):
             if getattr(self, key) is not None:
                 return key
@@ -160,6 +183,8 @@ class Recipe(_Strict):
             names.append(self.block_expansion.model)
         if self.interleave:
             names += self.interleave.models
+        for name in self.modules or {}:
+            names += self.module(name).referenced_models()
         if self.base_model:
             names.append(self.base_model)
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
@@ -179,13 +204,23 @@ def _check_parameters(params: Parameters | None, allowed: tuple[str, ...], metho
 def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
     """Checks that need the whole recipe; returns (location, message) of the first problem."""
     forms = [k for k in ("slices", "models", "block_expansion", "interleave") if getattr(recipe, k) is not None]
+    if recipe.modules is not None:
+        if forms:
+            return (forms[0],), f"with modules, each module has its own slices or models: move '{forms[0]}' into one"
+        if not recipe.modules:
+            return ("modules",), "modules is empty: name at least one module (for example text_decoder)"
+        if not recipe.base_model:
+            return ("modules",), "a recipe with modules needs base_model: the model whose other tensors it keeps"
+        for name in recipe.modules:
+            problem = _semantic_checks(recipe.module(name))
+            if problem:
+                return ("modules", name, *problem[0]), problem[1]
+        return None
     if len(forms) != 1:
         return (), (
             "give exactly one of slices, models, block_expansion or interleave"
             + (f" (found {', '.join(forms)})" if forms else "")
         )
-    if recipe.modules is not None:
-        return ("modules",), "'modules' (multi-module models) is not supported yet: use slices or models"
     if recipe.tokenizer is not None:
         return ("tokenizer",), "'tokenizer' (token surgery) is not supported yet: use tokenizer_source"
     if recipe.chat_template is not None:

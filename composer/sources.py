@@ -78,11 +78,14 @@ class SourceModel:
     def num_layers(self) -> int:
         from composer.architectures import DEPTH_KEYS, depth_key
 
-        key = depth_key(self.config)
+        config = self.config
+        if depth_key(config) is None and isinstance(config.get("text_config"), Mapping):
+            config = config["text_config"]  # a multimodal model: its text decoder's depth
+        key = depth_key(config)
         if key is None:
             raise SourceError(f"model '{self.name}': config.json has no integer layer count "
                               f"({' or '.join(DEPTH_KEYS)})")
-        return self.config[key]
+        return config[key]
 
     def tensor(self, name: str) -> TensorInfo:
         try:
