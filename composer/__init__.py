@@ -10,13 +10,14 @@ from composer.plan import build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.sources import SourceModel, open_sources
 from composer.tensorplan import DEFAULT_SHARD_SIZE, Plan
+from composer.training import freeze_original, new_layers, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ComposerError", "CorruptFileError", "OutputError", "PlanError", "RecipeError", "SourceError",
     "Plan", "Recipe", "SourceModel", "build_plan", "compose", "execute", "load_recipe", "parse_recipe", "plan_recipe",
-    "open_sources",
+    "open_sources", "freeze_original", "new_layers", "trainable_parameters",
 ]
 
 
