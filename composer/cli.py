@@ -63,7 +63,20 @@ def _pushed(result: dict, quiet: bool) -> None:
                    err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _ComposeCommand(click.Command):
+    """`compose RECIPE ...`, and `compose verify OUT ...` (composer.verify) when the first argument is `verify`."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["verify"]:
+            from composer.verify import verify_command
+
+            return verify_command.main(argv[1:], prog_name=f"{prog_name or 'compose'} verify", **extra)
+        return super().main(args, prog_name, **extra)
+
+
+@click.command(cls=_ComposeCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Check a composed folder against its sources: compose verify OUT (see compose verify --help).")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output model folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (layer map, sizes, memory, free space) and stop.")
