@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # config lists with one value per layer
@@ -38,10 +38,22 @@ class Family:
     # output, as Gemma 2/3 and OLMo 2 do, keeps it zero). Empty: block expansion refused, with `refusal`.
     zeroed: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     refusal: str = ""  # why block expansion is refused (zeroed empty)
+    # Hybrids: the kind of each of n layers that the config implies (attention or Mamba, experts or dense): every
+    # output layer must hold a layer of the kind the output's config gives its position
+    kinds: Callable[[Mapping[str, Any], int], list[str]] | None = None
+    kinds_rule: str = ""  # the config keys that fix the kinds, for the refusal
 
     @property
     def expands(self) -> bool:
         return bool(self.zeroed)
+
+
+def _jamba_kinds(config: Mapping[str, Any], n: int) -> list[str]:
+    def every(i: int, key: str) -> bool:
+        return i % config[f"{key}_layer_period"] == config[f"{key}_layer_offset"]
+
+    return [f"{'attention' if every(i, 'attn') else 'mamba'}/{'experts' if every(i, 'expert') else 'dense'}"
+            for i in range(n)]
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -63,6 +75,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2-MoE", ("qwen2_moe",),
            zeroed=("self_attn.o_proj", "mlp.experts.*.down_proj", "mlp.shared_expert.down_proj")),
     Family("Qwen3-MoE", ("qwen3_moe",), zeroed=("self_attn.o_proj", "mlp.experts.*.down_proj")),
+    Family("Jamba", ("jamba",), zeroed=(), kinds=_jamba_kinds,
+           kinds_rule="attn_layer_period/attn_layer_offset and expert_layer_period/expert_layer_offset",
+           refusal="each layer's kind (attention or Mamba, experts or dense) is fixed by its position "
+                   "(attn_layer_period/offset, expert_layer_period/offset), and an inserted copy moves every later "
+                   "layer by one"),
 )
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -128,6 +145,24 @@ def expansion_refusal(config: Mapping[str, Any]) -> str | None:
                 f"not for {arch}")
     if not row.expands:
         return f"block expansion cannot keep {row.name}'s function: {row.refusal}"
+    return None
+
+
+def kind_mismatch(base: Mapping[str, Any], n_out: int,
+                  placed: list[list[tuple[str, Mapping[str, Any], int, int]]]) -> str | None:
+    """For a hybrid: the first output layer that would hold a layer of another kind than the output config gives
+    its position. `placed`, per output layer: (model, its config, its depth, source layer) of each input."""
+    row = family(base)
+    if row is None or row.kinds is None:
+        return None
+    want = row.kinds(base, n_out)
+    for i, inputs in enumerate(placed):
+        for model, config, n, j in inputs:
+            have = row.kinds(config, n)[j]
+            if have != want[i]:
+                return (f"output layer {i} would be layer {j} of '{model}', a {have} layer, but {row.name}'s "
+                        f"config ({row.kinds_rule}) makes layer {i} a {want[i]} layer: choose layer ranges whose "
+                        "shifts keep each layer's kind")
     return None
 
 

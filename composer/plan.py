@@ -277,9 +277,23 @@ def build_plan(
     base = sources[base_name]
     used = {i.model for la in (*layers, pre, post) for i in la.inputs}
     _check_compatible(base, sources, used)
+    if recipe.block_expansion is not None:
+        refusal = architectures.expansion_refusal(base.config)
+        if refusal:
+            raise PlanError(refusal)
     prefix, base_layers, base_other = _layer_table(base)
-    template = base_layers[0]
     tables = {name: _layer_table(sources[name]) for name in used}
+    mismatch = architectures.kind_mismatch(base.config, len(layers), [
+        [(i.model, sources[i.model].config, sources[i.model].num_layers, i.source_layer) for i in la.inputs]
+        for la in layers])
+    if mismatch:
+        raise PlanError(mismatch)
+    row = architectures.family(base.config)
+    kinds = row.kinds(base.config, len(layers)) if row and row.kinds else [""] * len(layers)
+    base_kinds = row.kinds(base.config, base.num_layers) if row and row.kinds else [""] * base.num_layers
+    templates = {k: base_layers[base_kinds.index(k)] for k in set(base_kinds)}
+    templates.update({k: tables[la.inputs[0].model][1][la.inputs[0].source_layer]  # a kind the base lacks
+                      for k, la in zip(kinds, layers) if k not in templates})
     merging = recipe.merge_method not in (None, "passthrough")
 
     def make(out_name: str, src: LayerSource, infos: list[TensorInfo], zero: bool, **where) -> TensorPlan:
@@ -323,6 +337,7 @@ def build_plan(
     layer_plans: list[LayerPlan] = []
     for out_idx, layer in enumerate(layers):
         per_input = []
+        template = templates[kinds[out_idx]]  # the base's first layer of this kind (hybrids' layers differ by kind)
         for inp in layer.inputs:
             suffixes = tables[inp.model][1][inp.source_layer]
             if set(suffixes) != set(template):
@@ -332,7 +347,6 @@ def build_plan(
                     f"(differs in: {', '.join(diff[:3])}): the models do not share an architecture"
                 )
             per_input.append(suffixes)
-        row = architectures.family(base.config)
         if layer.expanded and row is not None and not all(
                 any(architectures.under(z, s) for s in per_input[0]) for z in row.zeroed):
             raise PlanError(
@@ -356,10 +370,6 @@ def build_plan(
                                      names))
     tensors += edge_tensors([n for n in base_other if n not in pre_names], post)
 
-    if recipe.block_expansion is not None:
-        refusal = architectures.expansion_refusal(base.config)
-        if refusal:
-            raise PlanError(refusal)
 
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
     config = _output_config(base, layers, sources, out_dtype)

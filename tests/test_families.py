@@ -164,7 +164,7 @@ def test_every_family_of_the_table_is_tested_here_and_listed_in_the_readme():
     assert table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-FAMILIES_TESTED = tuple(FAMILIES)
+FAMILIES_TESTED = (*FAMILIES, "jamba")  # the hybrid: tests/test_hybrid.py (its layers keep their kinds)
 
 
 # ------------------------------------------------------------------------------------ full scale, from shapes
