@@ -167,9 +167,13 @@ def kind_mismatch(base: Mapping[str, Any], n_out: int,
 
 
 def table() -> str:
-    """The README's table of families."""
-    rows = ["| family | `model_type` | depth key | block expansion zeroes |", "|---|---|---|---|"]
+    """The README's table of families: what works for each."""
+    rows = ["| family | `model_type` | depth key | slices, merges | block expansion zeroes |", "|---|---|---|---|---|"]
     for f in FAMILIES:
         zero = ", ".join(f"`{z}`" for z in f.zeroed) if f.expands else f"refused: {f.refusal}"
-        rows.append(f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | `{f.depth}` | {zero} |")
+        works = "yes, each layer where the config wants its kind" if f.kinds else "yes"
+        rows.append(f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | `{f.depth}` | {works} | {zero} |")
+    for model_type, specs in MULTIMODAL.items():
+        names = ", ".join(f"`{name}` (`{spec.prefix}`)" for name, spec in specs.items())
+        rows.append(f"| multimodal | `{model_type}` | per module | with `modules:` {names} | not as `block_expansion:` |")
     return "\n".join(rows) + "\n"

@@ -187,19 +187,48 @@ FULL_SCALE = {  # the published configs' shapes; transformers builds them on the
                                            new_decoder_architecture=False, bias=False),
     "OLMo-2-7B": transformers.Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                           num_attention_heads=32, num_key_value_heads=32, vocab_size=100352),
+    "Qwen2-7B": transformers.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                         tie_word_embeddings=False),
+    "Gemma-7B": transformers.GemmaConfig(hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                                         num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+                                         vocab_size=256000),
+    "Gemma-3-12B (text)": transformers.Gemma3TextConfig(hidden_size=3840, intermediate_size=15360,
+                                                        num_hidden_layers=48, num_attention_heads=16,
+                                                        num_key_value_heads=8, head_dim=256, vocab_size=262208),
+    "StableLM-2-1.6B": transformers.StableLmConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                                                   num_attention_heads=32, num_key_value_heads=32,
+                                                   vocab_size=100352, tie_word_embeddings=False),
+    "Mixtral-8x7B": transformers.MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                               num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False),
+    "Qwen1.5-MoE-A2.7B": transformers.Qwen2MoeConfig(hidden_size=2048, intermediate_size=5632,
+                                                     num_hidden_layers=24, num_attention_heads=16,
+                                                     num_key_value_heads=16, vocab_size=151936, num_experts=60,
+                                                     num_experts_per_tok=4, moe_intermediate_size=1408,
+                                                     shared_expert_intermediate_size=5632,
+                                                     tie_word_embeddings=False),
+    "Qwen3-30B-A3B": transformers.Qwen3MoeConfig(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                                 num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                                                 num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                                 tie_word_embeddings=False),
 }
 # Parameter counts as their model cards publish them, for the base models whose count is well known
-PUBLISHED = {"Gemma-2-9B": 9_241_705_984, "GPT-2 XL": 1_557_611_200, "Falcon-7B": 6_921_720_704}
+PUBLISHED = {"Gemma-2-9B": 9_241_705_984, "GPT-2 XL": 1_557_611_200, "Falcon-7B": 6_921_720_704,
+             "Mixtral-8x7B": 46_702_792_704}
 
 
 def shapes(name: str, config) -> "SourceModel":
     """A source model with the tensor names and shapes the checkpoint stores (a tied head is not stored)."""
     from composer.sources import SourceModel, TensorInfo
 
+    from transformers.core_model_loading import revert_weight_conversion
+
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     tied = getattr(config, "tie_word_embeddings", False)
-    tensors = {n: TensorInfo(n, "BF16", tuple(p.shape), None, 0) for n, p in model.state_dict().items()
+    stored = revert_weight_conversion(model, model.state_dict())  # as save_pretrained names them (MoE experts)
+    tensors = {n: TensorInfo(n, "BF16", tuple(p.shape), None, 0) for n, p in stored.items()
                if not (tied and n == "lm_head.weight")}
     return SourceModel(name=name, path=None, config={**config.to_dict(), "architectures": [type(model).__name__]},
                        tensors=tensors), model.num_parameters()
