@@ -15,7 +15,8 @@ of tensor must be (composer_provenance.json says which kind it is):
   run, with the seed of the random methods, which the provenance does not record); their shape and dtype are
   checked and their values must be finite.
 
-The logits check loads the base model, runs a fixed probe through it in float32, frees it, then does the same for
+The logits check loads the base model, runs a fixed probe through it in float32 (or
+`--dtype bfloat16`, half the memory), frees it, then does the same for
 the output: it needs memory for the larger of the two in float32 (4 bytes a parameter) plus the activations of a
 few tokens.
 """
@@ -397,7 +398,10 @@ def check_tensors(out: Path, prov: Mapping[str, Any], models: Mapping[str, Sourc
 # ------------------------------------------------------------------------------------------------------ logits
 
 
-def _model_logits(path: Path, ids: list[int], device: str):
+LOGITS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_logits(path: Path, ids: list[int], device: str, dtype: str = "float32"):
     import torch
     import transformers
 
@@ -406,7 +410,7 @@ def _model_logits(path: Path, ids: list[int], device: str):
     transformers.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, attn_implementation="eager").to(device).eval()
+            str(path), dtype=getattr(torch, dtype), attn_implementation="eager").to(device).eval()
     finally:
         transformers.logging.set_verbosity(level)
         if bars:
@@ -421,7 +425,8 @@ def _model_logits(path: Path, ids: list[int], device: str):
             torch.cuda.empty_cache()
 
 
-def check_logits(out: Path, base: SourceModel, tokens: int, device: str, exact_expected: bool) -> dict[str, Any]:
+def check_logits(out: Path, base: SourceModel, tokens: int, device: str, exact_expected: bool,
+                 dtype: str = "float32") -> dict[str, Any]:
     import torch
 
     try:
@@ -435,10 +440,10 @@ def check_logits(out: Path, base: SourceModel, tokens: int, device: str, exact_e
     if not isinstance(vocab, int) or vocab < 1:
         raise SourceError(f"{out / 'config.json'}: no vocab_size to draw probe tokens from: use --skip-logits")
     ids = probe_ids(tokens, vocab)
-    result: dict[str, Any] = {"tokens": ids, "device": device, "dtype": "float32", "base": str(base.path)}
+    result: dict[str, Any] = {"tokens": ids, "device": device, "dtype": dtype, "base": str(base.path)}
     try:
-        before = _model_logits(base.path, ids, device)
-        after = _model_logits(out, ids, device)
+        before = _model_logits(base.path, ids, device, dtype)
+        after = _model_logits(out, ids, device, dtype)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; said in one line
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         return {**result, "result": "error", "ok": False, "detail": f"transformers could not run it: {first}"}
@@ -459,7 +464,8 @@ def check_logits(out: Path, base: SourceModel, tokens: int, device: str, exact_e
 
 
 def verify(out: str | Path, *, models: Mapping[str, str] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-           device: str = "cpu", skip_logits: bool = False, hub: Any = None, progress=None) -> dict[str, Any]:
+           device: str = "cpu", skip_logits: bool = False, hub: Any = None, progress=None,
+           dtype: str = "float32") -> dict[str, Any]:
     """Check the composed folder `out` against its provenance; the report (see render_verify). Raises a
     ComposerError where it cannot verify at all."""
     out = Path(out).resolve()
@@ -477,7 +483,8 @@ def verify(out: str | Path, *, models: Mapping[str, str] | None = None, max_toke
         logits = {"result": "skipped", "ok": True, "detail": "tensors are missing"}
     else:
         base = sources[prov["base_model"]]
-        logits = check_logits(out, base, max_tokens, device, exact_expected=statuses <= {"copied", "zeroed"})
+        logits = check_logits(out, base, max_tokens, device, exact_expected=statuses <= {"copied", "zeroed"},
+                              dtype=dtype)
     ok = not tensors["mismatches"] and not tensors["missing"] and not tensors["extra"] and logits["ok"]
     return {"output": str(out), "operation": prov.get("operation"), "base_model": prov.get("base_model"),
             "new_layers": new_layers, "ok": ok, "tensors": tensors, "logits": logits}
@@ -513,7 +520,7 @@ def render_verify(r: Mapping[str, Any]) -> str:
     if t["extra"]:
         lines += _listed("extra (in the shards, not in the provenance)", t["extra"])
     if lg["result"] in ("identical", "differ") and "tokens" in lg:
-        how = f"on {len(lg['tokens'])} probe tokens, float32 on {lg['device']}, base vs output"
+        how = f"on {len(lg['tokens'])} probe tokens, {lg.get('dtype', 'float32')} on {lg['device']}, base vs output"
         text = "identical (torch.equal) " + how if lg["result"] == "identical" else (
             f"DIFFER {how} (max |diff| {lg.get('max_abs_diff', float('nan')):.3g})")
         if lg.get("detail"):
@@ -550,9 +557,12 @@ def _parse_models(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Length of the logits probe (fixed token ids).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the logits check (cpu, cuda, ...).")
 @click.option("--skip-logits", is_flag=True, help="Check the tensors only, not the logits of a block expansion.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(LOGITS_DTYPES),
+              help="Dtype of the logits check: bfloat16 halves its memory (a 7B fits 24 GB); the zeroed blocks add "
+                   "exact zeros in any dtype, so the logits must still be bit-identical.")
 @click.option("--model", "models", multiple=True, metavar="NAME=PATH",
               help="Find model NAME of the provenance in folder PATH (repeatable), as compose --model does.")
-def verify_command(out: Path, as_json: bool, max_tokens: int, device: str, skip_logits: bool,
+def verify_command(out: Path, as_json: bool, max_tokens: int, device: str, skip_logits: bool, dtype: str,
                    models: tuple[str, ...]) -> None:
     """Check the folder OUT that compose wrote against its sources, as composer_provenance.json records them: every
     copied tensor bit for bit (after the recorded dtype conversion), zeroed ones exactly zero, scaled ones equal to
@@ -566,7 +576,7 @@ def verify_command(out: Path, as_json: bool, max_tokens: int, device: str, skip_
 
         with tqdm(unit="B", unit_scale=True, desc="verifying", file=sys.stderr, disable=None, leave=False) as bar:
             report = verify(out, models=overrides, max_tokens=max_tokens, device=device, skip_logits=skip_logits,
-                            progress=bar.update)
+                            progress=bar.update, dtype=dtype)
     except ComposerError as exc:
         error = click.ClickException(str(exc))
         error.exit_code = EXIT_ERROR

@@ -77,3 +77,37 @@ def test_block_expansion_is_refused_with_the_reason(hybrids, write_recipe):
     a, _ = hybrids
     line = fails(write_recipe(f"block_expansion: {{model: {a}, every: 4}}\n"))
     assert "block expansion cannot keep Jamba's function" in line and "moves every later layer by one" in line
+
+
+def test_jamba_v0_1_depth_upscaling_plans_at_full_scale_from_shapes():
+    """Jamba-v0.1's published shapes (32 layers, attention every 8th from 4, experts every 2nd from 1, 16 experts)
+    on the meta device: a SOLAR-style up-scale by a multiple of 8 plans, with transformers' own count for the new
+    depth; a shift by 4 would put an attention layer where the config wants a Mamba layer, and is refused."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from composer import build_plan, parse_recipe
+    from composer.errors import PlanError
+    from composer.sources import SourceModel, TensorInfo
+
+    def shapes(layers: int):
+        config = transformers.JambaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=65536,
+                                          num_experts=16, num_experts_per_tok=2, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        stored = revert_weight_conversion(model, model.state_dict())
+        tensors = {n: TensorInfo(n, "BF16", tuple(p.shape), None, 0) for n, p in stored.items()}
+        return SourceModel("ai21labs/Jamba-v0.1", None, {**config.to_dict(), "architectures": ["JambaForCausalLM"]},
+                           tensors), model.num_parameters()
+
+    source, count = shapes(32)
+    name = source.name
+    plan = build_plan(parse_recipe(f"merge_method: passthrough\nslices:\n"
+                                   f"  - sources: [{{model: {name}, layer_range: [0, 24]}}]\n"
+                                   f"  - sources: [{{model: {name}, layer_range: [8, 32]}}]\n"), {name: source})
+    assert len(plan.layers) == 48 and plan.config["num_hidden_layers"] == 48
+    assert plan.num_parameters == shapes(48)[1] and count < plan.num_parameters
+    with pytest.raises(PlanError, match="output layer 24 would be layer 4"):
+        build_plan(parse_recipe(f"merge_method: passthrough\nslices:\n"
+                                f"  - sources: [{{model: {name}, layer_range: [0, 24]}}]\n"
+                                f"  - sources: [{{model: {name}, layer_range: [4, 32]}}]\n"), {name: source})

@@ -110,3 +110,24 @@ def test_modules_refusals(vlm, write_recipe, tmp_path):
     assert "has no module 'text_decoda'" in line and "did you mean 'text_decoder'" in line
     line = fails(write_recipe(f"merge_method: passthrough\nmodules:\n  text_decoder:\n    models: [{{model: {a}}}]\n"))
     assert "needs base_model" in line
+
+
+def test_a_module_s_parameters_win_over_the_global_ones(vlm, write_recipe, tmp_path):
+    a, b = vlm
+    recipe = write_recipe(f"""\
+merge_method: linear
+base_model: {a}
+dtype: float32
+parameters: {{normalize: true}}
+modules:
+  text_decoder:
+    parameters: {{normalize: false}}
+    models:
+      - {{model: {a}, parameters: {{weight: 0.6}}}}
+      - {{model: {b}, parameters: {{weight: 0.8}}}}
+""")
+    got = load_state_dict(compose(recipe, tmp_path / "out"))
+    xa, xb = load_state_dict(a), load_state_dict(b)
+    name = "language_model.model.layers.0.mlp.up_proj.weight"
+    w = torch.tensor([0.6, 0.8])
+    assert torch.equal(got[name], torch.zeros_like(xa[name]).addcmul_(xa[name], w[0]).addcmul_(xb[name], w[1]))

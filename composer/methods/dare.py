@@ -137,11 +137,16 @@ def _della(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], de
 #
 # Each task vector's mask is drawn per block of a fixed grid from a generator seeded by (--seed, tensor, model,
 # block), so any chunk can draw its part in any order; the L1 rescale factors are streamed first. DARE's grid is
-# job.block elements; DELLA's is whole rows (it ranks |delta| within each row), as many as fit in job.block.
+# job.block elements; DELLA's is whole rows (it ranks |delta| within each row), as many as fit in
+# DELLA_ELEMENTS (its sorts make int64 and float32 temporaries of the block's size: at 1M elements they
+# kept the pass threads' heaps at 1.4 GB).
+
+
+DELLA_ELEMENTS = 1 << 18
 
 
 def _grid(job: MergeJob) -> int:
-    return job.rows(job.block)[1] if job.method.name.startswith("della") else job.block
+    return job.rows(min(job.block, DELLA_ELEMENTS))[1] if job.method.name.startswith("della") else job.block
 
 
 def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) -> list:
@@ -154,7 +159,7 @@ def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) ->
             out.append(None)
         elif della:
             deltas = deltas if deltas is not None else job.deltas(a, b)
-            width = job.rows(job.block)[0]
+            width = job.rows(min(job.block, DELLA_ELEMENTS))[0]
             out.append(della_mask(deltas[i].reshape(-1, width), d, float(job.per_input["epsilon"][i]),
                                   generator).reshape(-1))
         else:  # into a buffer the thread keeps: a fresh 4 MiB one per block is a fresh mmap, page faults included
