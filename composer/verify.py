@@ -540,16 +540,6 @@ def render_verify(r: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parse_models(pairs: tuple[str, ...]) -> dict[str, str]:
-    found = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"'{pair}' is not NAME=PATH (for example org/model=/data/model)")
-        found[name] = path
-    return found
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -570,6 +560,8 @@ def verify_command(out: Path, as_json: bool, max_tokens: int, device: str, skip_
     expansion, the logits of a fixed probe must equal the base model's (torch.equal, float32), which loads the base
     and then the output (memory: about 4 bytes per parameter of the larger). Exit status: 0 verified, 1 a
     mismatch, 2 could not verify."""
+    from composer.cli import _parse_models  # cli imports this module: here, not at the top
+
     overrides = _parse_models(models)
     try:
         from tqdm import tqdm

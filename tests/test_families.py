@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from test_depth import compose
-from tinymodels import DEFAULT_INPUT_IDS, _randomize, _write_tokenizer, load_state_dict
+from tinymodels import DEFAULT_INPUT_IDS, load_state_dict, save_random
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
@@ -69,12 +69,7 @@ def build(path: Path, model_type: str, seed: int) -> Path:
     """A tiny random checkpoint of a family, saved by transformers itself, with a tokenizer."""
     kwargs, *_ = FAMILIES[model_type]
     config = transformers.AutoConfig.for_model(model_type, **kwargs, **IDS, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    _randomize(model, torch.Generator().manual_seed(seed))
-    model.eval().save_pretrained(path)
-    _write_tokenizer(path, 256)
-    return path
+    return save_random(path, lambda: transformers.AutoModelForCausalLM.from_config(config), seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import transformers
 
 from test_depth import compose
 from test_errors import fails
-from tinymodels import _randomize, _write_tokenizer, load_state_dict
+from tinymodels import load_state_dict, save_random
 
 # 8 layers: attention at 2 and 6 (period 4, offset 2), experts at odd layers (period 2, offset 1)
 JAMBA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -21,12 +21,7 @@ JAMBA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_att
 
 
 def jamba(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = transformers.JambaForCausalLM(transformers.JambaConfig(**JAMBA))
-    _randomize(model, torch.Generator().manual_seed(seed))
-    model.eval().save_pretrained(path)
-    _write_tokenizer(path, 256)
-    return path
+    return save_random(path, lambda: transformers.JambaForCausalLM(transformers.JambaConfig(**JAMBA)), seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from test_depth import compose
-from tinymodels import _randomize, _write_tokenizer, load_state_dict
+from tinymodels import load_state_dict, save_random
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, sliding_window=8, max_position_embeddings=128, bos_token_id=1,
@@ -23,12 +23,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 def gemma3(path: Path, seed: int) -> Path:
     config = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
                                        image_token_index=255, boi_token_index=253, eoi_token_index=254)
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    _randomize(model, torch.Generator().manual_seed(seed))
-    model.eval().save_pretrained(path)
-    _write_tokenizer(path, 256)
-    return path
+    return save_random(path, lambda: transformers.Gemma3ForConditionalGeneration(config), seed)
 
 
 @pytest.fixture(scope="module")

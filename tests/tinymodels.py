@@ -52,6 +52,17 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
         param.copy_(value)
 
 
+def save_random(path: Path, build, seed: int, vocab_size: int = 256) -> Path:
+    """`build()` a transformers model under torch's seed, give every parameter random values (_randomize), and
+    save it with a tiny tokenizer of `vocab_size` tokens."""
+    torch.manual_seed(seed)
+    model = build()
+    _randomize(model, torch.Generator().manual_seed(seed))
+    model.eval().save_pretrained(path)
+    _write_tokenizer(path, vocab_size)
+    return path
+
+
 WORDS = (
     "hello world the a of and to in is it that for on with as was he she they we you i "
     "this be at by not are from or have an but what all were when there can said one"
