@@ -375,8 +375,8 @@ def ramplus_tl(
     b, deltas, nonzero, counts, overlap, unique = _ram_parts(base, tensors, epsilon)
     if deltas is None:
         return b
-    shared_counts = (nonzero & overlap).sum(dim=1)
-    unique_counts = (nonzero & unique).sum(dim=1)
+    shared_counts = (nonzero * overlap).sum(dim=1, dtype=torch.int64)
+    unique_counts = (nonzero * unique).sum(dim=1, dtype=torch.int64)
     lambda_ = _ramplus_lambda(shared_counts, unique_counts, epsilon, r, alpha)
     return _ramplus_merge(b, deltas, nonzero, counts, overlap, unique, lambda_)
 
@@ -408,7 +408,8 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
         for start, stop in _pieces(job, a, b):
             _, _, nonzero, _, overlap, unique = _ram_parts(job.read_base(start, stop), job.read_inputs(start, stop),
                                                            s["epsilon"])
-            total = total + torch.stack([(nonzero & overlap).sum(dim=1), (nonzero & unique).sum(dim=1)])
+            total = total + torch.stack([(nonzero * overlap).sum(dim=1, dtype=torch.int64),
+                                         (nonzero * unique).sum(dim=1, dtype=torch.int64)])
         return total
 
     total = sum(job.each(counts, job.steps()))
@@ -434,6 +435,9 @@ def _ram_parts(base: Tensor, tensors: Sequence[Tensor], epsilon: float):
     if not xs:
         return b, None, None, None, None, None
     deltas = torch.stack([x - b for x in xs], dim=0).view(len(xs), -1)
-    nonzero = deltas.abs() > epsilon
+    # float 0/1 masks made with arithmetic (torch's comparisons and bool tensors cost ~5x as much here), each equal
+    # to mergekit's bool one where it multiplies: |d| > epsilon, counts > 1, counts == 1 (counts <= n: exact)
+    nonzero = (deltas.abs() - epsilon).sign_().clamp_(min=0)
     counts = nonzero.sum(dim=0, keepdim=True)
-    return b, deltas, nonzero, counts, counts > 1, counts == 1
+    step = (counts - 1).sign_()
+    return b, deltas, nonzero, counts, step.clamp(min=0), 1 - step.abs()
