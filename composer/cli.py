@@ -19,17 +19,22 @@ from composer.report import human_bytes, render, summary
 from composer.stages import plan_stages
 from composer.tensorplan import DEFAULT_SHARD_SIZE
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+# Bytes. K, M and B are mergekit's --out-shard-size suffixes (thousand, million, billion: 5B is five billion
+# bytes), beside the decimal and binary byte units.
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise click.BadParameter(f"'{text}' is not a size: write it like 5GB, 500MB or 2GiB")
+        raise click.BadParameter(f"'{text}' is not a size: write it like 5GB, 500MB, 2GiB or mergekit's 5B")
     size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if size <= 0:
         raise click.BadParameter("the shard size must be positive")
+    if not m.group(2) and size < 10**6:
+        raise click.BadParameter(f"'{text}' is {size} bytes, which would put nearly every tensor in a shard of its "
+                                 f"own: give a unit (5GB, or {size}KB if you mean it)")
     return size
 
 
@@ -82,8 +87,9 @@ class _ComposeCommand(click.Command):
 @click.option("--dry-run", is_flag=True, help="Print the plan (layer map, sizes, memory, free space) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan, or the result, as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--shard-size", default=str(DEFAULT_SHARD_SIZE), show_default=True,
-              help="Largest output shard, e.g. 5GB, 2GiB, 500MB.")
+@click.option("--shard-size", "--out-shard-size", "shard_size", default=str(DEFAULT_SHARD_SIZE), show_default=True,
+              help="Largest output shard in bytes, e.g. 5GB, 2GiB, 500MB, or mergekit's 5B (five billion); "
+                   "--out-shard-size is mergekit's name for it.")
 @click.option("--model", "models", multiple=True, metavar="NAME=PATH",
               help="Use the folder PATH wherever the recipe names model NAME (repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random merge methods (DARE, DELLA).")

@@ -167,3 +167,26 @@ print(seen)
     assert CliRunner().invoke(main, [str(recipe), "-o", str(ref), "-q"]).exit_code == 0  # torch loaded: no hook
     for shard in ref.glob("*.safetensors"):
         assert (tmp_path / "early" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_shard_sizes_read_as_mergekit_reads_them(models, tmp_path):
+    """mergekit's --out-shard-size 5B means five billion bytes (its K, M, B are thousand, million, billion); a bare
+    number below 1 MB would put every tensor in a shard of its own, so it needs a unit."""
+    import click
+    import pytest
+
+    from composer.cli import parse_size
+
+    assert parse_size("5B") == parse_size("5b") == parse_size("5GB") == 5 * 10**9
+    assert parse_size("500K") == parse_size("500KB") == 500_000 and parse_size("2M") == 2 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("1000000") == 10**6
+    with pytest.raises(click.BadParameter, match="give a unit"):
+        parse_size("5000")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {models['llama']}, layer_range: [0, 4]}}]\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--out-shard-size", "150K"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.safetensors"))) > 1  # 150,000-byte shards of a ~1 MB model
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "o2"), "-q", "--shard-size", "5000"])
+    assert result.exit_code != 0 and "give a unit" in result.output
