@@ -94,12 +94,14 @@ class _ComposeCommand(click.Command):
               help="Use the folder PATH wherever the recipe names model NAME (repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random merge methods (DARE, DELLA).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--rebuild", is_flag=True, help="Build every stage of a multi-document recipe again, even one an earlier "
+              "run built from the same recipe, inputs and options.")
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="After composing, upload OUT to this Hub repo.")
 @_push_options
 @click.version_option(package_name="composer-llm", prog_name="compose")
 def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite: bool, shard_size: str,
-         models: tuple[str, ...], seed: int, quiet: bool, push_to: str | None, private: bool, revision: str | None,
-         commit_message: str | None) -> None:
+         models: tuple[str, ...], seed: int, quiet: bool, rebuild: bool, push_to: str | None, private: bool,
+         revision: str | None, commit_message: str | None) -> None:
     """Compose a new model from the YAML RECIPE into the folder OUT. Models are local folders or Hub ids
     (org/name, org/name@revision); HF_TOKEN, HF_HOME and HF_HUB_OFFLINE apply."""
     size = parse_size(shard_size)
@@ -118,11 +120,15 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
             hub.check_push(push_to)  # refuse before composing: offline, no token, a token the Hub rejects
         if out is not None and not dry_run:
             check_empty(out.resolve(), overwrite)  # refuse before any stage runs
-        stages = plan_stages(recipe, out, models=overrides, shard_size=size, seed=seed, dry_run=dry_run, hub=hub)
+        stages = plan_stages(recipe, out, models=overrides, shard_size=size, seed=seed, dry_run=dry_run, hub=hub,
+                             rebuild=rebuild)
         for stage, plan in stages:
             if plan is None:  # said even with --quiet: the run did less than the recipe asks, on purpose
-                click.echo(f"stage {stage.name}: already built in {stage.out}, skipped", err=True)
+                click.echo(f"stage {stage.name}: already built in {stage.out} from the same recipe, inputs and "
+                           "options, skipped (--rebuild to build it again)", err=True)
                 continue
+            if stage.rebuilt:
+                click.echo(f"stage {stage.name}: rebuilding {stage.out}: {stage.rebuilt}", err=True)
             final = stage.out == out
             info = summary(plan, stage.out)
             infos.append({"stage": stage.name, **info} if stage.name else info)

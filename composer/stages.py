@@ -1,6 +1,8 @@
-"""Multi-document recipes: stages run in order, later ones using earlier outputs by name; finished stages are skipped."""
+"""Multi-document recipes: stages run in order, later ones using earlier outputs by name; a stage an earlier run built
+from the same fingerprint is reused."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +15,10 @@ from composer.report import hub_bases
 from composer.sources import HubOrigin, SourceModel, TensorInfo, open_model, open_sources
 from composer.tensorplan import DEFAULT_SHARD_SIZE, Plan
 
-__all__ = ["RECIPE_FILE", "Stage", "load_stages", "plan_stages", "stages_folder"]
+__all__ = ["FINGERPRINT_FILE", "RECIPE_FILE", "Stage", "fingerprint", "load_stages", "plan_stages", "stages_folder"]
+
+
+FINGERPRINT_FILE = "composer_fingerprint.json"  # in an intermediate stage's folder: what its bytes depend on
 
 
 @dataclass(frozen=True)
@@ -22,11 +27,55 @@ class Stage:
     recipe: Recipe
     text: str
     out: Path | None  # where it is written: the stage folder, or the final output (None for a dry run)
+    rebuilt: str | None = None  # why an earlier run's output of this stage is not reused
 
-    def finished(self) -> bool:
-        """Built by an earlier run from this very recipe text (outputs appear only once complete)."""
-        return (self.out is not None and (self.out / "config.json").is_file()
-                and (self.out / RECIPE_FILE).is_file() and (self.out / RECIPE_FILE).read_text() == self.text)
+    def stale(self, fingerprint: dict[str, Any]) -> str | None:
+        """Why the stage folder an earlier run built cannot stand for this run's (None: it can). Outputs appear
+        only once complete; the fingerprint is written after."""
+        if self.out is None or not (self.out / "config.json").is_file():
+            return None if self.out is None else "not built yet"
+        try:
+            old = json.loads((self.out / FINGERPRINT_FILE).read_text())
+        except (OSError, ValueError):
+            return "its folder has no fingerprint (built by an older composer, or interrupted)"
+        for key, what in (("recipe", "the document changed"), ("seed", "--seed changed"),
+                          ("shard_size", "--shard-size changed"), ("composer", "composer's version changed")):
+            if old.get(key) != fingerprint[key]:
+                return what
+        for model, identity in fingerprint["inputs"].items():
+            if (old.get("inputs") or {}).get(model) != identity:
+                return f"input '{model}' changed ({_how(identity)})"
+        return None
+
+
+def _how(identity: dict[str, Any]) -> str:
+    return ("its Hub commit" if "commit" in identity else "the stage it is" if "stage" in identity
+            else "its files' sizes or modification times")
+
+
+def _identity(source: SourceModel, stage_prints: Mapping[str, str]) -> dict[str, Any]:
+    """What a stage's input is, for its fingerprint: an earlier stage's own fingerprint, a Hub commit, or the
+    sizes and modification times of a local folder's files."""
+    if source.name in stage_prints:
+        return {"stage": stage_prints[source.name]}
+    if source.hub is not None and source.hub.commit:
+        return {"hub": source.hub.repo_id, "commit": source.hub.commit}
+    files = [*source.files, *([source.path / "config.json"] if source.path else [])]
+    return {"files": [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]}
+
+
+def fingerprint(stage: Stage, sources: Mapping[str, SourceModel], stage_prints: Mapping[str, str], seed: int,
+                shard_size: int) -> dict[str, Any]:
+    """Everything a stage's bytes depend on: its document, its resolved inputs, --seed, --shard-size, and
+    composer's version (the dtype options are in the document)."""
+    from composer import __version__
+
+    return {"recipe": stage.text, "seed": seed, "shard_size": shard_size, "composer": __version__,
+            "inputs": {n: _identity(sources[n], stage_prints) for n in stage.recipe.referenced_models()}}
+
+
+def _digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def stages_folder(out: Path) -> Path:
@@ -75,27 +124,42 @@ def _hub_notes(plan: Plan, dry_run: bool) -> Plan:
 def plan_stages(
     recipe_path: str | Path, out: Path | None, *, models: Mapping[str, str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, dry_run: bool = False, hub: Any = None,
+    rebuild: bool = False,
 ) -> Iterator[tuple[Stage, Plan | None]]:
     """Plan each stage in order. Yields (stage, plan), or (stage, None) for an intermediate stage that an earlier
-    run finished from the same recipe text; unless it is a dry run, the caller writes each plan to `stage.out`
-    before asking for the next stage, which may use it as a model by name. Hub ids are fetched with `hub` (a
-    composer.hub.HubClient); a dry run reads only their config, tokenizer and safetensors headers."""
+    run built from the same fingerprint (the document, the resolved inputs, --seed, --shard-size, composer's
+    version; `rebuild` reuses none); a rebuilt stage says why in `stage.rebuilt`. Unless it is a dry run, the
+    caller writes each plan to `stage.out` before asking for the next stage, which may use it as a model by name.
+    Hub ids are fetched with `hub` (a composer.hub.HubClient); a dry run reads only their config, tokenizer and
+    safetensors headers."""
     recipe_path = Path(recipe_path)
     search = (recipe_path.parent.resolve(),)
     built: dict[str, SourceModel] = {}
+    prints: dict[str, str] = {}  # stage name -> the digest of its fingerprint
     for stage in load_stages(recipe_path, out):
         intermediate = stage.out is not None and stage.out != out
-        if not dry_run and intermediate and stage.finished():
-            built[str(stage.name)] = _built_source(str(stage.name), stage.out)
-            yield stage, None
-            continue
         referenced = stage.recipe.referenced_models()
-        sources = open_sources([n for n in referenced if n not in built], search, models, hub=hub,
-                               headers_only=dry_run)
-        sources.update({n: built[n] for n in referenced if n in built})
+        unbuilt = [n for n in referenced if n not in built]
+        probe = open_sources(unbuilt, search, models, hub=hub, headers_only=True)
+        probe.update({n: built[n] for n in referenced if n in built})
+        print_ = fingerprint(stage, probe, prints, seed, shard_size)
+        if not dry_run and intermediate:
+            why = "--rebuild" if rebuild else stage.stale(print_)
+            if why is None:
+                built[str(stage.name)] = _built_source(str(stage.name), stage.out)
+                prints[str(stage.name)] = _digest(print_)
+                yield stage, None
+                continue
+            if why != "not built yet":
+                stage = replace(stage, rebuilt=why)
+        sources = probe if dry_run else {**open_sources(unbuilt, search, models, hub=hub),
+                                         **{n: built[n] for n in referenced if n in built}}
         plan = build_plan(stage.recipe, sources, shard_size=shard_size, recipe_text=stage.text,
                           recipe_path=str(recipe_path), seed=seed)
         yield stage, _hub_notes(plan, dry_run)
         if stage.name:
+            prints[stage.name] = _digest(print_)
+            if intermediate and not dry_run and (stage.out / "config.json").is_file():
+                (stage.out / FINGERPRINT_FILE).write_text(json.dumps(print_, indent=2) + "\n")
             built[stage.name] = (_planned_source(stage.name, plan) if dry_run or stage.out is None
                                  else _built_source(stage.name, stage.out.resolve()))

@@ -79,3 +79,46 @@ def test_unnamed_intermediate_stage_is_refused(models, write_recipe):
     result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
     assert result.exit_code == 1
     assert "every document of a multi-document recipe but the last needs a name" in result.output
+
+
+def test_a_stage_is_reused_only_when_nothing_its_bytes_depend_on_changed(models, write_recipe, tmp_path):
+    """A rerun reuses a finished stage only when its fingerprint (document, resolved inputs, --seed, --shard-size,
+    composer's version) is unchanged, and says why it rebuilds one; --rebuild builds it again regardless."""
+    import os
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(models["llama"], a)
+    b = models["llama-b"]
+    recipe = write_recipe(f"""name: dropped
+merge_method: dare_linear
+base_model: {a}
+dtype: float32
+models: [{{model: {a}}}, {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}]
+---
+block_expansion: {{model: dropped, every: 2}}
+""")
+    out = tmp_path / "final"
+    stage = tmp_path / "final.stages" / "dropped" / "model.safetensors"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "composer.cli", str(recipe), "-o", str(out), "-q", "--overwrite",
+                               *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run("--seed", "1")
+    seed1 = stage.read_bytes()
+    assert "already built" in run("--seed", "1").stderr
+    second = run("--seed", "2")  # DARE's masks depend on the seed: --seed 2 must not return --seed 1's bytes
+    assert "stage dropped: rebuilding" in second.stderr and "--seed changed" in second.stderr
+    assert stage.read_bytes() != seed1
+    seed2 = stage.read_bytes()
+    weights = next(a.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # an input replaced
+    third = run("--seed", "2")
+    assert f"input '{a}' changed (its files' sizes or modification times)" in third.stderr
+    assert stage.read_bytes() == seed2  # same bytes in, same bytes out
+    assert "already built" in run("--seed", "2").stderr
+    assert "rebuilding" in run("--seed", "2", "--rebuild").stderr
+    assert "--shard-size changed" in run("--seed", "2", "--shard-size", "2GB").stderr
