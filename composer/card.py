@@ -70,6 +70,16 @@ def _sources_section(plan: Plan) -> str:
             + "\n\n")
 
 
+def _stages_section(plan: Plan) -> str:
+    """A multi-document recipe's stages, in order: the earlier ones, then this output."""
+    if not plan.stages:
+        return ""
+    rows = [f"| {i} | `{name}` | {op} |" for i, (name, op) in enumerate(plan.stages, 1)]
+    rows.append(f"| {len(plan.stages) + 1} | this model | {plan.operation} |")
+    return ("## Stages\n\nBuilt in stages, each from the ones before it (the recipe below holds them all):\n\n"
+            "| # | stage | operation |\n|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
+
 def model_card(plan: Plan) -> str:
     bases = used_models(plan)
     front = front_matter(plan)
@@ -90,5 +100,6 @@ def model_card(plan: Plan) -> str:
         "| output layers | model | source layers | status |\n|---|---|---|---|\n"
         f"{rows}\n\n"
         "`composer_provenance.json` lists where every tensor came from; layers marked *new* are the ones to train.\n\n"
+        f"{_stages_section(plan)}"
         f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"
     )

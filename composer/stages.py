@@ -110,6 +110,14 @@ def _built_source(name: str, folder: Path) -> SourceModel:
     return replace(model, lineage=lineage)
 
 
+def _operation(folder: Path) -> str:
+    """What an earlier run's stage was (its provenance's operation)."""
+    try:
+        return str(json.loads((folder / PROVENANCE_FILE).read_text()).get("operation") or "unknown")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
 def _hub_notes(plan: Plan, dry_run: bool) -> Plan:
     """Say in the plan which weights were read from pickles (and, in a dry run, that those were downloaded)."""
     notes = []
@@ -136,8 +144,11 @@ def plan_stages(
     search = (recipe_path.parent.resolve(),)
     built: dict[str, SourceModel] = {}
     prints: dict[str, str] = {}  # stage name -> the digest of its fingerprint
-    for stage in load_stages(recipe_path, out):
+    history: list[tuple[str, str]] = []  # the earlier stages, for the final output's card: (name, operation)
+    stages = load_stages(recipe_path, out)
+    for k, stage in enumerate(stages):
         intermediate = stage.out is not None and stage.out != out
+        last = k == len(stages) - 1
         referenced = stage.recipe.referenced_models()
         unbuilt = [n for n in referenced if n not in built]
         probe = open_sources(unbuilt, search, models, hub=hub, headers_only=True)
@@ -148,14 +159,21 @@ def plan_stages(
             if why is None:
                 built[str(stage.name)] = _built_source(str(stage.name), stage.out)
                 prints[str(stage.name)] = _digest(print_)
+                history.append((str(stage.name), _operation(stage.out)))
                 yield stage, None
                 continue
             if why != "not built yet":
                 stage = replace(stage, rebuilt=why)
         sources = probe if dry_run else {**open_sources(unbuilt, search, models, hub=hub),
                                          **{n: built[n] for n in referenced if n in built}}
-        plan = build_plan(stage.recipe, sources, shard_size=shard_size, recipe_text=stage.text,
-                          recipe_path=str(recipe_path), seed=seed)
+        whole = last and len(stages) > 1  # the output's recipe file and card hold every stage
+        plan = build_plan(stage.recipe, sources, shard_size=shard_size,
+                          recipe_text=recipe_path.read_text() if whole else stage.text, recipe_path=str(recipe_path),
+                          seed=seed)
+        if whole:
+            plan = replace(plan, stages=tuple(history))
+        elif stage.name:
+            history.append((stage.name, plan.operation))
         yield stage, _hub_notes(plan, dry_run)
         if stage.name:
             prints[stage.name] = _digest(print_)

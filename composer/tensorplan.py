@@ -111,6 +111,7 @@ class Plan:
     recipe_path: str = ""
     notes: tuple[str, ...] = field(default=())
     seed: int = 0  # seeds the random merge methods (DARE, DELLA), per tensor
+    stages: tuple[tuple[str, str], ...] = ()  # a multi-document recipe's earlier stages: (name, operation)
 
     @property
     def num_parameters(self) -> int:

@@ -38,7 +38,13 @@ def test_later_stage_uses_earlier_output(models, write_recipe, tmp_path):
     reference.assert_same_tensors(load_state_dict(tmp_path / "final.stages" / "average"), average)
     reference.assert_same_tensors(load_state_dict(out), reference.llama_pro(average, 4, 6))
     assert torch.equal(logits(tmp_path / "final.stages" / "average"), logits(out))
-    assert (out / "composer_recipe.yaml").read_text().startswith("block_expansion:")
+    # the output's recipe file and card hold the whole recipe, and the card lists every stage's operation
+    assert (out / "composer_recipe.yaml").read_text() == recipe.read_text()
+    card = (out / "README.md").read_text()
+    assert "| 1 | `average` | linear |" in card and "| 2 | this model | block-expansion |" in card
+    assert "name: average" in card and "block_expansion: {model: average, every: 2}" in card
+    rerun = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--overwrite"])  # stage reused: still listed
+    assert rerun.exit_code == 0 and "| 1 | `average` | linear |" in (out / "README.md").read_text()
     assert json.loads((out / "composer_provenance.json").read_text())["new_layers"] == [2, 5]
 
 
