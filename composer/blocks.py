@@ -24,7 +24,7 @@ def read_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: i
     stop = info.numel if stop is None else stop
     via = torch_dtype(t.via or info.dtype)
     if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
-        x = gather(info, sources.tensor, start, stop, via)
+        x = gather(info, sources, start, stop, via)
     else:
         x = sources.tensor(info, start, stop)
     if out is not None:

@@ -80,6 +80,17 @@ def _stages_section(plan: Plan) -> str:
             "| # | stage | operation |\n|---|---|---|\n" + "\n".join(rows) + "\n\n")
 
 
+def _tokenizer_section(plan: Plan) -> str:
+    tok = plan.tokenizer
+    if tok is None:
+        return ""
+    vocab = f"The vocabulary is {tok.description} ({len(tok.vocab)} tokens"
+    size = plan.config.get("vocab_size")
+    vocab += f", {size} embedding rows)." if isinstance(size, int) and size != len(tok.vocab) else ")."
+    template = f" Chat template: {tok.template}." if tok.template else ""
+    return f"## Tokenizer\n\n{vocab}{template}\n\n"
+
+
 def model_card(plan: Plan) -> str:
     bases = used_models(plan)
     front = front_matter(plan)
@@ -100,6 +111,7 @@ def model_card(plan: Plan) -> str:
         "| output layers | model | source layers | status |\n|---|---|---|---|\n"
         f"{rows}\n\n"
         "`composer_provenance.json` lists where every tensor came from; layers marked *new* are the ones to train.\n\n"
+        f"{_tokenizer_section(plan)}"
         f"{_stages_section(plan)}"
         f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"
     )

@@ -48,7 +48,7 @@ def _compute_into(t: TensorPlan, sources: Sources, view: memoryview, first: int)
     out = torch.frombuffer(view, dtype=out_dt)
     count = out.numel()
     if isinstance(info, AlignedRows):
-        src = gather(info, sources.tensor, first, first + count, work_dt)
+        src = gather(info, sources, first, first + count, work_dt)
     else:
         src = sources.tensor(info, first, first + count)
     for a in range(0, count, CHUNK_ELEMENTS):

@@ -81,11 +81,26 @@ class HubClient:
             tensors, files = read_weights(folder, name)
         return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, hub=origin)
 
-    def _snapshot(self, name: str, repo_id: str, revision: str | None) -> Snapshot:
+    def open_adapter(self, name: str) -> tuple[Path, HubOrigin]:
+        """A PEFT adapter repo `org/name[@revision]` at one exact commit: its config and weights, downloaded."""
+        repo_id, revision = parse_hub_id(name) or (name, None)
+        snap = self._snapshot(name, repo_id, revision, probe="adapter_config.json")
+        if "adapter_config.json" not in snap.files:
+            raise HubError(f"adapter '{name}': {repo_id} has no adapter_config.json at commit {snap.commit}: it is "
+                           "not a PEFT adapter repo")
+        folder = self._download(name, snap, "adapter_config.json", snap.commit).parent
+        weights = next((f for f in ("adapter_model.safetensors", "adapter_model.bin") if f in snap.files), None)
+        if weights is None:
+            raise HubError(f"adapter '{name}': {repo_id} has no adapter_model.safetensors at commit {snap.commit}")
+        self._download(name, snap, weights, snap.commit)
+        return folder, HubOrigin(repo_id, revision, snap.commit, _card_license(folder / "README.md"),
+                                 weights.endswith(".bin"))
+
+    def _snapshot(self, name: str, repo_id: str, revision: str | None, probe: str = "config.json") -> Snapshot:
         from huggingface_hub import constants, try_to_load_from_cache
 
         if constants.is_offline_mode():
-            hit = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+            hit = try_to_load_from_cache(repo_id, probe, revision=revision or "main")
             if not isinstance(hit, str):
                 raise HubError(f"model '{name}' not found: no local folder {name}, and HF_HUB_OFFLINE is set and "
                                f"{repo_id}@{revision or 'main'} is not in the Hub cache ({constants.HF_HUB_CACHE}): "

@@ -36,7 +36,9 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
     _dump(folder / "config.json", dict(plan.config))
     _dump(folder / "generation_config.json", generation_config(plan))
     tok = plan.sources[plan.tokenizer_from]
-    if tok.path is not None:
+    if plan.tokenizer is not None:
+        plan.tokenizer.write(folder)
+    elif tok.path is not None:
         for file in tokenizer_files(tok.path):
             shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILE).write_text(plan.recipe_text or "")

@@ -14,7 +14,8 @@ from composer.recipe import DTYPES, Recipe
 from composer.recipe_errors import suggest
 from composer.sources import SourceModel, TensorInfo
 from composer.tensorplan import DEFAULT_SHARD_SIZE, LayerPlan, Plan, TensorPlan
-from composer.tokenizer import check_vocabulary, tokenizer_files
+from composer.tokenizer import build_output_tokenizer, check_vocabulary, tokenizer_files
+from composer.lora import describe as describe_adapter
 from composer.vocab import align, is_vocabulary_tensor
 from composer.writer import layout_shards
 
@@ -200,8 +201,8 @@ def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], use
 
 
 def _tokenizer_model(recipe: Recipe, base: str) -> str:
-    ts = recipe.tokenizer_source
-    return base if ts in (None, "base") else ts
+    ts = recipe.vocabulary_source
+    return base if ts in (None, "base", "union") else ts
 
 
 def _module_view(model: SourceModel, spec: architectures.ModuleSpec, module: str) -> SourceModel:
@@ -304,13 +305,13 @@ def build_plan(
         return _passthrough(recipe, out_name, src, infos[0], zero=zero, where=where)
 
     tok = _tokenizer_model(recipe, base_name)
+    out_tokenizer = build_output_tokenizer(recipe, sources, base_name)
 
     def edge_tensors(names: list[str], edge: LayerSource) -> list[TensorPlan]:
         models = [inp.model for inp in edge.inputs]
         alignment = None
-        if recipe.tokenizer_source is not None and any(is_vocabulary_tensor(n) for n in names):
-            alignment = align(recipe.tokenizer_source, sources[tok], base,
-                              [sources[m] for m in dict.fromkeys(models)])
+        if recipe.vocabulary_source is not None and any(is_vocabulary_tensor(n) for n in names):
+            alignment = align(out_tokenizer, recipe, [sources[m] for m in dict.fromkeys(models)])
         made = []
         for name in names:
             infos = []
@@ -375,11 +376,21 @@ def build_plan(
     config = _output_config(base, layers, sources, out_dtype)
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
-    notes = []
-    if aligned:
-        config["vocab_size"] = aligned[0]
-        notes.append(f"embeddings aligned to the vocabulary of '{tok}' ({aligned[0]} tokens) by token string")
-    elif recipe.tokenizer_source is None:
+    notes = [describe_adapter(n, sources[n].adapted) for n in recipe.referenced_models() if sources[n].adapted]
+    if out_tokenizer is not None and recipe.vocabulary_source is not None:
+        spec = recipe.tokenizer
+        pad = spec.pad_to_multiple_of if spec is not None else None
+        size = len(out_tokenizer.vocab)
+        config["vocab_size"] = -(-size // pad) * pad if pad else size
+        if aligned:
+            padded = f", padded to {config['vocab_size']} rows" if config["vocab_size"] != size else ""
+            notes.append(f"embeddings aligned to {out_tokenizer.description} vocabulary ({size} tokens{padded}) by "
+                         "token string")
+    if out_tokenizer is not None:
+        notes += out_tokenizer.notes
+        if out_tokenizer.template:
+            notes.append(f"chat template: {out_tokenizer.template}")
+    if recipe.vocabulary_source is None:
         for inp in pre.inputs:
             check_vocabulary(sources[tok], sources[inp.model])
     if merging:
@@ -395,7 +406,7 @@ def build_plan(
         notes.append(f"'{tok}' has no tokenizer files: the output will have none")
     return Plan(
         recipe=recipe, operation=_operation(recipe, layers, tensors, sources), base=base_name, tokenizer_from=tok,
-        sources=sources, tensors=tuple(tensors), layers=tuple(layer_plans), config=config,
+        tokenizer=out_tokenizer, sources=sources, tensors=tuple(tensors), layers=tuple(layer_plans), config=config,
         shards=layout_shards(tensors, shard_size), recipe_text=recipe_text, recipe_path=recipe_path,
         notes=tuple(notes), seed=seed,
     )

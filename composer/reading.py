@@ -52,10 +52,13 @@ class Sources:
             return self._maps[path]
 
     def tensor(self, info: TensorInfo, start: int = 0, stop: int | None = None):
-        """Elements [start, stop) of a source tensor, flat, in its dtype: a view of the mapped file."""
+        """Elements [start, stop) of a source tensor, flat, in its dtype: a view of the mapped file (computed, for a
+        composer.sources.Derived stand-in such as a LoRA-merged weight)."""
         import torch
 
         stop = info.numel if stop is None else stop
+        if info.file is None and hasattr(info, "read"):
+            return info.read(self, start, stop)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; never written
             return torch.frombuffer(self.map(info.file), dtype=torch_dtype(info.dtype), count=stop - start,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator, model_validator
@@ -138,6 +138,49 @@ class Module(_Strict):
         return self
 
 
+class ModelToken(_Strict):
+    """A `tokens:` source that is one model's row for a token (by string, in that model's tokenizer) or by id."""
+
+    kind: Literal["model_token"]
+    model: StrictStr
+    token_id: StrictInt | None = None
+    token: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source takes exactly one of token or token_id")
+        return self
+
+
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSource(_Strict):
+    """Where one token's embedding comes from (mergekit's TokenEmbeddingConfig): a model, a model's token, or zeros;
+    `force` applies it even to models that have the token."""
+
+    source: Union[ModelToken, ZeroToken, StrictStr, None] = None
+    force: StrictBool = False
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (union, base or a model's), per-token embedding sources,
+    and padding of the vocabulary size."""
+
+    source: StrictStr = "union"
+    tokens: dict[StrictStr, TokenSource] | None = None
+    pad_to_multiple_of: StrictInt | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"pad_to_multiple_of={value} must be at least 1")
+        return value
+
+
 class Recipe(_Strict):
     name: StrictStr | None = None  # names a stage of a multi-document recipe, for later stages to use as a model
     merge_method: StrictStr | None = None
@@ -151,9 +194,8 @@ class Recipe(_Strict):
     tokenizer_source: StrictStr | None = None
     parameters: Parameters | None = None
     modules: dict[StrictStr, Module] | None = None  # multimodal models: one recipe body per module
-    # mergekit keys composer knows but does not support yet: accepted by the schema, refused by name below.
-    tokenizer: dict[str, Any] | None = None
-    chat_template: StrictStr | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: StrictStr | None = None  # "auto", a built-in name (composer.templates) or a Jinja template
 
     def module(self, name: str) -> Recipe:
         """The recipe of one module: its slices or models and parameters (over the global ones), the rest shared."""
@@ -187,9 +229,16 @@ class Recipe(_Strict):
             names += self.module(name).referenced_models()
         if self.base_model:
             names.append(self.base_model)
-        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
-            names.append(self.tokenizer_source)
+        source = self.vocabulary_source
+        if source is not None and source not in ("base", "union"):
+            names.append(source)
         return list(dict.fromkeys(names))
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from: `tokenizer.source` or `tokenizer_source` (None: the base's,
+        unaligned)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
 
 def _check_parameters(params: Parameters | None, allowed: tuple[str, ...], method: str) -> tuple[str, str] | None:
@@ -221,14 +270,15 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
             "give exactly one of slices, models, block_expansion or interleave"
             + (f" (found {', '.join(forms)})" if forms else "")
         )
-    if recipe.tokenizer is not None:
-        return ("tokenizer",), "'tokenizer' (token surgery) is not supported yet: use tokenizer_source"
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        return ("tokenizer_source",), ("give tokenizer_source or a tokenizer block, not both (as mergekit): "
+                                       "move it into tokenizer.source")
     if recipe.chat_template is not None:
-        return ("chat_template",), "'chat_template' is not supported yet: edit tokenizer_config.json after composing"
-    if recipe.tokenizer_source == "union":
-        return ("tokenizer_source",), (
-            "tokenizer_source 'union' (vocabulary merging) is not supported yet: use 'base' or name one model"
-        )
+        from composer.templates import template_problem
+
+        problem = template_problem(recipe.chat_template)
+        if problem:
+            return ("chat_template",), problem
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
@@ -270,8 +320,10 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
         if method == "passthrough" and len(sl.sources) != 1:
             return ("slices", i, "sources"), "passthrough takes exactly one source per slice: split it into slices"
     for name in recipe.referenced_models():
-        if "+" in name:
-            return (), f"model '{name}': LoRA references ('model+adapter') are not supported yet: merge the adapter first"
+        if name.count("+") > 1 or name.startswith("+") or name.endswith("+"):
+            return (), f"model '{name}' is not MODEL or MODEL+ADAPTER (one '+' joins a model and a LoRA adapter)"
+        if any(part.count("@") > 1 for part in name.split("+")):
+            return (), f"model '{name}' has more than one '@revision' in a part: write org/name@revision"
     return None
 
 

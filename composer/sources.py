@@ -40,6 +40,24 @@ class TensorInfo:
         return self.numel * ITEMSIZE[self.dtype]
 
 
+class Derived:
+    """A tensor computed from others while streaming (vocabulary rows re-indexed, a LoRA adapter merged in): it
+    stands in for a TensorInfo (name, dtype, shape), has no bytes of its own (file None), and is read with
+    `read(sources, start, stop)`: elements [start, stop), flat, in its dtype; `rows(sources, r0, r1)` gives whole
+    rows."""
+
+    file = None
+    offset = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
 @dataclass(frozen=True)
 class HubOrigin:
     """Where a model came from on the Hub: the id, the revision asked for, the exact commit (None for a local copy
@@ -73,6 +91,7 @@ class SourceModel:
     files: tuple[Path, ...] = field(default=())
     hub: HubOrigin | None = None
     lineage: tuple[HubOrigin, ...] = ()  # the Hub models an earlier stage's output was built from
+    adapted: tuple[str, ...] = ()  # a `model+adapter` source: the tensors its LoRA adapter changes
 
     @property
     def num_layers(self) -> int:
@@ -236,6 +255,13 @@ def open_sources(
     With `headers_only`, Hub models are read from config.json and the safetensors headers alone (a dry run)."""
     opened = {}
     for n in names:
+        if "+" in n and not (overrides and n in overrides):  # model+adapter: a LoRA merged in while streaming
+            from composer.lora import apply_adapter, open_adapter, split_reference
+
+            model_name, adapter_name = split_reference(n)
+            model = open_sources([model_name], search, overrides, hub=hub, headers_only=headers_only)[model_name]
+            opened[n] = apply_adapter(model, open_adapter(adapter_name, search, overrides, hub), n)[0]
+            continue
         ref = parse_hub_id(n)
         if ref is not None and not (overrides and n in overrides) and not _local_exists(n, search):
             if hub is None:

@@ -8,8 +8,7 @@ from typing import Any, Mapping
 
 from composer.dtypes import ITEMSIZE
 from composer.recipe import Recipe
-from composer.sources import SourceModel, TensorInfo
-from composer.vocab import AlignedRows
+from composer.sources import Derived, SourceModel, TensorInfo
 from composer.writer import ShardPlan
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -54,8 +53,8 @@ class TensorPlan:
     @property
     def is_byte_copy(self) -> bool:
         src = self.inputs[0].dtype
-        aligned = isinstance(self.inputs[0], AlignedRows)
-        return self.op == "copy" and src == self.dtype and self.via in (None, src) and not aligned
+        derived = isinstance(self.inputs[0], Derived)  # re-indexed rows, a merged adapter: computed, not copied
+        return self.op == "copy" and src == self.dtype and self.via in (None, src) and not derived
 
     @property
     def is_merge(self) -> bool:
@@ -112,6 +111,7 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     seed: int = 0  # seeds the random merge methods (DARE, DELLA), per tensor
     stages: tuple[tuple[str, str], ...] = ()  # a multi-document recipe's earlier stages: (name, operation)
+    tokenizer: Any = field(default=None, compare=False)  # a composer.tokenizer.OutputTokenizer, or None: copy the files
 
     @property
     def num_parameters(self) -> int:

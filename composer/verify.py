@@ -95,7 +95,7 @@ def _recipe_facts(out: Path) -> tuple[str | None, bool]:
     docs = load_recipes(out / RECIPE_FILE)
     recipe = docs[-1][0]
     via = ST_DTYPE[DTYPES[recipe.dtype]] if recipe.dtype else None
-    return via, recipe.tokenizer_source is not None
+    return via, recipe.vocabulary_source is not None
 
 
 def output_table(out: Path) -> tuple[dict[str, TensorInfo], list[dict[str, str]]]:

@@ -55,7 +55,6 @@ def passthrough(model, rng="[0, 4]") -> str:
     ("block_expansion: {model: M, every: 2}\n" + passthrough("M"), "give exactly one of slices, models, block_expansion or interleave"),
     ("block_expansion: {model: M, every: 2, num_layers: 6}\n", "give exactly one of num_layers"),
     ("block_expansion: {model: M, num_layers: 7}\n", "block_expansion num_layers=7 cannot be placed evenly in 4 layers: use 6 (a copy every 2) or 8 (a copy every 1)"),
-    ("tokenizer_source: union\nmerge_method: passthrough\nmodels: [{model: M}]\n", "tokenizer_source 'union' (vocabulary merging) is not supported yet"),
     ("merge_method: passthrough\nslices: [{sources: [{model: M, layer_range: [0, 2]}]}\n", "not valid YAML"),
     ("- just\n- a list\n", "a recipe is a YAML mapping"),
     ("merge_method: passthrough\nmodels: [{model: M, parameters: {scale: yes}}]\n", "parameter scale for"),
