@@ -82,9 +82,9 @@ CASES = {
 # import (~10 s) is paid once rather than per recipe; a failed run leaves its traceback in OUT.err.
 DRIVER = """
 import runpy, sys, traceback
-script, pairs = sys.argv[1], sys.argv[2:]
+script, extra, pairs = sys.argv[1], __import__("json").loads(sys.argv[2]), sys.argv[3:]
 for recipe, out in zip(pairs[::2], pairs[1::2]):
-    sys.argv = [script, recipe, out]
+    sys.argv = [script, recipe, out, *extra]
     __import__("torch").manual_seed(0)  # DARE/DELLA draw from torch's global generator: same masks every run
     try:
         runpy.run_path(script, run_name="__main__")
@@ -106,15 +106,17 @@ def find_mergekit() -> str | None:
     return shutil.which("mergekit-yaml") or shutil.which("mergekit-yaml", path=str(REPO / ".venv-mergekit" / "bin"))
 
 
-def run_mergekit(exe: str, jobs: list[tuple[Path, Path]]) -> None:
+def run_mergekit(exe: str, jobs: list[tuple[Path, Path]], args: tuple[str, ...] = ()) -> None:
+    """mergekit-yaml RECIPE OUT [args] for each job, in one process where the venv's python is beside the script."""
     python = Path(exe).resolve().parent / "python"  # the interpreter of the venv that holds the script
     if python.exists():
-        done = subprocess.run([str(python), "-c", DRIVER, exe, *(str(p) for job in jobs for p in job)],
+        done = subprocess.run([str(python), "-c", DRIVER, exe, json.dumps(list(args)),
+                               *(str(p) for job in jobs for p in job)],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return
     for recipe, out in jobs:
-        done = subprocess.run([exe, str(recipe), str(out)], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([exe, str(recipe), str(out), *args], capture_output=True, text=True, timeout=600)
         if done.returncode:
             Path(f"{out}.err").write_text(done.stderr)
 
