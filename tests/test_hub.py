@@ -412,3 +412,30 @@ def test_compose_push_console_script(hub, models, write_recipe, tmp_path):
     failed = subprocess.run([*cmd[:3], str(empty), "me/sub"], env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "is not a composed model folder" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_a_lora_source_from_the_hub_with_revisions_on_both_parts(hub, models, write_recipe, tmp_path):
+    """`org/model@rev+org/adapter@rev`: each part resolved at its own revision, the adapter's config and weights
+    downloaded; the output equals the same recipe over the local folders, and the card lists both repos."""
+    peft = pytest.importorskip("peft")
+    from test_lora import make_adapter
+
+    adapter = make_adapter(models["llama"], tmp_path / "ad", seed=3, targets=["q_proj"], save=())
+    publish(hub, "org/llama", models["llama"])
+    hub.add_tag("org/llama", "v1")
+    publish(hub, "org/lora", adapter, revision="exp")
+    assert peft is not None
+    code, _, err = compose(write_recipe("merge_method: passthrough\nmodels: [{model: org/llama@v1+org/lora@exp}]\n"),
+                           "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    local = write_recipe(f"merge_method: passthrough\nmodels: [{{model: {models['llama']}+{adapter}}}]\n", "local.yaml")
+    code, _, err = compose(local, "-o", tmp_path / "local", "-q")
+    assert code == 0, err
+    ours, want = load_state_dict(tmp_path / "out"), load_state_dict(tmp_path / "local")
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in ours)
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
+                           load_state_dict(models["llama"])["model.layers.0.self_attn.q_proj.weight"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "org/llama" in card and "org/lora" in card
+    missing = write_recipe("merge_method: passthrough\nmodels: [{model: org/llama+org/nolora}]\n", "missing.yaml")
+    assert "org/nolora" in fails(missing, "-o", tmp_path / "m")
