@@ -22,6 +22,9 @@ METHODS = {
         "[SOLAR 10.7B](https://arxiv.org/abs/2312.15166) for depth up-scaling by layer stacking",
     ),
     "passthrough": ("passthrough: layers stacked as the recipe lists them", ""),
+    "moe": ("a mixture of experts built from dense models (mergekit-moe's recipe): attention, norms and embeddings "
+            "from the base model, each layer's MLP from every expert, routers initialised from the experts' prompts "
+            "(see *Experts*); train it before use, as any merged MoE", ""),
     "modules": ("a multimodal model built module by module (mergekit's `modules:`): each module the recipe names "
                 "from its own slices or models, every other tensor (projector, other towers) the base model's; the "
                 "layer table below is the text decoder's", ""),
@@ -80,6 +83,23 @@ def _stages_section(plan: Plan) -> str:
             "| # | stage | operation |\n|---|---|---|\n" + "\n".join(rows) + "\n\n")
 
 
+def _experts_section(plan: Plan) -> str:
+    recipe = plan.recipe
+    if plan.operation != "moe":
+        return ""
+
+    def prompts(values) -> str:
+        return "; ".join(f"`{p}`" for p in values or []) or "none"
+
+    rows = [f"| {k} | `{e.source_model}` | {prompts(e.positive_prompts)} | {prompts(e.negative_prompts)} |"
+            for k, e in enumerate(recipe.experts)]
+    rows += [f"| shared | `{e.source_model}` | {prompts(e.positive_prompts)} | {prompts(e.negative_prompts)} |"
+             for e in recipe.shared_experts or []]
+    return (f"## Experts\n\n{plan.config.get('architectures', ['MoE'])[0]}, {recipe.experts_per_token} experts per "
+            f"token, routers from `gate_mode: {recipe.gate_mode}`.\n\n| expert | model | positive prompts | "
+            "negative prompts |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
+
 def _tokenizer_section(plan: Plan) -> str:
     tok = plan.tokenizer
     if tok is None:
@@ -111,6 +131,7 @@ def model_card(plan: Plan) -> str:
         "| output layers | model | source layers | status |\n|---|---|---|---|\n"
         f"{rows}\n\n"
         "`composer_provenance.json` lists where every tensor came from; layers marked *new* are the ones to train.\n\n"
+        f"{_experts_section(plan)}"
         f"{_tokenizer_section(plan)}"
         f"{_stages_section(plan)}"
         f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"

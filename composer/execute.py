@@ -267,6 +267,8 @@ def execute(
     """Write the planned model to `out`. Nothing appears at `out` unless everything was written."""
     out = Path(out).resolve()
     check_destination(plan, out, overwrite)
+    if plan.prepare is not None:  # work that must come before the first weight (an MoE's router vectors)
+        plan.prepare()
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"

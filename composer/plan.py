@@ -268,6 +268,11 @@ def build_plan(
     recipe_text: str = "", recipe_path: str = "", seed: int = 0,
 ) -> Plan:
     """Every check that can run before the first byte is written runs here."""
+    if recipe.form == "moe":  # a mergekit-moe config (composer.moe)
+        from composer.moe import build_moe_plan
+
+        return build_moe_plan(recipe, sources, shard_size=shard_size, recipe_text=recipe_text,
+                              recipe_path=recipe_path, seed=seed)
     missing = [m for m in recipe.referenced_models() if m not in sources]
     if missing:
         raise SourceError(f"model '{missing[0]}' was not resolved")

@@ -330,14 +330,21 @@ def _semantic_checks(recipe: Recipe) -> tuple[tuple[Any, ...], str] | None:
 def _validate(data: Any, node: yaml.Node, path: str) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (merge_method, slices, ...), not {type(data).__name__}")
+    schema = Recipe
+    if "experts" in data:  # a mergekit-moe config: a mixture of experts from dense models (composer.moe)
+        from composer.moe import MoeRecipe
+
+        schema = MoeRecipe
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = schema.model_validate(data)
     except ValidationError as exc:
         # A typo shows up twice (an unknown key and a missing one): name the typo, which carries the fix.
         # A validator's own message (a value_error) beats the alternatives a union lists for the same value.
         errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] != "value_error"))
-        loc, message = describe(Recipe, errors[0])
+        loc, message = describe(schema, errors[0])
         raise fail(path, node, loc, message, len(errors) - 1) from None
+    if schema is not Recipe:
+        return recipe
     problem = _semantic_checks(recipe)
     if problem:
         raise fail(path, node, *problem)

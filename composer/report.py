@@ -173,6 +173,15 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tensor_sources(plan: Plan, t) -> list[dict[str, str]]:
+    """Each input's model and tensor; for experts stacked into one tensor (composer.moe.Concat), each part's."""
+    parts = getattr(t.inputs[0], "parts", None) if len(t.inputs) == 1 else None
+    if parts is None:
+        return [{"model": m, "tensor": i.name} for m, i in zip(t.models, t.inputs)]
+    owners = {id(info): name for name, model in plan.sources.items() for info in model.tensors.values()}
+    return [{"model": owners.get(id(p.info), t.models[0]), "tensor": p.info.name} for p in parts]
+
+
 def provenance(plan: Plan) -> dict[str, Any]:
     """Where every output tensor came from, and which layers are new: what LLaMA-Pro-style training freezes by."""
     return {
@@ -190,7 +199,7 @@ def provenance(plan: Plan) -> dict[str, Any]:
             t.name: {
                 "op": t.op,
                 "status": t.status,
-                "sources": [{"model": m, "tensor": i.name} for m, i in zip(t.models, t.inputs)],
+                "sources": _tensor_sources(plan, t),
                 "dtype": t.dtype,
                 **({"params": dict(t.params)} if t.params else {}),
                 **({"input_params": [dict(p) for p in t.input_params]} if t.input_params else {}),
