@@ -2,10 +2,18 @@
 traceback, nothing finished-looking in the output and the inputs unchanged."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import struct
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from composer.cli import main
 from conftest import tree_digest
 from test_errors import fails, passthrough
 
@@ -93,3 +101,176 @@ def test_stage_using_itself_refused(models, tmp_path):
     out = tmp_path / "out"
     assert "stage 'a' uses itself" in fails(tmp_path / "recipe.yaml", out=out)
     assert not out.exists() and not (tmp_path / "out.stages").exists()
+
+
+# -- 6-7: safetensors headers ----------------------------------------------------------------------------------------
+
+def _copy(models, tmp_path, name: str = "llama") -> Path:
+    dst = tmp_path / f"src-{name}"
+    shutil.copytree(models[name], dst)
+    return dst
+
+
+def _rewrite_header(file: Path, edit) -> None:
+    """Replace a safetensors file's header by edit(header text) (padded back to its length if shorter)."""
+    data = file.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    raw = edit(data[8:8 + n].decode().rstrip()).encode()
+    raw += b" " * (-len(raw) % 8)
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _refused_source(models, tmp_path, src: Path, expected: str) -> None:
+    before = tree_digest(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels: [{{model: {src}}}, {{model: {models['llama-b']}}}]\n"
+                      "parameters: {weight: 0.5}\n")
+    start = time.monotonic()
+    assert expected in fails(recipe, out=tmp_path / "out")
+    assert time.monotonic() - start < 20
+    assert not (tmp_path / "out").exists() and tree_digest(src) == before
+
+
+@pytest.mark.parametrize(("length", "expected"), [
+    (2**63, f"declares {2**63} header bytes"),
+    (2**64 - 1, f"declares {2**64 - 1} header bytes"),
+    (200 * 2**20, "at most 104857600 allowed"),  # past the bound though the file could hold it: not allocated
+])
+def test_header_length_never_allocated(models, tmp_path, length, expected):
+    src = _copy(models, tmp_path)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", length) + data[8:])
+    if length == 200 * 2**20:
+        with open(f, "r+b") as fh:
+            fh.truncate(8 + length + 16)  # sparse: no disk space
+    _refused_source(models, tmp_path, src, expected)
+
+
+def test_header_longer_than_file(models, tmp_path):
+    src = _copy(models, tmp_path)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", len(data)) + data[8:])
+    _refused_source(models, tmp_path, src, f"declares {len(data)} header bytes, file has {len(data)}")
+
+
+def _first_tensor(header: str) -> str:
+    return next(k for k in json.loads(header) if k != "__metadata__")
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda h, t: h.replace('"dtype":"F32"', '"dtype":"F33"', 1), "has a malformed header entry"),
+    (lambda h, t: h.replace('"dtype":"F32"', '"dtype":7', 1), "has a malformed header entry"),
+    (lambda h, t: json.dumps({**json.loads(h), t: {**json.loads(h)[t], "shape": [-4, 64]}}),
+     "has a malformed header entry"),
+    (lambda h, t: json.dumps({**json.loads(h), t: {**json.loads(h)[t], "shape": [2**62, 2**62]}}),
+     "has bad data_offsets"),
+    (lambda h, t: json.dumps({**json.loads(h), t: {**json.loads(h)[t], "shape": [True, 64]}}),
+     "has a malformed header entry"),
+    (lambda h, t: h[:-1] + "," + json.dumps({t: json.loads(h)[t]})[1:], "key '{t}' appears twice"),
+    (lambda h, t: json.dumps({**json.loads(h), t: {**json.loads(h)[t], "data_offsets": [0, 8]}}),
+     "has bad data_offsets [0, 8]"),
+])
+def test_malformed_header_entries(models, tmp_path, edit, expected):
+    src = _copy(models, tmp_path)
+    f = src / "model.safetensors"
+    n = struct.unpack("<Q", f.read_bytes()[:8])[0]
+    tensor = _first_tensor(f.read_bytes()[8:8 + n].decode())
+    _rewrite_header(f, lambda h: edit(h, tensor))
+    _refused_source(models, tmp_path, src, expected.format(t=tensor))
+
+
+# -- 8: an index that points outside its folder ----------------------------------------------------------------------
+
+def _point_index(src: Path, target: str) -> None:
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = target
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("target", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_index_pointing_outside_folder_refused(models, tmp_path, target):
+    src = _copy(models, tmp_path, "mistral")
+    _point_index(src, target)
+    _refused_source(models, tmp_path, src, f"names shard '{target}', a path outside the model folder")
+
+
+def test_shard_symlink_leaving_folder_refused(models, tmp_path):
+    src = _copy(models, tmp_path, "mistral")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    _refused_source(models, tmp_path, src, f"resolves to {outside}, outside the model folder")
+
+
+def test_tokenizer_symlink_leaving_folder_refused(models, tmp_path):
+    """A tokenizer file is copied into the output: a link to /etc/passwd would publish it."""
+    src = _copy(models, tmp_path)
+    (src / "tokenizer_config.json").unlink()
+    (src / "tokenizer_config.json").symlink_to("/etc/passwd")
+    _refused_source(models, tmp_path, src, "resolves to /etc/passwd, outside the model folder")
+
+
+def test_hub_cache_links_into_blobs_are_inside():
+    """The Hub cache's snapshot files are links into the repo's blobs folder: that is inside."""
+    from composer.sources import check_inside
+
+    with tempfile.TemporaryDirectory() as root:
+        repo = Path(root) / "models--org--name"
+        (repo / "blobs").mkdir(parents=True)
+        (repo / "blobs" / "abc").write_bytes(b"x")
+        snap = repo / "snapshots" / "0123"
+        snap.mkdir(parents=True)
+        (snap / "model.safetensors").symlink_to("../../blobs/abc")
+        check_inside(snap, snap / "model.safetensors")
+
+
+# -- 9: FIFOs and folders in place of files, unreadable folders ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "other.safetensors"])
+def test_fifo_or_folder_in_place_of_a_file(models, tmp_path, kind, name):
+    src = _copy(models, tmp_path)
+    (src / name).unlink(missing_ok=True)
+    if name == "other.safetensors":
+        (src / "model.safetensors").unlink()
+    os.mkfifo(src / name) if kind == "fifo" else (src / name).mkdir()
+    what = "a FIFO" if kind == "fifo" else "a folder"
+    _refused_source(models, tmp_path, src, f"{src / name} is {what}, not a")
+
+
+def test_fifo_shard_named_by_index(models, tmp_path):
+    src = _copy(models, tmp_path, "mistral")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    os.mkfifo(shard)
+    _refused_source(models, tmp_path, src, f"{shard} is a FIFO, not a")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder: permissions cannot be tested")
+def test_unreadable_model_folder(models, tmp_path):
+    src = _copy(models, tmp_path)
+    src.chmod(0)
+    try:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(passthrough(src))
+        assert f"cannot read its folder {src} (permission denied)" in fails(recipe)
+    finally:
+        src.chmod(0o755)
+
+
+def test_unreadable_model_folder_simulated(models, tmp_path, monkeypatch):
+    """What a non-root user sees for a chmod 000 folder, run as root (which ignores permissions)."""
+    from composer import sources
+
+    src = _copy(models, tmp_path)
+    real = os.access
+    monkeypatch.setattr(sources.os, "access", lambda p, mode: False if Path(p) == src else real(p, mode))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(passthrough(src))
+    result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
+    assert result.exit_code == 1 and f"cannot read its folder {src} (permission denied)" in result.output
+    assert "Traceback" not in result.output
