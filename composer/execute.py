@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import queue
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import OutputError
 from composer.merging import Merged
 from composer.outputs import write_metadata
-from composer.reading import Sources, import_torch, prefetch, read_into
+from composer.reading import Sources, check_unchanged, import_torch, plan_stamps, prefetch, read_into
 from composer.sources import free_bytes
 from composer.tensorplan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan
 from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
+LOCK = ".composer-lock"  # beside the destination: held while a run writes it
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 _ZEROS = memoryview(bytes(2**20))
 PREFETCH_CHUNKS = 1  # how far ahead of the chunk being written the kernel is asked to read its inputs
@@ -160,12 +162,13 @@ def _return_freed_memory() -> None:
     libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD: give the heap's free top back to the system beyond 16 MiB
 
 
-def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
+def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int,
+                   stamps: Mapping[Path, tuple[int, ...]]) -> None:
     """Write every shard front to back in aligned chunks, `workers` chunks in flight at once. torch is imported
     only for a plan that computes: byte copies and zeros need none of it (a SOLAR up-scale is spared 1-3 s of
     import and ~0.2 GB of memory)."""
     with ExitStack() as stack:
-        sources = Sources()
+        sources = Sources(stamps)
         stack.callback(sources.close)
         if plan.computes:
             import_torch(plan, stack)
@@ -223,8 +226,8 @@ def check_empty(out: Path, overwrite: bool) -> None:
             raise OutputError(f"destination {out} is not empty: pass --overwrite to replace it")
 
 
-def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, a destination that is not ours to write."""
+def check_destination(plan: Plan, out: Path, overwrite: bool, *, locked: bool = False) -> None:
+    """Refuse, before any work, a destination that is not ours to write (`locked`: this run holds its lock)."""
     out = out.resolve()
     for name, src in plan.sources.items():
         if src.path is None:
@@ -234,6 +237,8 @@ def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
         if _is_within(src.path, out):
             raise OutputError(f"source model '{name}' ({src.path}) is inside destination {out}: choose another folder")
     check_empty(out, overwrite)
+    if not locked:
+        _check_unlocked(out)
     needed, free = plan.file_bytes, free_bytes(out)
     if free < needed:
         raise OutputError(
@@ -260,6 +265,68 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _check_unlocked(out: Path) -> None:
+    """Refuse a destination another run holds (see _locked) before any work: a probe, the lock is taken later."""
+    try:
+        fd = os.open(out.parent / f".{out.name}{LOCK}", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return  # no lock file: nobody is writing it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _held(fd, out) from None
+    finally:
+        os.close(fd)
+
+
+def _held(fd: int, out: Path) -> OutputError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    return OutputError(f"another compose run (pid {holder}) is writing {out}: wait for it to finish, or choose "
+                       "another folder")
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold the lock of destination `out` (an flock on `.OUT.composer-lock` beside it), so that a second run to
+    the same destination is refused while one is writing it. The lock goes with the process, however it ends;
+    the file is removed while still held, and a run that opened it just before sees a removed file and tries
+    again, so two runs never both hold a lock for one destination."""
+    path = out.parent / f".{out.name}{LOCK}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = _held(fd, out)
+            os.close(fd)
+            raise error from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal's message; a full disk may refuse it
+        except OSError:
+            pass
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _no_space(plan: Plan, out: Path) -> OutputError:
+    from composer.report import human_bytes
+
+    return OutputError(f"the disk filled up while writing {out}: the model needs {human_bytes(plan.file_bytes)} and "
+                       f"{human_bytes(free_bytes(out.parent))} is free there now; the partial output was removed: "
+                       "free some space or choose another disk")
+
+
 def execute(
     plan: Plan, out: str | Path, *, overwrite: bool = False, progress: Callable[[int], None] | None = None,
     workers: int = WORKERS,
@@ -268,18 +335,24 @@ def execute(
     out = Path(out).resolve()
     check_destination(plan, out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_weights(plan, tmp, progress or (lambda n: None), workers)
-        index = index_json(plan.shards)
-        write_metadata(plan, tmp, index)
-        _move_into_place(tmp, out)
-    except BaseException:
+    with _locked(out):
+        check_destination(plan, out, overwrite, locked=True)  # again, under the lock: a run that held it may have finished
+        _clean_stale(out)
+        tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            stamps = plan_stamps(plan)
+            _write_weights(plan, tmp, progress or (lambda n: None), workers, stamps)
+            check_unchanged(stamps)  # after the last read of every input: a file written meanwhile is refused
+            index = index_json(plan.shards)
+            write_metadata(plan, tmp, index)
+            _move_into_place(tmp, out)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(plan, out) from None
+            raise
     return out
 
 

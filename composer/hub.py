@@ -13,7 +13,7 @@ from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, HubError, PushError
 from composer.sources import (
     INDEX_NAME, SINGLE_NAME, HubOrigin, SourceModel, TensorInfo, convert_pickle, parse_hub_id, read_config,
-    read_weights,
+    read_weights, stamps_of,
 )
 from composer.tokenizer import TOKENIZER_FILES
 
@@ -79,7 +79,8 @@ class HubClient:
             for file in shards:
                 self._download(name, snap, file, snap.commit)
             tensors, files = read_weights(folder, name)
-        return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, hub=origin)
+        return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, hub=origin,
+                           stamps=stamps_of(files))
 
     def _snapshot(self, name: str, repo_id: str, revision: str | None) -> Snapshot:
         from huggingface_hub import constants, try_to_load_from_cache

@@ -74,6 +74,8 @@ class SourceModel:
     files: tuple[Path, ...] = field(default=())
     hub: HubOrigin | None = None
     lineage: tuple[HubOrigin, ...] = ()  # the Hub models an earlier stage's output was built from
+    # each weight file's identity when its header was read (file_stamp): a run refuses a file that changed since
+    stamps: Mapping[Path, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -309,13 +311,23 @@ def read_config(name: str, folder: Path) -> dict[str, Any]:
     return config
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one version of a file without reading it: device, inode, size, modification and change
+    times. Writing in place, truncating or replacing the file changes it."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def stamps_of(files: tuple[Path, ...]) -> dict[Path, tuple[int, ...]]:
+    return {f: file_stamp(os.stat(f)) for f in files}
+
+
 def open_model(name: str, folder: Path) -> SourceModel:
     if not os.access(folder, os.R_OK | os.X_OK):
         raise SourceError(f"model '{name}': cannot read its folder {folder} (permission denied): make it readable "
                           "(chmod -R u+rX) or run as a user who can read it")
     config = read_config(name, folder)
     tensors, files = read_weights(folder, name)
-    return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files)
+    return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, stamps=stamps_of(files))
 
 
 def open_sources(

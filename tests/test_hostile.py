@@ -2,10 +2,13 @@
 traceback, nothing finished-looking in the output and the inputs unchanged."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from click.testing import CliRunner
 
 from composer.cli import main
 from conftest import tree_digest
-from test_errors import fails, passthrough
+from test_errors import COMPOSE, fails, passthrough
 
 
 def refused(tmp_path, text: str, *args: str, seconds: float = 20) -> str:
@@ -274,3 +277,171 @@ def test_unreadable_model_folder_simulated(models, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [str(recipe), "--dry-run"])
     assert result.exit_code == 1 and f"cannot read its folder {src} (permission denied)" in result.output
     assert "Traceback" not in result.output
+
+
+# -- 11: an output that is an input --------------------------------------------------------------------------------
+
+def test_output_symlink_into_input_refused(models, tmp_path):
+    src = _copy(models, tmp_path)
+    before = tree_digest(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {src}, every: 2}}\n")
+    (tmp_path / "link").symlink_to(src)
+    (tmp_path / "parent-link").symlink_to(tmp_path)
+    assert "is inside source model" in fails(recipe, "--overwrite", out=tmp_path / "link")
+    assert "is inside source model" in fails(recipe, out=tmp_path / "link" / "sub")
+    assert "is inside source model" in fails(recipe, "--overwrite", out=tmp_path / "parent-link" / src.name)
+    assert "is inside destination" in fails(recipe, "--overwrite", out=tmp_path / "parent-link")
+    assert tree_digest(src) == before and not (src / "sub").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "parent-link", "r.yaml", src.name]
+
+
+# -- 12: a disk that fills up mid-write ------------------------------------------------------------------------------
+
+def test_disk_full_mid_write_simulated(models, tmp_path, monkeypatch):
+    ex = sys.modules["composer.execute"]
+    real, calls = ex._flush, []
+
+    def flush(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(ex, "_flush", flush)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {models['llama']}, every: 2}}\n")
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the disk filled up while writing" in result.output and "the model needs 1.03 MB" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_mid_write_tmpfs(models, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        ex = sys.modules["composer.execute"]
+        real = ex._write_chunk
+
+        def fill_then_write(*args):  # another program takes the free space once the run has started
+            if not (disk / "filler").exists():
+                free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+                (disk / "filler").write_bytes(bytes(max(0, free - 64 * 1024)))
+            return real(*args)
+
+        monkeypatch.setattr(ex, "CHUNK_BYTES", 8192)
+        monkeypatch.setattr(ex, "_write_chunk", fill_then_write)
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"block_expansion: {{model: {models['llama']}, every: 2}}\n")
+        result = CliRunner().invoke(main, [str(recipe), "-o", str(disk / "out"), "-q"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "the disk filled up while writing" in result.output and "the model needs 1.03 MB" in result.output
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- 13: two runs to one output --------------------------------------------------------------------------------------
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"4242")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_refused_by_lock(models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {models['llama']}, every: 2}}\n")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / ".out.composer-lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = fails(recipe, out=out)
+        assert f"another compose run (pid 4242) is writing {out}" in line
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_concurrent_runs_one_refused_one_finishes(models, tmp_path):
+    from test_errors import SLOW
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {models['mistral']}, every: 1}}\n")
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", SLOW, str(recipe), "-o", str(out), "-q"],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".out.composer-partial-*/*.safetensors")):
+        time.sleep(0.02)
+    assert "another compose run" in fails(recipe, out=out)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]  # no lock file, no partial folder
+    reference = tmp_path / "ref"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(reference), "-q"]).exit_code == 0
+    assert tree_digest(out) == tree_digest(reference)
+
+
+# -- 14: an input that changes while it is read ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["replace", "write in place", "truncate"])
+def test_input_changed_mid_run_refused(models, tmp_path, monkeypatch, how):
+    from composer import CorruptFileError, execute, plan_recipe
+
+    ex = sys.modules["composer.execute"]
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 8192)
+    src = _copy(models, tmp_path)
+    f = src / "model.safetensors"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {src}, every: 2}}\n")
+    plan = plan_recipe(recipe)
+    changed = []
+
+    def progress(n):
+        if changed:
+            return
+        changed.append(n)
+        data = f.read_bytes()
+        if how == "replace":  # a download tool's rename over the file: same bytes, another inode
+            (src / "new").write_bytes(data)
+            os.replace(src / "new", f)
+        elif how == "write in place":
+            with open(f, "r+b") as fh:
+                fh.seek(len(data) - 4)
+                fh.write(b"\x00\x00\x80\x7f")
+        else:
+            os.truncate(f, len(data) // 2)
+
+    with pytest.raises(CorruptFileError, match=r"model.safetensors( changed while composing|: tensor .* ends early)"):
+        execute(plan, tmp_path / "out", progress=progress)
+    assert changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", src.name]
+
+
+def test_input_replaced_between_plan_and_run_refused_on_open(models, tmp_path):
+    from composer import CorruptFileError, execute, plan_recipe
+
+    src = _copy(models, tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels: [{{model: {src}}}, {{model: {models['llama-b']}}}]\n"
+                      "parameters: {weight: 0.5}\n")
+    plan = plan_recipe(recipe)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "new").write_bytes(data)
+    os.replace(src / "new", src / "model.safetensors")
+    with pytest.raises(CorruptFileError, match=r"model.safetensors changed since the plan was made"):
+        execute(plan, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", src.name]
