@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import queue
@@ -26,6 +27,8 @@ from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
 LOCK = ".composer-lock"  # beside the destination: held while a run writes it
+NONFINITE_SHOWN = 5  # merged tensors named in the NaN/Inf warning
+_log = logging.getLogger("composer")
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 _ZEROS = memoryview(bytes(2**20))
 PREFETCH_CHUNKS = 1  # how far ahead of the chunk being written the kernel is asked to read its inputs
@@ -163,7 +166,7 @@ def _return_freed_memory() -> None:
 
 
 def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int,
-                   stamps: Mapping[Path, tuple[int, ...]]) -> None:
+                   stamps: Mapping[Path, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
     """Write every shard front to back in aligned chunks, `workers` chunks in flight at once. torch is imported
     only for a plan that computes: byte copies and zeros need none of it (a SOLAR up-scale is spared 1-3 s of
     import and ~0.2 GB of memory)."""
@@ -179,10 +182,12 @@ def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], worke
             if workers > 1:  # our workers are the parallelism: torch's own threads would spin-wait on busy cores
                 torch.set_num_threads(1)
             stack.callback(torch.set_num_threads, threads)
-        _write_shards(plan, tmp, progress, workers, sources)
+        return _write_shards(plan, tmp, progress, workers, sources)
 
 
-def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int, sources: Sources) -> None:
+def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int,
+                  sources: Sources) -> dict[str, tuple[str, ...]]:
+    """Write every shard; returns the merged tensors whose values are not all finite (Merged.nonfinite)."""
     with ExitStack() as stack:
         buffers: queue.Queue = queue.Queue()
         chunks = max(1, workers) + SPARE_CHUNKS
@@ -212,6 +217,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], worker
             raise
         for fd, size in files:
             os.ftruncate(fd, size)
+        return merged.nonfinite
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -319,6 +325,16 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def nonfinite_warning(nonfinite: Mapping[str, tuple[str, ...]], shown: int = NONFINITE_SHOWN) -> str:
+    """One line: which merged tensors hold NaN or Inf, and from which inputs (at most `shown` tensors named)."""
+    names = sorted(nonfinite)
+    parts = [f"{n} (from {', '.join(repr(m) for m in dict.fromkeys(nonfinite[n]))})" if nonfinite[n]
+             else f"{n} (finite inputs: the merge overflowed)" for n in names[:shown]]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (f"{len(names)} merged tensor{'s hold' if len(names) > 1 else ' holds'} NaN or Inf: {'; '.join(parts)}"
+            f"{more}: check those inputs (a corrupt or diverged checkpoint?)")
+
+
 def _no_space(plan: Plan, out: Path) -> OutputError:
     from composer.report import human_bytes
 
@@ -329,9 +345,10 @@ def _no_space(plan: Plan, out: Path) -> OutputError:
 
 def execute(
     plan: Plan, out: str | Path, *, overwrite: bool = False, progress: Callable[[int], None] | None = None,
-    workers: int = WORKERS,
+    workers: int = WORKERS, warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the planned model to `out`. Nothing appears at `out` unless everything was written."""
+    """Write the planned model to `out`. Nothing appears at `out` unless everything was written. `warn` gets one
+    line for merged tensors that hold NaN or Inf (default: the `composer` logger's warning)."""
     out = Path(out).resolve()
     check_destination(plan, out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -343,11 +360,13 @@ def execute(
         tmp.mkdir()
         try:
             stamps = plan_stamps(plan)
-            _write_weights(plan, tmp, progress or (lambda n: None), workers, stamps)
+            nonfinite = _write_weights(plan, tmp, progress or (lambda n: None), workers, stamps)
             check_unchanged(stamps)  # after the last read of every input: a file written meanwhile is refused
             index = index_json(plan.shards)
             write_metadata(plan, tmp, index)
             _move_into_place(tmp, out)
+            if nonfinite:
+                (warn or _log.warning)(nonfinite_warning(nonfinite))
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -279,6 +279,57 @@ def test_unreadable_model_folder_simulated(models, tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
+# -- 10: NaN and Inf in a merge's inputs -----------------------------------------------------------------------------
+
+def _poisoned(models, tmp_path) -> tuple[Path, list[str]]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(models, tmp_path)
+    state = load_file(src / "model.safetensors")
+    names = ["model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight", "model.norm.weight"]
+    state[names[0]][3, 5] = float("nan")
+    state[names[1]][0, 0] = float("inf")
+    state[names[2]][-1] = -float("inf")
+    save_file({k: v.contiguous() for k, v in state.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    assert not torch.isfinite(load_file(src / "model.safetensors")[names[0]]).all()
+    return src, names
+
+
+def test_nan_in_merge_inputs_warns_once_and_writes(models, tmp_path):
+    src, names = _poisoned(models, tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels: [{{model: {src}}}, {{model: {models['llama-b']}}}]\n"
+                      "parameters: {weight: 0.5}\n")
+    proc = subprocess.run([*COMPOSE, str(recipe), "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: 3 merged tensors hold NaN or Inf: "), proc.stderr
+    for name in names:
+        assert f"{name} (from '{src}')" in lines[0]
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_nan_in_passthrough_copy_is_not_read(models, tmp_path):
+    """A byte copy never looks at values: no warning, and the bytes are the source's."""
+    src, names = _poisoned(models, tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {src}, every: 2}}\n")
+    proc = subprocess.run([*COMPOSE, str(recipe), "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_nan_warning_names_at_most_five():
+    from composer.execute import nonfinite_warning
+
+    line = nonfinite_warning({f"t{i}": ("m",) for i in range(8)} | {"t9": ()})
+    assert line.startswith("9 merged tensors hold NaN or Inf: t0 (from 'm'); ") and line.count("(from 'm')") == 5
+    assert "and 4 more" in line and "\n" not in line
+    assert "t9 (finite inputs: the merge overflowed)" in nonfinite_warning({"t9": ()})
+
+
 # -- 11: an output that is an input --------------------------------------------------------------------------------
 
 def test_output_symlink_into_input_refused(models, tmp_path):
