@@ -67,6 +67,9 @@ class HubClient:
             if file in snap.files:
                 self._download(name, snap, file, snap.commit)
         config = read_config(name, folder)
+        if config.get("auto_map"):  # custom modelling code, copied to the output (composer.remote_code)
+            for file in sorted(f for f in snap.files if "/" not in f and f.endswith(".py")):
+                self._download(name, snap, file, snap.commit)
         kind, weights = _choose_weights(name, snap)
         origin = HubOrigin(repo_id, revision, snap.commit, _card_license(folder / "README.md"), kind == "pickle")
         weight_map = self._index(name, snap, weights)

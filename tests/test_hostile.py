@@ -496,3 +496,45 @@ def test_input_replaced_between_plan_and_run_refused_on_open(models, tmp_path):
     with pytest.raises(CorruptFileError, match=r"model.safetensors changed since the plan was made"):
         execute(plan, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", src.name]
+
+
+# -- 15: remote code -------------------------------------------------------------------------------------------------
+
+POISON = 'raise RuntimeError("imported: composer must never run remote code")\n'
+
+
+def test_remote_code_copied_never_run_and_declared(models, tmp_path):
+    src = _copy(models, tmp_path)
+    (src / "modeling_custom.py").write_text(POISON)
+    (src / "configuration_custom.py").write_text(POISON)
+    (src / "helpers.py").write_text(POISON)  # imported by the modelling code, as a sibling module
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (src / "config.json").write_text(json.dumps(config))
+    before = tree_digest(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {src}, every: 2}}\n")
+    dry = subprocess.run([*COMPOSE, str(recipe), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "remote code: needs trust_remote_code=True" in dry.stdout
+    assert "configuration_custom.py, modeling_custom.py, helpers.py" in dry.stdout
+    js = json.loads(subprocess.run([*COMPOSE, str(recipe), "--dry-run", "--json"], capture_output=True, text=True,
+                                   timeout=120).stdout)
+    assert js["remote_code"]["trust_remote_code"] is True
+    out = tmp_path / "out"
+    run = subprocess.run([*COMPOSE, str(recipe), "-o", str(out), "-q"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for name in ("modeling_custom.py", "configuration_custom.py", "helpers.py"):
+        assert (out / name).read_text() == POISON
+    assert json.loads((out / "config.json").read_text())["auto_map"] == config["auto_map"]
+    card = (out / "README.md").read_text()
+    assert "## Remote code" in card and "trust_remote_code=True" in card and "- custom_code" in card
+    assert tree_digest(src) == before
+
+
+def test_no_remote_code_no_mention(models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"block_expansion: {{model: {models['llama']}, every: 2}}\n")
+    dry = subprocess.run([*COMPOSE, str(recipe), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0 and "remote code" not in dry.stdout
