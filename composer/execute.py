@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import mmap
 import os
 import queue
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import OutputError
+from composer.lock import check_unlocked, locked as destination_lock
 from composer.merging import Merged
 from composer.outputs import write_metadata
 from composer.reading import Sources, check_unchanged, import_torch, plan_stamps, prefetch, read_into
@@ -26,7 +26,6 @@ from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
-LOCK = ".composer-lock"  # beside the destination: held while a run writes it
 NONFINITE_SHOWN = 5  # merged tensors named in the NaN/Inf warning
 _log = logging.getLogger("composer")
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
@@ -244,7 +243,7 @@ def check_destination(plan: Plan, out: Path, overwrite: bool, *, locked: bool = 
             raise OutputError(f"source model '{name}' ({src.path}) is inside destination {out}: choose another folder")
     check_empty(out, overwrite)
     if not locked:
-        _check_unlocked(out)
+        check_unlocked(out)
     needed, free = plan.file_bytes, free_bytes(out)
     if free < needed:
         raise OutputError(
@@ -269,60 +268,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _check_unlocked(out: Path) -> None:
-    """Refuse a destination another run holds (see _locked) before any work: a probe, the lock is taken later."""
-    try:
-        fd = os.open(out.parent / f".{out.name}{LOCK}", os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return  # no lock file: nobody is writing it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _held(fd, out) from None
-    finally:
-        os.close(fd)
-
-
-def _held(fd: int, out: Path) -> OutputError:
-    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-    return OutputError(f"another compose run (pid {holder}) is writing {out}: wait for it to finish, or choose "
-                       "another folder")
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold the lock of destination `out` (an flock on `.OUT.composer-lock` beside it), so that a second run to
-    the same destination is refused while one is writing it. The lock goes with the process, however it ends;
-    the file is removed while still held, and a run that opened it just before sees a removed file and tries
-    again, so two runs never both hold a lock for one destination."""
-    path = out.parent / f".{out.name}{LOCK}"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            error = _held(fd, out)
-            os.close(fd)
-            raise error from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal's message; a full disk may refuse it
-        except OSError:
-            pass
-        yield
-    finally:
-        os.unlink(path)
-        os.close(fd)
 
 
 def nonfinite_warning(nonfinite: Mapping[str, tuple[str, ...]], shown: int = NONFINITE_SHOWN) -> str:
@@ -352,8 +297,8 @@ def execute(
     out = Path(out).resolve()
     check_destination(plan, out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        check_destination(plan, out, overwrite, locked=True)  # again, under the lock: a run that held it may have finished
+    with destination_lock(out):
+        check_destination(plan, out, overwrite, locked=True)  # again: a run that held the lock may have finished
         _clean_stale(out)
         tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,9 +11,10 @@ import yaml
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, HubError, PushError
+from composer.filecheck import stamps_of
 from composer.sources import (
     INDEX_NAME, SINGLE_NAME, HubOrigin, SourceModel, TensorInfo, convert_pickle, parse_hub_id, read_config,
-    read_weights, stamps_of,
+    read_weights,
 )
 from composer.tokenizer import TOKENIZER_FILES
 

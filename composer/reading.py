@@ -15,7 +15,8 @@ from typing import Callable, Mapping
 
 from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import CorruptFileError
-from composer.sources import TensorInfo, file_stamp
+from composer.filecheck import file_stamp
+from composer.sources import TensorInfo
 from composer.tensorplan import Plan, merge_mode
 from composer.vocab import AlignedRows
 from composer.writer import ShardPlan

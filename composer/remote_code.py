@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from composer.sources import check_inside, is_regular
+from composer.filecheck import check_inside, is_regular
 from composer.tensorplan import Plan
 
 

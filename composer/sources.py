@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import re
-import stat
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Mapping
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, SourceError
+from composer.filecheck import DuplicateKey, check_inside, is_regular, not_regular, read_small, stamps_of, unique_keys
 from composer.writer import safetensors_header
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -100,75 +100,13 @@ class SourceModel:
         return str(self.path) if self.path else "shapes only"
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a file that is not a regular file is ("a FIFO"), or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
-
-
-def is_regular(path: Path) -> bool:
-    """Whether `path` is a regular file (following links); False when it does not exist. Something else in its
-    place (a FIFO, which would block the first read forever, a folder, a device) is refused by name."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read: {exc.strerror}: check its permissions") from None
-    what = _not_regular(mode)
-    if what:
-        raise SourceError(f"{path} is {what}, not a file: put the file itself there")
-    return True
-
-
-def check_inside(folder: Path, file: Path) -> None:
-    """Refuse a file that resolves outside its model folder (a symlink out of it, or a path with '..'). A Hub
-    cache snapshot's files are links into the repo's blobs folder, which is where they belong."""
-    real, home = file.resolve(), folder.resolve()
-    allowed = [home]
-    if home.parent.name == "snapshots":
-        allowed.append(home.parent.parent / "blobs")
-    if not any(real == a or a in real.parents for a in allowed):
-        raise SourceError(f"{file} resolves to {real}, outside the model folder {folder}: composer reads only "
-                          "files inside it; copy the file into the folder")
-
-
-def read_small(path: Path) -> str:
-    """The text of a JSON side file (index, config), refused past MAX_HEADER bytes: its size comes from the
-    model folder, and a real one is at most a few MB."""
-    size = path.stat().st_size
-    if size > MAX_HEADER:
-        raise CorruptFileError(f"{path} is {size} bytes, more than the {MAX_HEADER} composer reads for such a file: "
-                               "it is not a real one; re-download it")
-    return path.read_text()
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique: json.loads keeps the last of two entries of one tensor, silently."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
-
-
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header; raise CorruptFileError naming the file and tensor."""
     try:
         # O_NONBLOCK: a FIFO put in the file's place opens at once (and is refused) instead of waiting for a writer
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
         st = os.fstat(fd)
-        what = _not_regular(st.st_mode)
+        what = not_regular(st.st_mode)
         if what:
             os.close(fd)
             raise SourceError(f"{file} is {what}, not a safetensors file: put the file itself there")
@@ -189,8 +127,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     except OSError as exc:
         raise SourceError(f"{file}: cannot read: {exc.strerror}") from None
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _Duplicate as dup:
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as dup:
         raise CorruptFileError(f"{file}: corrupt safetensors header (key '{dup}' appears twice): "
                                "re-download it") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -309,16 +247,6 @@ def read_config(name: str, folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CorruptFileError(f"{config_file}: not a JSON object: re-download it")
     return config
-
-
-def file_stamp(st: os.stat_result) -> tuple[int, ...]:
-    """What identifies one version of a file without reading it: device, inode, size, modification and change
-    times. Writing in place, truncating or replacing the file changes it."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def stamps_of(files: tuple[Path, ...]) -> dict[Path, tuple[int, ...]]:
-    return {f: file_stamp(os.stat(f)) for f in files}
 
 
 def open_model(name: str, folder: Path) -> SourceModel:

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from composer.errors import PlanError
-from composer.sources import SourceModel, check_inside, is_regular
+from composer.filecheck import check_inside, is_regular
+from composer.sources import SourceModel
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
