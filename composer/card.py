@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import yaml
 
+from composer.remote_code import remote_code
 from composer.report import hub_bases, layer_runs, used_models
 from composer.tensorplan import Plan
 
@@ -59,7 +60,8 @@ def front_matter(plan: Plan) -> dict:
     origin = base.hub or (base.lineage[0] if base.lineage else None)
     if origin is not None:
         front.update(origin.license)
-    front["tags"] = ["composer", *(["merge"] if merged else []), plan.operation]
+    front["tags"] = ["composer", *(["merge"] if merged else []), plan.operation,
+                     *(["custom_code"] if remote_code(plan) else [])]  # the Hub's tag for trust_remote_code
     front["library_name"] = "transformers"
     return front
 
@@ -111,6 +113,18 @@ def _tokenizer_section(plan: Plan) -> str:
     return f"## Tokenizer\n\n{vocab}{template}\n\n"
 
 
+def _remote_code_section(plan: Plan) -> str:
+    code = remote_code(plan)
+    if code is None:
+        return ""
+    files = ", ".join(f"`{f.name}`" for f in code.files) or "none (see below)"
+    missing = (f" The source lacks {', '.join(f'`{m}`' for m in code.missing)}: add them before loading."
+               if code.missing else "")
+    return ("## Remote code\n\nThis model needs its custom modelling code: load it with `trust_remote_code=True`, "
+            f"as its base model `{code.model}` (config.json's `auto_map`). Files copied unchanged from it: "
+            f"{files}. composer copied them without running them; read them before you trust them.{missing}\n\n")
+
+
 def model_card(plan: Plan) -> str:
     bases = used_models(plan)
     front = front_matter(plan)
@@ -127,6 +141,7 @@ def model_card(plan: Plan) -> str:
         f"This model was built with composer from {counts}.\n\n"
         f"{_sources_section(plan)}"
         f"## Method\n\n{what[0].upper() + what[1:]}.{' Paper: ' + paper + '.' if paper else ''}\n\n"
+        f"{_remote_code_section(plan)}"
         f"## Layers\n\n{len(plan.layers)} layers, {plan.num_parameters:,} parameters.\n\n"
         "| output layers | model | source layers | status |\n|---|---|---|---|\n"
         f"{rows}\n\n"

@@ -140,9 +140,13 @@ def main(recipe: Path, out: Path | None, dry_run: bool, as_json: bool, overwrite
             from tqdm import tqdm
 
             label = "composing" if final else f"stage {stage.name}"
+            said: list[str] = []  # warnings, printed once the progress bar is gone
             with tqdm(total=plan.file_bytes, unit="B", unit_scale=True, desc=label, disable=quiet,
                       file=sys.stderr) as bar:
-                folder = execute(plan, stage.out, overwrite=overwrite or not final, progress=bar.update)
+                folder = execute(plan, stage.out, overwrite=overwrite or not final, progress=bar.update,
+                                 warn=said.append)
+            for line in said:
+                click.echo(f"warning: {line}", err=True)
             wrote.append({**infos[-1], "output": str(folder)})
             if not quiet:
                 click.echo(f"wrote {folder} ({len(plan.layers)} layers, {plan.num_parameters:,} parameters, "

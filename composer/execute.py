@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import queue
@@ -11,19 +12,22 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import OutputError
+from composer.lock import check_unlocked, locked as destination_lock
 from composer.merging import Merged
 from composer.outputs import write_metadata
-from composer.reading import Sources, import_torch, prefetch, read_into
+from composer.reading import Sources, check_unchanged, import_torch, plan_stamps, prefetch, read_into
 from composer.sources import free_bytes
 from composer.tensorplan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan
 from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
 
 PARTIAL = ".composer-partial-"
+NONFINITE_SHOWN = 5  # merged tensors named in the NaN/Inf warning
+_log = logging.getLogger("composer")
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the device's block size
 _ZEROS = memoryview(bytes(2**20))
 PREFETCH_CHUNKS = 1  # how far ahead of the chunk being written the kernel is asked to read its inputs
@@ -160,12 +164,13 @@ def _return_freed_memory() -> None:
     libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD: give the heap's free top back to the system beyond 16 MiB
 
 
-def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int) -> None:
+def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int,
+                   stamps: Mapping[Path, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
     """Write every shard front to back in aligned chunks, `workers` chunks in flight at once. torch is imported
     only for a plan that computes: byte copies and zeros need none of it (a SOLAR up-scale is spared 1-3 s of
     import and ~0.2 GB of memory)."""
     with ExitStack() as stack:
-        sources = Sources()
+        sources = Sources(stamps)
         stack.callback(sources.close)
         if plan.computes:
             import_torch(plan, stack)
@@ -176,10 +181,12 @@ def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], worke
             if workers > 1:  # our workers are the parallelism: torch's own threads would spin-wait on busy cores
                 torch.set_num_threads(1)
             stack.callback(torch.set_num_threads, threads)
-        _write_shards(plan, tmp, progress, workers, sources)
+        return _write_shards(plan, tmp, progress, workers, sources)
 
 
-def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int, sources: Sources) -> None:
+def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], workers: int,
+                  sources: Sources) -> dict[str, tuple[str, ...]]:
+    """Write every shard; returns the merged tensors whose values are not all finite (Merged.nonfinite)."""
     with ExitStack() as stack:
         buffers: queue.Queue = queue.Queue()
         chunks = max(1, workers) + SPARE_CHUNKS
@@ -209,6 +216,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Callable[[int], None], worker
             raise
         for fd, size in files:
             os.ftruncate(fd, size)
+        return merged.nonfinite
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -223,8 +231,8 @@ def check_empty(out: Path, overwrite: bool) -> None:
             raise OutputError(f"destination {out} is not empty: pass --overwrite to replace it")
 
 
-def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, a destination that is not ours to write."""
+def check_destination(plan: Plan, out: Path, overwrite: bool, *, locked: bool = False) -> None:
+    """Refuse, before any work, a destination that is not ours to write (`locked`: this run holds its lock)."""
     out = out.resolve()
     for name, src in plan.sources.items():
         if src.path is None:
@@ -234,6 +242,8 @@ def check_destination(plan: Plan, out: Path, overwrite: bool) -> None:
         if _is_within(src.path, out):
             raise OutputError(f"source model '{name}' ({src.path}) is inside destination {out}: choose another folder")
     check_empty(out, overwrite)
+    if not locked:
+        check_unlocked(out)
     needed, free = plan.file_bytes, free_bytes(out)
     if free < needed:
         raise OutputError(
@@ -260,28 +270,55 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def nonfinite_warning(nonfinite: Mapping[str, tuple[str, ...]], shown: int = NONFINITE_SHOWN) -> str:
+    """One line: which merged tensors hold NaN or Inf, and from which inputs (at most `shown` tensors named)."""
+    names = sorted(nonfinite)
+    parts = [f"{n} (from {', '.join(repr(m) for m in dict.fromkeys(nonfinite[n]))})" if nonfinite[n]
+             else f"{n} (finite inputs: the merge overflowed)" for n in names[:shown]]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (f"{len(names)} merged tensor{'s hold' if len(names) > 1 else ' holds'} NaN or Inf: {'; '.join(parts)}"
+            f"{more}: check those inputs (a corrupt or diverged checkpoint?)")
+
+
+def _no_space(plan: Plan, out: Path) -> OutputError:
+    from composer.report import human_bytes
+
+    return OutputError(f"the disk filled up while writing {out}: the model needs {human_bytes(plan.file_bytes)} and "
+                       f"{human_bytes(free_bytes(out.parent))} is free there now; the partial output was removed: "
+                       "free some space or choose another disk")
+
+
 def execute(
     plan: Plan, out: str | Path, *, overwrite: bool = False, progress: Callable[[int], None] | None = None,
-    workers: int = WORKERS,
+    workers: int = WORKERS, warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the planned model to `out`. Nothing appears at `out` unless everything was written."""
+    """Write the planned model to `out`. Nothing appears at `out` unless everything was written. `warn` gets one
+    line for merged tensors that hold NaN or Inf (default: the `composer` logger's warning)."""
     out = Path(out).resolve()
     check_destination(plan, out, overwrite)
     if plan.prepare is not None:  # work that must come before the first weight (an MoE's router vectors)
         plan.prepare()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_weights(plan, tmp, progress or (lambda n: None), workers)
-        index = index_json(plan.shards)
-        write_metadata(plan, tmp, index)
-        _move_into_place(tmp, out)
-    except BaseException:
+    with destination_lock(out):
+        check_destination(plan, out, overwrite, locked=True)  # again: a run that held the lock may have finished
+        _clean_stale(out)
+        tmp = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            stamps = plan_stamps(plan)
+            nonfinite = _write_weights(plan, tmp, progress or (lambda n: None), workers, stamps)
+            check_unchanged(stamps)  # after the last read of every input: a file written meanwhile is refused
+            index = index_json(plan.shards)
+            write_metadata(plan, tmp, index)
+            _move_into_place(tmp, out)
+            if nonfinite:
+                (warn or _log.warning)(nonfinite_warning(nonfinite))
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(plan, out) from None
+            raise
     return out
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, HubError, PushError
+from composer.filecheck import stamps_of
 from composer.sources import (
     INDEX_NAME, SINGLE_NAME, HubOrigin, SourceModel, TensorInfo, convert_pickle, parse_hub_id, read_config,
     read_weights,
@@ -67,6 +68,9 @@ class HubClient:
             if file in snap.files:
                 self._download(name, snap, file, snap.commit)
         config = read_config(name, folder)
+        if config.get("auto_map"):  # custom modelling code, copied to the output (composer.remote_code)
+            for file in sorted(f for f in snap.files if "/" not in f and f.endswith(".py")):
+                self._download(name, snap, file, snap.commit)
         kind, weights = _choose_weights(name, snap)
         origin = HubOrigin(repo_id, revision, snap.commit, _card_license(folder / "README.md"), kind == "pickle")
         weight_map = self._index(name, snap, weights)
@@ -79,7 +83,8 @@ class HubClient:
             for file in shards:
                 self._download(name, snap, file, snap.commit)
             tensors, files = read_weights(folder, name)
-        return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, hub=origin)
+        return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, hub=origin,
+                           stamps=stamps_of(files))
 
     def open_adapter(self, name: str) -> tuple[Path, HubOrigin]:
         """A PEFT adapter repo `org/name[@revision]` at one exact commit: its config and weights, downloaded."""

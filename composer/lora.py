@@ -240,8 +240,10 @@ def apply_adapter(model: SourceModel, adapter: Adapter, name: str) -> tuple[Sour
         raise PlanError(f"adapter '{adapter.name}' has no LoRA tensors")
     changed = sorted({f"{m}.weight" for m in pairs} | set(whole))
     lineage = (*model.lineage, *([model.hub] if model.hub else []), *([adapter.hub] if adapter.hub else []))
+    from composer.filecheck import stamps_of
+
     merged = replace(model, name=name, tensors=tensors, files=(*model.files, *adapter.files), hub=None,
-                     lineage=lineage, adapted=tuple(changed))
+                     lineage=lineage, adapted=tuple(changed), stamps={**model.stamps, **stamps_of(adapter.files)})
     return merged, changed
 
 

@@ -17,6 +17,7 @@ class Merged:
         self._sources, self._seed = sources, seed
         self._lock = threading.Lock()
         self._entries: dict[str, list] = {}  # name -> [lock, (job, stream, stats or whole bytes), bytes to serve]
+        self.nonfinite: dict[str, tuple[str, ...]] = {}  # merged tensor -> the inputs (model names) holding NaN/Inf
 
     def _entry(self, t: TensorPlan) -> list:
         with self._lock:
@@ -58,10 +59,10 @@ class Merged:
     def copy_into(self, t: TensorPlan, view: memoryview, start: int) -> None:
         entry = self._entry(t)
         job, stream, stats = self._prepared(t, entry)
+        out, work, first, last = output_view(t, view, start)
         if stream is None:
             view[:] = memoryview(stats)[start: start + len(view)]
         else:
-            out, work, first, last = output_view(t, view, start)
             grid = stream.grid(job)
             if grid == 1:  # any block: steps of job.chunk elements
                 for a in range(first, last, job.chunk):
@@ -73,7 +74,20 @@ class Merged:
                     block = stream.blend(job, stats, ga, gb).reshape(-1)
                     a, b = max(ga, first), min(gb, last)
                     out[a - first: b - first].copy_(block[a - ga: b - ga].to(work))
+        # A sum is NaN or Inf when any element is (30x faster than isfinite().all(), which makes a bool tensor);
+        # it can also overflow, so _flag confirms element by element.
+        if t.name not in self.nonfinite and not bool(out.sum().isfinite()):
+            self._flag(t, job, out, first, last)
         self._served(t, entry, len(view))
+
+    def _flag(self, t: TensorPlan, job, out, first: int, last: int) -> None:
+        """Record a merged tensor whose output elements [first, last) (`out`) hold NaN or Inf, with the inputs
+        whose elements there do (none named: the merge itself overflowed)."""
+        if bool(out.isfinite().all()):
+            return
+        bad = tuple(t.models[k] for k in range(len(t.inputs)) if not bool(job.read(k, first, last).isfinite().all()))
+        with self._lock:
+            self.nonfinite.setdefault(t.name, bad)
 
 
 def merge_mode(t: TensorPlan) -> str:

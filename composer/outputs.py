@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.card import model_card
+from composer.remote_code import remote_code
 from composer.report import provenance
 from composer.tensorplan import Plan
 from composer.tokenizer import tokenizer_files
@@ -41,6 +42,9 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
     elif tok.path is not None:
         for file in tokenizer_files(tok.path):
             shutil.copyfile(file, folder / file.name)
+    code = remote_code(plan)
+    for file in code.files if code else ():  # copied as bytes, never imported
+        shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILE).write_text(plan.recipe_text or "")
     _dump(folder / PROVENANCE_FILE, provenance(plan))
     (folder / "README.md").write_text(model_card(plan))

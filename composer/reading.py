@@ -11,10 +11,11 @@ import threading
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from composer.dtypes import ITEMSIZE, torch_dtype
 from composer.errors import CorruptFileError
+from composer.filecheck import file_stamp
 from composer.sources import TensorInfo
 from composer.tensorplan import Plan, merge_mode
 from composer.vocab import AlignedRows
@@ -29,19 +30,48 @@ EARLY_READ_BYTES = 2 * 10**9
 EARLY_READ_PIECE = 4 * 2**20  # one request at a time (the disk's largest here, max_sectors_kb)
 
 
-class Sources:
-    """Open source files once, read-only: a descriptor for byte copies, an mmap for computed tensors."""
+def plan_stamps(plan: Plan) -> dict[Path, tuple[int, ...]]:
+    """The identity of every input file when the plan read its header (composer.sources.file_stamp)."""
+    return {f: s for src in plan.sources.values() for f, s in src.stamps.items()}
 
-    def __init__(self) -> None:
+
+def _changed(path: Path, when: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} changed {when} (its size, times or inode differ from when the plan read it): "
+                            "composer does not write a model from two versions of an input; run again once it is "
+                            "stable")
+
+
+def check_unchanged(stamps: Mapping[Path, tuple[int, ...]]) -> None:
+    """Refuse, before the output is finished, an input file that was replaced, truncated or written since the
+    plan read it (a stat per file: contents are never hashed)."""
+    for path, stamp in stamps.items():
+        try:
+            now = file_stamp(os.stat(path))
+        except OSError:
+            now = None
+        if now != stamp:
+            raise _changed(path, "while composing")
+
+
+class Sources:
+    """Open source files once, read-only: a descriptor for byte copies, an mmap for computed tensors. A file whose
+    identity differs from `stamps` (what the plan read) is refused when opened."""
+
+    def __init__(self, stamps: Mapping[Path, tuple[int, ...]] | None = None) -> None:
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._stamps = stamps or {}
 
     def fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block the run
+                if path in self._stamps and file_stamp(os.fstat(fd)) != self._stamps[path]:
+                    os.close(fd)
+                    raise _changed(path, "since the plan was made")
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[path] = fd
             return self._fds[path]
 
     def map(self, path: Path) -> mmap.mmap:
@@ -135,7 +165,7 @@ def read_ahead(plan: Plan, stop: threading.Event, budget: int = EARLY_READ_BYTES
                     if isinstance(info, AlignedRows) or info.file is None:
                         continue
                     if info.file not in fds:
-                        fds[info.file] = os.open(info.file, os.O_RDONLY)
+                        fds[info.file] = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)
                         os.posix_fadvise(fds[info.file], 0, 0, os.POSIX_FADV_RANDOM)
                     for piece in range(info.offset, info.offset + info.nbytes, EARLY_READ_PIECE):
                         if stop.is_set() or budget <= 0:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from composer.errors import RecipeError
 from composer.recipe_errors import describe, fail, suggest, yaml_error
+from composer.recipe_limits import check_limits
 
 from composer.methods import METHODS as _METHODS  # the registry: importing it does not import torch
 
@@ -357,8 +358,9 @@ def parse_recipes(text: str, path: str = "<recipe>") -> list[tuple[Recipe, str]]
     In a multi-document recipe every document but the last needs a `name`, which later documents can use as
     a model; names are unique.
     """
+    check_limits(text, path)  # before composing: the composer recurses and expands nothing lazily
     try:
-        nodes = [n for n in yaml.compose_all(text) if n is not None]
+        nodes = [n for n in yaml.compose_all(text) if n is not None and n.tag != "tag:yaml.org,2002:null"]
     except yaml.YAMLError as exc:
         raise yaml_error(exc, path) from None
     if not nodes:
@@ -366,7 +368,11 @@ def parse_recipes(text: str, path: str = "<recipe>") -> list[tuple[Recipe, str]]
     out, names = [], set()
     for k, node in enumerate(nodes):
         doc_text = text[node.start_mark.index: node.end_mark.index].strip() + "\n"
-        recipe = _validate(yaml.safe_load(doc_text), node, path)
+        try:
+            data = yaml.safe_load(doc_text)
+        except yaml.YAMLError as exc:
+            raise yaml_error(exc, path) from None
+        recipe = _validate(data, node, path)
         last = k == len(nodes) - 1
         if len(nodes) > 1 and not last and not recipe.name:
             raise fail(path, node, (), "every document of a multi-document recipe but the last needs a name, "

@@ -112,12 +112,23 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "whole_tensors": any(t.is_merge and merge_mode(t) == "whole" for t in plan.tensors),
         "merge_parameters": merge_parameters(plan),
         "notes": list(plan.notes),
+        "remote_code": _remote_code(plan),
     }
     if out is not None:
         free = free_bytes(Path(out))
         result["destination"] = {"path": str(Path(out).resolve()), "free_bytes": free,
                                  "enough_space": free >= plan.file_bytes}
     return result
+
+
+def _remote_code(plan: Plan) -> dict[str, Any] | None:
+    from composer.remote_code import describe, remote_code
+
+    code = remote_code(plan)
+    if code is None:
+        return None
+    return {"trust_remote_code": True, "model": code.model, "files": [f.name for f in code.files],
+            "missing": list(code.missing), "elsewhere": list(code.elsewhere), "text": describe(code)}
 
 
 def human_bytes(n: float) -> str:
@@ -169,6 +180,8 @@ def render(s: dict[str, Any]) -> str:
             named = isinstance(row["layer"], int)  # a layer's groups name their modules; an edge tensor is one
             groups = "; ".join(g["params"] + (f" ({', '.join(g['modules'])})" if named else "") for g in row["groups"])
             lines.append(f"  {row['layer']}: {groups}")
+    if s.get("remote_code"):
+        lines.append(f"remote code: {s['remote_code']['text']}")
     lines += [f"note:        {n}" for n in s["notes"]]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from composer.dtypes import ITEMSIZE
 from composer.errors import CorruptFileError, SourceError
+from composer.filecheck import DuplicateKey, check_inside, is_regular, not_regular, read_small, stamps_of, unique_keys
 from composer.writer import safetensors_header
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -92,6 +93,8 @@ class SourceModel:
     hub: HubOrigin | None = None
     lineage: tuple[HubOrigin, ...] = ()  # the Hub models an earlier stage's output was built from
     adapted: tuple[str, ...] = ()  # a `model+adapter` source: the tensors its LoRA adapter changes
+    # each weight file's identity when its header was read (file_stamp): a run refuses a file that changed since
+    stamps: Mapping[Path, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -119,22 +122,35 @@ class SourceModel:
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header; raise CorruptFileError naming the file and tensor."""
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
+        # O_NONBLOCK: a FIFO put in the file's place opens at once (and is refused) instead of waiting for a writer
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        what = not_regular(st.st_mode)
+        if what:
+            os.close(fd)
+            raise SourceError(f"{file} is {what}, not a safetensors file: put the file itself there")
+        with open(fd, "rb") as fh:
+            size = st.st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise CorruptFileError(f"{file}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER or 8 + n > size:  # checked before reading: n comes from the file
                 raise CorruptFileError(
-                    f"{file}: corrupt safetensors header (declares {n} header bytes, file has {size}): re-download it"
+                    f"{file}: corrupt safetensors header (declares {n} header bytes, file has {size}; at most "
+                    f"{MAX_HEADER} allowed): re-download it"
                 )
             raw = fh.read(n)
+    except SourceError:
+        raise
     except OSError as exc:
         raise SourceError(f"{file}: cannot read: {exc.strerror}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as dup:
+        raise CorruptFileError(f"{file}: corrupt safetensors header (key '{dup}' appears twice): "
+                               "re-download it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CorruptFileError(f"{file}: corrupt safetensors header (not JSON): re-download it") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{file}: corrupt safetensors header (not a JSON object): re-download it")
@@ -146,9 +162,10 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = dtype in ITEMSIZE and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = isinstance(dtype, str) and dtype in ITEMSIZE
+            ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
             ok = ok and isinstance(begin, int) and isinstance(end, int)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):  # not a mapping, missing keys, data_offsets not a pair
             ok = False
         if not ok:
             raise CorruptFileError(f"{file}: tensor '{name}' has a malformed header entry: re-download the file")
@@ -175,19 +192,23 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 def read_weights(folder: Path, name: str) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     """The tensor table of a model folder: `model.safetensors`, or the shards its index names."""
     index = folder / INDEX_NAME
-    if index.is_file():
+    if is_regular(index):
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
+            weight_map = json.loads(read_small(index))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             raise CorruptFileError(f"{index}: not a valid safetensors index (no weight_map): re-download it") from None
         shards = list(dict.fromkeys(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
             file = folder / shard
-            if not file.is_file():
+            if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise CorruptFileError(f"{index}: names shard '{shard}', a path outside the model folder: an index "
+                                       "names files inside its folder; re-download it")
+            if not is_regular(file):
                 raise SourceError(f"{index}: names shard '{shard}', which is missing from {folder}")
+            check_inside(folder, file)
             tensors.update(read_header(file))
         for tensor, shard in weight_map.items():
             found = tensors.get(tensor)
@@ -195,10 +216,12 @@ def read_weights(folder: Path, name: str) -> tuple[dict[str, TensorInfo], tuple[
                 raise CorruptFileError(f"{index}: tensor '{tensor}' is not in its shard '{shard}': re-download it")
         return {t: tensors[t] for t in weight_map}, tuple(folder / s for s in shards)
     single = folder / SINGLE_NAME
-    if single.is_file():
+    if is_regular(single):
+        check_inside(folder, single)
         return read_header(single), (single,)
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
+        check_inside(folder, others[0])
         return read_header(others[0]), (others[0],)
     if any(folder.glob("pytorch_model*.bin")):
         raise SourceError(f"model '{name}' ({folder}) has only pytorch_model*.bin weights: convert them to safetensors "
@@ -232,18 +255,26 @@ def parse_hub_id(name: str) -> tuple[str, str | None] | None:
 
 def read_config(name: str, folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
+    if not is_regular(config_file):
+        raise SourceError(f"model '{name}' ({folder}) has no config.json")
     try:
-        return json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise SourceError(f"model '{name}' ({folder}) has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = json.loads(read_small(config_file))
+    except OSError as exc:
+        raise SourceError(f"{config_file}: cannot read: {exc.strerror}: check its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CorruptFileError(f"{config_file}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{config_file}: not a JSON object: re-download it")
+    return config
 
 
 def open_model(name: str, folder: Path) -> SourceModel:
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise SourceError(f"model '{name}': cannot read its folder {folder} (permission denied): make it readable "
+                          "(chmod -R u+rX) or run as a user who can read it")
     config = read_config(name, folder)
     tensors, files = read_weights(folder, name)
-    return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files)
+    return SourceModel(name=name, path=folder, config=config, tensors=tensors, files=files, stamps=stamps_of(files))
 
 
 def open_sources(

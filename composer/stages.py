@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from composer.errors import RecipeError
 from composer.outputs import PROVENANCE_FILE, RECIPE_FILE
 from composer.plan import build_plan
 from composer.recipe import Recipe, load_recipes
@@ -83,8 +84,24 @@ def stages_folder(out: Path) -> Path:
     return out.parent / f"{out.name}.stages"
 
 
+def _check_order(docs: list[tuple[Recipe, str]], path: str | Path) -> None:
+    """A stage may use only the stages before it: one that uses itself or a later one (a cycle) is refused."""
+    position = {recipe.name: k for k, (recipe, _) in enumerate(docs) if recipe.name}
+    for k, (recipe, _) in enumerate(docs):
+        who = f"stage '{recipe.name}'" if recipe.name else "the last stage"
+        for model in recipe.referenced_models():
+            if position.get(model) == k:
+                raise RecipeError(f"{path}: {who} uses itself as a model: name an earlier stage, or write "
+                                  f"./{model} for a folder of that name")
+            if position.get(model, -1) > k:
+                raise RecipeError(f"{path}: {who} uses stage '{model}', which comes after it: a stage can use only "
+                                  f"the stages before it, so move '{model}' up (stages that use each other cannot "
+                                  "be built)")
+
+
 def load_stages(recipe_path: str | Path, out: Path | None) -> list[Stage]:
     docs = load_recipes(recipe_path)
+    _check_order(docs, recipe_path)
     stages = []
     for k, (recipe, text) in enumerate(docs):
         last = k == len(docs) - 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from composer.errors import PlanError
+from composer.filecheck import check_inside, is_regular
 from composer.sources import SourceModel
 
 TOKENIZER_FILES = (
@@ -17,7 +18,12 @@ TOKENIZER_FILES = (
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    """The tokenizer files of a folder, each refused if it is not a regular file inside it (they are copied into
+    the output: a link out of the folder would publish an unrelated file)."""
+    files = [folder / f for f in TOKENIZER_FILES if is_regular(folder / f)]
+    for file in files:
+        check_inside(folder, file)
+    return files
 
 
 def _vocabulary(folder: Path) -> object:

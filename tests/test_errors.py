@@ -235,7 +235,8 @@ def test_killed_run_leaves_no_model(models, tmp_path, sig):
     assert _finished_looking(dest_parent) == []
     leftovers = list(dest_parent.iterdir())
     if sig == signal.SIGKILL:
-        assert all(p.name.startswith(".model.composer-partial-") for p in leftovers)
+        # the partial folder, and the lock file, which no process holds any more and the next run takes over
+        assert all(p.name.startswith((".model.composer-partial-", ".model.composer-lock")) for p in leftovers)
     else:
         assert leftovers == []  # a catchable signal cleans up after itself
     # the next run removes what a killed run left and finishes
@@ -265,7 +266,7 @@ def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
 
 
 def test_source_truncated_after_planning(models, tmp_path):
-    """A file that changes between the plan and the copy is reported by file and tensor, and nothing is left."""
+    """A file that changes between the plan and the copy is refused by name when opened, and nothing is left."""
     from composer import CorruptFileError, execute, plan_recipe
 
     src = broken_copy(models, tmp_path)
@@ -274,7 +275,7 @@ def test_source_truncated_after_planning(models, tmp_path):
     plan = plan_recipe(recipe)
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-5000])
-    with pytest.raises(CorruptFileError, match=r"model.safetensors: tensor '.*' ends early"):
+    with pytest.raises(CorruptFileError, match=r"model.safetensors changed since the plan was made"):
         execute(plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
