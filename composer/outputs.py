@@ -36,9 +36,10 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
     _dump(folder / "config.json", dict(plan.config))
     _dump(folder / "generation_config.json", generation_config(plan))
     tok = plan.sources[plan.tokenizer_from]
-    if tok.path is not None:
+    if tok.path is not None and plan.copy_tokenizer:
         for file in tokenizer_files(tok.path):
             shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILE).write_text(plan.recipe_text or "")
     _dump(folder / PROVENANCE_FILE, provenance(plan))
-    (folder / "README.md").write_text(model_card(plan))
+    if plan.write_card:
+        (folder / "README.md").write_text(model_card(plan))
