@@ -205,6 +205,9 @@ def main(recipe: Path, out_arg: Path | None, out: Path | None, dry_run: bool, as
             if not quiet:
                 click.echo(f"wrote {folder} ({len(plan.layers)} layers, {plan.num_parameters:,} parameters, "
                            f"{human_bytes(plan.file_bytes)})", err=True)
+                training = info.get("training")
+                if final and training and training["llama_factory"] is None:  # it would train original blocks
+                    click.echo(f"warning: {training['advice']}", err=True)
         if push_to and out is not None:
             pushed = hub.push(out.resolve(), push_to, private=private, revision=revision,
                               commit_message=commit_message)

@@ -113,6 +113,14 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "merge_parameters": merge_parameters(plan),
         "notes": list(plan.notes),
     }
+    new = result["new_layers"]
+    if new:  # a block expansion: how to train exactly its new blocks
+        from composer.training import llama_factory_fit, training_advice
+
+        settings, why = llama_factory_fit(new, len(plan.layers), [t.name for t in plan.tensors])
+        result["training"] = {"new_layers": new, "llama_factory": settings, "llama_factory_mismatch": why or None,
+                              "advice": training_advice(new, len(plan.layers), [t.name for t in plan.tensors],
+                                                        str(out) if out is not None else "OUT")}
     if out is not None:
         free = free_bytes(Path(out))
         result["destination"] = {"path": str(Path(out).resolve()), "free_bytes": free,
@@ -169,6 +177,8 @@ def render(s: dict[str, Any]) -> str:
             named = isinstance(row["layer"], int)  # a layer's groups name their modules; an edge tensor is one
             groups = "; ".join(g["params"] + (f" ({', '.join(g['modules'])})" if named else "") for g in row["groups"])
             lines.append(f"  {row['layer']}: {groups}")
+    if s.get("training"):
+        lines.append(f"training:    {s['training']['advice']}")
     lines += [f"note:        {n}" for n in s["notes"]]
     return "\n".join(lines)
 
