@@ -125,6 +125,24 @@ def _remote_code_section(plan: Plan) -> str:
             f"{files}. composer copied them without running them; read them before you trust them.{missing}\n\n")
 
 
+def _training_section(plan: Plan) -> str:
+    """A block expansion's new blocks, and whether LLaMA-Factory's use_llama_pro selects exactly them."""
+    from composer.training import llama_factory_fit
+
+    new = [la.index for la in plan.layers if la.status == "new"]
+    if not new:
+        return ""
+    settings, why = llama_factory_fit(new, len(plan.layers), [t.name for t in plan.tensors])
+    text = (f"## Training\n\nLLaMA Pro trains only the inserted blocks, layers {', '.join(map(str, new))}; "
+            "`composer.freeze_original(model, folder)` freezes everything else (`composer.new_layers(folder)` lists "
+            f"them, e.g. for PEFT's `layers_to_transform`).")
+    if settings is not None:
+        return text + (" In LLaMA-Factory these settings select exactly them:\n\n```yaml\nfinetuning_type: freeze\n"
+                       f"use_llama_pro: true\nfreeze_trainable_layers: {settings['freeze_trainable_layers']}\n```\n\n")
+    return text + (f"\n\n**Do not use LLaMA-Factory's `use_llama_pro` with this model**: {why}, so it would train "
+                   "original blocks. Use `composer.freeze_original`.\n\n")
+
+
 def model_card(plan: Plan) -> str:
     bases = used_models(plan)
     front = front_matter(plan)
@@ -148,6 +166,7 @@ def model_card(plan: Plan) -> str:
         "`composer_provenance.json` lists where every tensor came from; layers marked *new* are the ones to train.\n\n"
         f"{_experts_section(plan)}"
         f"{_tokenizer_section(plan)}"
+        f"{_training_section(plan)}"
         f"{_stages_section(plan)}"
         f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"
     )

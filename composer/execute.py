@@ -176,11 +176,14 @@ def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], worke
             import_torch(plan, stack)
             import torch
 
+            from composer import ranked
+
             _return_freed_memory()
             threads = torch.get_num_threads()
-            if workers > 1:  # our workers are the parallelism: torch's own threads would spin-wait on busy cores
-                torch.set_num_threads(1)
+            # Our workers are the parallelism (compose -j N: N threads): torch's own would spin-wait on busy cores.
+            torch.set_num_threads(1)
             stack.callback(torch.set_num_threads, threads)
+            ranked.use_workers(workers)
         return _write_shards(plan, tmp, progress, workers, sources)
 
 

@@ -37,9 +37,9 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
     _dump(folder / "config.json", dict(plan.config))
     _dump(folder / "generation_config.json", generation_config(plan))
     tok = plan.sources[plan.tokenizer_from]
-    if plan.tokenizer is not None:
+    if plan.copy_tokenizer and plan.tokenizer is not None:
         plan.tokenizer.write(folder)
-    elif tok.path is not None:
+    elif plan.copy_tokenizer and tok.path is not None:
         for file in tokenizer_files(tok.path):
             shutil.copyfile(file, folder / file.name)
     code = remote_code(plan)
@@ -47,4 +47,5 @@ def write_metadata(plan: Plan, folder: Path, index: dict[str, Any] | None) -> No
         shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILE).write_text(plan.recipe_text or "")
     _dump(folder / PROVENANCE_FILE, provenance(plan))
-    (folder / "README.md").write_text(model_card(plan))
+    if plan.write_card:
+        (folder / "README.md").write_text(model_card(plan))

@@ -192,12 +192,19 @@ def _tied_head(model: SourceModel, other: Mapping[str, TensorInfo], name: str) -
                 None)
 
 
-def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], used: set[str]) -> None:
+def _check_compatible(base: SourceModel, sources: Mapping[str, SourceModel], used: set[str],
+                      allow_crimes: bool) -> list[str]:
+    """Refuse models of different architectures, unless `allow_crimes` (mergekit's --allow-crimes): then the
+    shape checks decide, and the plan notes the mix."""
     arch = base.config.get("architectures")
-    for name in sorted(used):
-        other = sources[name].config.get("architectures")
-        if other != arch:
-            raise PlanError(f"models have different architectures: '{base.name}' is {arch}, '{name}' is {other}")
+    mixed = [name for name in sorted(used) if sources[name].config.get("architectures") != arch]
+    if mixed and not allow_crimes:
+        other = sources[mixed[0]].config.get("architectures")
+        raise PlanError(f"models have different architectures: '{base.name}' is {arch}, '{mixed[0]}' is {other}: "
+                        "use models of one architecture, or pass --allow-crimes to combine them wherever their tensor "
+                        f"names and shapes agree (config.json then comes from '{base.name}', as in mergekit)")
+    return [f"architectures mixed (--allow-crimes): {', '.join(mixed)} with '{base.name}' ({arch}), whose "
+            "config.json the output takes"] if mixed else []
 
 
 def _tokenizer_model(recipe: Recipe, base: str) -> str:
@@ -218,7 +225,7 @@ def _module_view(model: SourceModel, spec: architectures.ModuleSpec, module: str
 
 
 def _build_modular(recipe: Recipe, sources: Mapping[str, SourceModel], shard_size: int, recipe_text: str,
-                   recipe_path: str, seed: int) -> Plan:
+                   recipe_path: str, seed: int, allow_crimes: bool) -> Plan:
     """mergekit's `modules:`: each named module planned as a recipe of its own over the models' module tensors
     (renamed back under the module's prefix), its sub-config updated; every other tensor copied from the base."""
     base = sources[recipe.base_model]
@@ -238,7 +245,7 @@ def _build_modular(recipe: Recipe, sources: Mapping[str, SourceModel], shard_siz
                             f"{', '.join(specs)})")
         sub = recipe.module(name)
         views = {m: _module_view(sources[m], spec, name) for m in sub.referenced_models()}
-        plan = build_plan(sub, views, shard_size=shard_size, seed=seed)
+        plan = build_plan(sub, views, shard_size=shard_size, seed=seed, allow_crimes=allow_crimes)
         tensors += [replace(t, name=spec.prefix + t.name) for t in plan.tensors]
         if spec.config:
             config[spec.config] = {k: v for k, v in plan.config.items()
@@ -265,9 +272,10 @@ def _build_modular(recipe: Recipe, sources: Mapping[str, SourceModel], shard_siz
 
 def build_plan(
     recipe: Recipe, sources: Mapping[str, SourceModel], *, shard_size: int = DEFAULT_SHARD_SIZE,
-    recipe_text: str = "", recipe_path: str = "", seed: int = 0,
+    recipe_text: str = "", recipe_path: str = "", seed: int = 0, allow_crimes: bool = False,
 ) -> Plan:
-    """Every check that can run before the first byte is written runs here."""
+    """Every check that can run before the first byte is written runs here. `allow_crimes` lets models of
+    different architectures combine where their tensors agree (mergekit's --allow-crimes)."""
     if recipe.form == "moe":  # a mergekit-moe config (composer.moe)
         from composer.moe import build_moe_plan
 
@@ -277,12 +285,12 @@ def build_plan(
     if missing:
         raise SourceError(f"model '{missing[0]}' was not resolved")
     if recipe.modules is not None:
-        return _build_modular(recipe, sources, shard_size, recipe_text, recipe_path, seed)
+        return _build_modular(recipe, sources, shard_size, recipe_text, recipe_path, seed, allow_crimes)
     layers, pre, post = compile_layers(recipe, sources)
     base_name = recipe.base_model or pre.model
     base = sources[base_name]
     used = {i.model for la in (*layers, pre, post) for i in la.inputs}
-    _check_compatible(base, sources, used)
+    crimes = _check_compatible(base, sources, used, allow_crimes)
     if recipe.block_expansion is not None:
         refusal = architectures.expansion_refusal(base.config)
         if refusal:
@@ -346,7 +354,8 @@ def build_plan(
         template = templates[kinds[out_idx]]  # the base's first layer of this kind (hybrids' layers differ by kind)
         for inp in layer.inputs:
             suffixes = tables[inp.model][1][inp.source_layer]
-            if set(suffixes) != set(template):
+            # --allow-crimes: the base's tensors are the output's, as in mergekit; another model's extras go unread
+            if set(suffixes) != set(template) and not (allow_crimes and set(template) <= set(suffixes)):
                 diff = sorted(set(suffixes) ^ set(template))
                 raise PlanError(
                     f"'{inp.model}' layer {inp.source_layer} does not have the base model's tensors "
@@ -381,7 +390,8 @@ def build_plan(
     config = _output_config(base, layers, sources, out_dtype)
     if out_dtype is None and "dtype" not in config and tensors:
         config["dtype"] = DTYPE_NAME.get(tensors[0].dtype, "float32")
-    notes = [describe_adapter(n, sources[n].adapted) for n in recipe.referenced_models() if sources[n].adapted]
+    notes = crimes + [describe_adapter(n, sources[n].adapted) for n in recipe.referenced_models()
+                      if sources[n].adapted]
     if out_tokenizer is not None and recipe.vocabulary_source is not None:
         spec = recipe.tokenizer
         pad = spec.pad_to_multiple_of if spec is not None else None

@@ -126,8 +126,8 @@ def _step(difference: Tensor, at_zero: bool) -> Tensor:
 
 
 def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
-    """fn over the blocks on WORKERS threads (torch releases the GIL), results in block order: the merge's other
-    chunks often wait for this tensor, so its passes use both cores."""
+    """fn over the blocks on the pool's threads (WORKERS, or compose -j; torch releases the GIL), results in block
+    order: the merge's other chunks often wait for this tensor, so its passes use every worker's core."""
     if len(grid) == 1:
         yield fn(*grid[0])
         return
@@ -142,8 +142,18 @@ def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
         wait(futures)
 
 
-_POOL: list[ThreadPoolExecutor] = []
+_POOL: list[tuple[int, ThreadPoolExecutor]] = []  # (its thread count, the pool)
 _POOL_LOCK = threading.Lock()
+_SIZE = [WORKERS]  # threads of the passes: the writer's worker count (compose -j)
+
+
+def use_workers(n: int) -> None:
+    """Run the passes on `n` threads from now on (execute's `workers`, compose -j): the pool is remade only when
+    the count changes, so its threads and their buffers live on across runs of one count."""
+    with _POOL_LOCK:
+        _SIZE[0] = max(1, n)
+        if _POOL and _POOL[0][0] != _SIZE[0]:
+            _POOL.pop()[1].shutdown(wait=True)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -151,8 +161,8 @@ def _pool() -> ThreadPoolExecutor:
     per tensor cost a fresh set of buffers, page faults included, for every tensor: 1.1M faults in a 1.1B slerp)."""
     with _POOL_LOCK:
         if not _POOL:
-            _POOL.append(ThreadPoolExecutor(WORKERS, thread_name_prefix="composer-pass"))
-        return _POOL[0]
+            _POOL.append((_SIZE[0], ThreadPoolExecutor(_SIZE[0], thread_name_prefix="composer-pass")))
+        return _POOL[0][1]
 
 
 def _locate(hist: Tensor, position: int) -> tuple[int, int]:

@@ -114,6 +114,14 @@ def summary(plan: Plan, out: str | Path | None = None, workers: int = WORKERS) -
         "notes": list(plan.notes),
         "remote_code": _remote_code(plan),
     }
+    new = result["new_layers"]
+    if new:  # a block expansion: how to train exactly its new blocks
+        from composer.training import llama_factory_fit, training_advice
+
+        settings, why = llama_factory_fit(new, len(plan.layers), [t.name for t in plan.tensors])
+        result["training"] = {"new_layers": new, "llama_factory": settings, "llama_factory_mismatch": why or None,
+                              "advice": training_advice(new, len(plan.layers), [t.name for t in plan.tensors],
+                                                        str(out) if out is not None else "OUT")}
     if out is not None:
         free = free_bytes(Path(out))
         result["destination"] = {"path": str(Path(out).resolve()), "free_bytes": free,
@@ -182,6 +190,8 @@ def render(s: dict[str, Any]) -> str:
             lines.append(f"  {row['layer']}: {groups}")
     if s.get("remote_code"):
         lines.append(f"remote code: {s['remote_code']['text']}")
+    if s.get("training"):
+        lines.append(f"training:    {s['training']['advice']}")
     lines += [f"note:        {n}" for n in s["notes"]]
     return "\n".join(lines)
 

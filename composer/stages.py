@@ -11,7 +11,7 @@ from typing import Any, Iterator, Mapping
 from composer.errors import RecipeError
 from composer.outputs import PROVENANCE_FILE, RECIPE_FILE
 from composer.plan import build_plan
-from composer.recipe import Recipe, load_recipes
+from composer.recipe import Recipe, load_recipes, parse_recipes, read_recipe_text
 from composer.report import hub_bases
 from composer.sources import HubOrigin, SourceModel, TensorInfo, open_model, open_sources
 from composer.tensorplan import DEFAULT_SHARD_SIZE, Plan
@@ -99,8 +99,9 @@ def _check_order(docs: list[tuple[Recipe, str]], path: str | Path) -> None:
                                   "be built)")
 
 
-def load_stages(recipe_path: str | Path, out: Path | None) -> list[Stage]:
-    docs = load_recipes(recipe_path)
+def load_stages(recipe_path: str | Path, out: Path | None, text: str | None = None) -> list[Stage]:
+    """The recipe's documents as stages; `text`, when given, is the recipe (and `recipe_path` only its name)."""
+    docs = load_recipes(recipe_path) if text is None else parse_recipes(text, str(recipe_path))
     _check_order(docs, recipe_path)
     stages = []
     for k, (recipe, text) in enumerate(docs):
@@ -149,20 +150,22 @@ def _hub_notes(plan: Plan, dry_run: bool) -> Plan:
 def plan_stages(
     recipe_path: str | Path, out: Path | None, *, models: Mapping[str, str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, dry_run: bool = False, hub: Any = None,
-    rebuild: bool = False,
+    rebuild: bool = False, allow_crimes: bool = False, text: str | None = None,
 ) -> Iterator[tuple[Stage, Plan | None]]:
     """Plan each stage in order. Yields (stage, plan), or (stage, None) for an intermediate stage that an earlier
     run built from the same fingerprint (the document, the resolved inputs, --seed, --shard-size, composer's
     version; `rebuild` reuses none); a rebuilt stage says why in `stage.rebuilt`. Unless it is a dry run, the
     caller writes each plan to `stage.out` before asking for the next stage, which may use it as a model by name.
     Hub ids are fetched with `hub` (a composer.hub.HubClient); a dry run reads only their config, tokenizer and
-    safetensors headers."""
+    safetensors headers. `text`, when given, is the recipe itself (`recipe_path` then only names it in messages, and
+    relative model paths are looked up from the current folder); `allow_crimes` is build_plan's."""
     recipe_path = Path(recipe_path)
-    search = (recipe_path.parent.resolve(),)
+    search = (recipe_path.parent.resolve(),) if text is None else ()
     built: dict[str, SourceModel] = {}
     prints: dict[str, str] = {}  # stage name -> the digest of its fingerprint
     history: list[tuple[str, str]] = []  # the earlier stages, for the final output's card: (name, operation)
-    stages = load_stages(recipe_path, out)
+    whole_text = read_recipe_text(recipe_path) if text is None else text
+    stages = load_stages(recipe_path, out, whole_text)
     for k, stage in enumerate(stages):
         intermediate = stage.out is not None and stage.out != out
         last = k == len(stages) - 1
@@ -185,8 +188,9 @@ def plan_stages(
                                          **{n: built[n] for n in referenced if n in built}}
         whole = last and len(stages) > 1  # the output's recipe file and card hold every stage
         plan = build_plan(stage.recipe, sources, shard_size=shard_size,
-                          recipe_text=recipe_path.read_text() if whole else stage.text, recipe_path=str(recipe_path),
-                          seed=seed)
+                          recipe_text=whole_text if whole else stage.text,
+                          recipe_path=str(recipe_path) if text is None else "",
+                          seed=seed, allow_crimes=allow_crimes)
         if whole:
             plan = replace(plan, stages=tuple(history))
         elif stage.name:

@@ -111,8 +111,10 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     seed: int = 0  # seeds the random merge methods (DARE, DELLA), per tensor
     stages: tuple[tuple[str, str], ...] = ()  # a multi-document recipe's earlier stages: (name, operation)
-    tokenizer: Any = field(default=None, compare=False)
-    prepare: Any = field(default=None, compare=False)  # run before any weight is written (an MoE's gate vectors)  # a composer.tokenizer.OutputTokenizer, or None: copy the files
+    tokenizer: Any = field(default=None, compare=False)  # a composer.tokenizer.OutputTokenizer, or None: copy the files
+    prepare: Any = field(default=None, compare=False)  # run before any weight is written (an MoE's gate vectors)
+    copy_tokenizer: bool = True  # write the tokenizer files (compose --no-copy-tokenizer: none, as in mergekit)
+    write_card: bool = True  # write README.md, the model card (--no-write-model-card; the provenance files stay)
 
     @property
     def num_parameters(self) -> int:

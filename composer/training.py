@@ -18,6 +18,7 @@ checkpoint's prefix by its trailing components, so a model loaded as `AutoModel`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,21 +219,51 @@ def llama_pro_layers(num_layers: int, num_layer_trainable: int) -> list[int]:
     return list(range(stride - 1, num_layers + stride - 1, stride))
 
 
+LLAMA_FACTORY = {"finetuning_type": "freeze", "use_llama_pro": True}
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def llama_factory_fit(new: list[int], depth: int, tensor_names=()) -> tuple[dict[str, Any] | None, str]:
+    """Whether LLaMA-Factory's use_llama_pro trains exactly the blocks `new` of a `depth`-layer expansion: (its
+    settings, or None; why not). It selects parameters whose names contain `.{i}.` for its layers i, so in a model
+    whose experts are numbered modules (`experts.3.`) it also trains expert i of every layer."""
+    count = len(new)
+    picked = llama_pro_layers(depth, count) if count and depth % count == 0 else None
+    if picked != new:
+        chose = f"would train layers {picked}" if picked is not None else f"refuses {depth} layers in {count} groups"
+        return None, (f"the new layers are {new}, but LLaMA-Factory's use_llama_pro with freeze_trainable_layers: "
+                      f"{count} {chose}")
+    experts = sorted({int(m.group(1)) for n in tensor_names for m in [_EXPERT.search(n)] if m} & set(new))
+    if experts:
+        return None, (f"the new layers are {new}, but LLaMA-Factory's use_llama_pro selects parameters named "
+                      f"'.{{i}}.', which also catches experts {experts} of every layer")
+    return {**LLAMA_FACTORY, "freeze_trainable_layers": count}, ""
+
+
+def training_advice(new: list[int], depth: int, tensor_names=(), out: str = "OUT") -> str:
+    """One line for the dry run and the card: how to train exactly the new blocks."""
+    settings, why = llama_factory_fit(new, depth, tensor_names)
+    if settings is not None:
+        return (f"train only the new layers {new}: LLaMA-Factory's finetuning_type: freeze, use_llama_pro: true, "
+                f"freeze_trainable_layers: {settings['freeze_trainable_layers']} selects exactly them; or "
+                f"composer.freeze_original(model, {out!r})")
+    return (f"train only the new layers {new} with composer.freeze_original(model, {out!r}) (or PEFT's "
+            f"layers_to_transform: {new}); WARNING: {why}, so do not use it")
+
+
 def llama_factory_settings(out_dir: str | Path) -> dict[str, Any]:
     """The LLaMA-Factory arguments that train exactly a block expansion's new blocks:
     {"finetuning_type": "freeze", "use_llama_pro": True, "freeze_trainable_layers": <number of new blocks>}.
 
     PlanError when `use_llama_pro`'s rule (llama_pro_layers) would pick other layers: composer places LLaMA Pro's
     copies as LLaMA Pro does, which puts them where LLaMA-Factory looks only when the copy interval divides the
-    source depth (`every: 3` on 4 layers inserts block 3 of 5, LLaMA-Factory would train block 4)."""
+    source depth (`every: 3` on 4 layers inserts block 3 of 5, LLaMA-Factory would train block 4); and when its
+    name match would also catch numbered experts (llama_factory_fit)."""
     prov = _expansion(out_dir)
-    count, depth = len(prov.new_layers), len(prov.layers)
-    picked = llama_pro_layers(depth, count) if depth % count == 0 else None
-    if picked != prov.new_layers:
-        chose = f"would train layers {picked}" if picked is not None else f"refuses {depth} layers in {count} groups"
+    settings, why = llama_factory_fit(prov.new_layers, len(prov.layers), prov.tensors)
+    if settings is None:
         raise PlanError(
-            f"{prov.folder}: the new layers are {prov.new_layers}, but LLaMA-Factory's use_llama_pro with "
-            f"freeze_trainable_layers: {count} {chose}: train with composer.freeze_original instead (or PEFT's "
+            f"{prov.folder}: {why}: train with composer.freeze_original instead (or PEFT's "
             f"layers_to_transform: {prov.new_layers}), or expand with an `every` that divides the model's depth"
         )
-    return {"finetuning_type": "freeze", "use_llama_pro": True, "freeze_trainable_layers": count}
+    return settings

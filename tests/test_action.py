@@ -389,12 +389,18 @@ def tiny_plan() -> dict:
 def test_action_metadata():
     action = load_action()
     assert set(action["inputs"]) == {"recipe", "output", "push-to-hub", "private", "revision", "commit-message",
-                                     "dry-run", "python-version"}
+                                     "seed", "model", "dry-run", "python-version"}
     assert not any("token" in name for name in action["inputs"]), "the token must come from HF_TOKEN, not an input"
     assert set(action["outputs"]) == {"repo-url", "commit", "layers", "parameters", "bytes"}
     assert action["inputs"]["recipe"]["required"] is True
     uses = [s["uses"] for s in action["runs"]["steps"] if "uses" in s]
     assert uses == ["actions/setup-python@v5", "actions/cache@v4"]
+    cache = next(s for s in action["runs"]["steps"] if s.get("uses") == "actions/cache@v4")
+    assert set(cache["with"]) == {"path", "key"}, "restore-keys would restore another recipe's cache"
+    # No placeholder owner or tag in the usage the action's header and the README give.
+    for text in (ACTION.read_text(), (ROOT / "README.md").read_text(),
+                 (ROOT / "examples" / "workflows" / "compose.yml").read_text()):
+        assert "<owner>" not in text and "composer@v1" not in text
     for step in action["runs"]["steps"]:
         assert "${{" not in step.get("run", ""), step["name"]
     # The example workflow uses this action, with the token from a secret through env.
@@ -444,10 +450,10 @@ def test_compose_tiny_recipe(tmp_path, tiny_plan):
     # The cache step (not run here) is keyed by the plan, and caches only the hub/ folder of the HF cache.
     plan = run.step("plan").outputs
     assert plan["hf-cache"] == str(tmp_path / "home" / ".cache" / "huggingface" / "hub")
-    assert plan["cache-restore-keys"] == "composer-hf-Linux-"
+    assert "cache-restore-keys" not in plan
     if cache_runs:
         cache = next(r for r in run.steps if r.uses == "actions/cache@v4")
-        assert cache.with_ == {"path": plan["hf-cache"], "key": plan["cache-key"], "restore-keys": "composer-hf-Linux-"}
+        assert cache.with_ == {"path": plan["hf-cache"], "key": plan["cache-key"]}
         assert cache.with_["key"].startswith("composer-hf-Linux-")
     setup = next(r for r in run.steps if r.uses == "actions/setup-python@v5")
     assert setup.with_ == {"python-version": "3.11"}
@@ -483,7 +489,8 @@ def test_cache_key_from_hub_commits(tmp_path):
     for order in (1, -1):
         sources = [{"name": "a", "hub_id": "org/a", "commit": "1" * 40},
                    {"name": "b", "hub_id": "org/b", "commit": "2" * 40},
-                   {"name": "c", "hub_id": None, "commit": None}][::order]
+                   {"name": "c", "hub_id": None, "commit": None},
+                   {"name": "d", "hub_id": "org/d", "commit": None}][::order]  # mapped to a folder: no download
         plan = {"layers": 2, "parameters": 5, "output_bytes": 20, "layer_map": [], "sources": sources}
         env = _fake_compose(tmp_path / f"bin{order}", {"stages": [{**plan, "stage": "s1", "sources": []}, plan]})
         run = run_action(tmp_path / f"run{order}", {"recipe": str(RECIPE)}, env=env)
@@ -595,3 +602,49 @@ def test_push_to_fake_hub(tmp_path, tiny_plan):
     assert "on `composed`" in run.summary
     assert "hf_fake_token" not in run.summary and "hf_fake_token" not in run.log
     assert (run.workspace / "out" / "tiny-pro" / "model.safetensors").is_file()
+
+
+def _recording_compose(folder: Path, printed: dict) -> dict[str, str]:
+    """A `compose` that appends its arguments (one per line, then a blank line) to folder/calls and prints
+    `printed`; returns the env putting it first on PATH."""
+    folder.mkdir(parents=True)
+    (folder / "compose").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" >> {folder}/calls\necho >> {folder}/calls\n"
+                                    f"cat <<'JSON'\n{json.dumps(printed)}\nJSON\n")
+    (folder / "compose").chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_seed_and_model_inputs_reach_plan_and_compose(tmp_path):
+    plan = {"layers": 2, "parameters": 5, "output_bytes": 20, "layer_map": [], "sources": []}
+    env = _recording_compose(tmp_path / "bin", plan)
+    models = "  org/a=/data/a  \n\norg/b=/data/with space/b\n"
+    run = run_action(tmp_path / "run", {"recipe": str(RECIPE), "seed": "7", "model": models}, env=env)
+    assert not run.failed, run.log
+    calls = [c.split("\n") for c in (tmp_path / "bin" / "calls").read_text().strip("\n").split("\n\n")]
+    assert len(calls) == 2 and "--dry-run" in calls[0] and "--dry-run" not in calls[1]
+    for args in calls:
+        assert args[args.index("--seed") + 1] == "7"
+        assert [args[i + 1] for i, a in enumerate(args) if a == "--model"] == ["org/a=/data/a", "org/b=/data/with space/b"]
+
+
+def test_model_input_maps_a_hub_id_to_a_folder(tmp_path):
+    recipe = tmp_path / "workspace" / "hub-recipe.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("block_expansion: {model: org/tiny-llama, num_layers: 10}\n")
+    run = run_action(tmp_path, {"recipe": "hub-recipe.yaml", "output": "out",
+                                "model": f"org/tiny-llama={ROOT / 'examples' / 'tiny-llama'}"},
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert not run.failed, run.log
+    assert run.outputs["layers"] == "10" and (run.workspace / "out" / "model.safetensors").is_file()
+    assert run.step("plan").outputs["cache-key"] == ""  # a local folder: nothing to download, nothing to cache
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"seed": "-1"}, "input 'seed' must be a whole number"),
+    ({"seed": "1e3"}, "input 'seed' must be a whole number"),
+    ({"model": "org/a=/x\n/just/a/path"}, "input 'model': '/just/a/path' is not NAME=PATH"),
+], ids=["negative-seed", "float-seed", "model-without-name"])
+def test_bad_seed_or_model_input(tmp_path, inputs, message):
+    run = run_action(tmp_path, {"recipe": str(RECIPE), **inputs})
+    assert run.failed and run.steps[0].outcome == "failure" and message in run.steps[0].log, run.log
+    assert all(not r.ran for r in run.steps[1:])

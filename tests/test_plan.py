@@ -65,6 +65,11 @@ def test_llama_pro_full_scale():
     assert [plan.layers[i].source_layer for i in new] == [3, 7, 11, 15, 19, 23, 27, 31]
     zeroed = sorted(t.name for t in plan.tensors if t.op == "zeros")
     assert len(zeroed) == 16 and all("o_proj" in z or "down_proj" in z for z in zeroed)
+    # The README's LLaMA-Factory example (freeze_trainable_layers: 8) is this recipe's: its rule picks these layers.
+    from composer.report import summary
+
+    assert summary(plan)["training"]["llama_factory"] == {"finetuning_type": "freeze", "use_llama_pro": True,
+                                                          "freeze_trainable_layers": 8}
 
 
 def test_llama_pro_placement_matches_the_published_script():

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 import torch
 import transformers
 
 import composer
 from composer import architectures
 from composer.errors import PlanError, SourceError
-from composer.training import llama_factory_settings, llama_pro_layers
+from composer.cli import main
+from composer.training import llama_factory_fit, llama_factory_settings, llama_pro_layers
 from test_depth import compose
 from tinymodels import DEFAULT_INPUT_IDS, make_checkpoint
 
@@ -122,6 +124,14 @@ def test_llama_factory_use_llama_pro_trains_exactly_the_new_blocks(write_recipe,
     assert llama_factory_rule(total, len(new)) == new == llama_pro_layers(total, len(new))
     assert llama_factory_settings(out) == {"finetuning_type": "freeze", "use_llama_pro": True,
                                            "freeze_trainable_layers": len(new)}
+    # The dry run and the card say so, with the settings.
+    recipe = tmp_path / "recipe.yaml"
+    plan = json.loads(CliRunner().invoke(main, [str(recipe), "--dry-run", "--json"]).stdout)
+    assert plan["training"]["llama_factory"] == llama_factory_settings(out) and plan["training"]["new_layers"] == new
+    text = CliRunner().invoke(main, [str(recipe), "--dry-run"]).stdout
+    assert f"freeze_trainable_layers: {len(new)} selects exactly them" in text and "WARNING" not in text
+    card = (out / "README.md").read_text()
+    assert f"use_llama_pro: true\nfreeze_trainable_layers: {len(new)}\n" in card and "Do not use" not in card
 
 
 def test_llama_factory_mismatch_is_refused(write_recipe, tmp_path):
@@ -131,6 +141,29 @@ def test_llama_factory_mismatch_is_refused(write_recipe, tmp_path):
     assert composer.new_layers(out) == [3] and llama_factory_rule(5, 1) == [4]
     with pytest.raises(PlanError, match=r"would train layers \[4\].*freeze_original"):
         llama_factory_settings(out)
+    # The dry run, the run itself and the card warn, and point to composer's freeze helper.
+    recipe = tmp_path / "recipe.yaml"
+    plan = json.loads(CliRunner().invoke(main, [str(recipe), "--dry-run", "--json"]).stdout)
+    assert plan["training"]["llama_factory"] is None and "would train layers [4]" in \
+        plan["training"]["llama_factory_mismatch"]
+    text = CliRunner().invoke(main, [str(recipe), "--dry-run"]).stdout
+    assert "WARNING" in text and "composer.freeze_original" in text
+    run = CliRunner().invoke(main, [str(recipe), str(tmp_path / "again")])
+    assert run.exit_code == 0 and "warning:" in run.stderr and "composer.freeze_original" in run.stderr
+    assert "warning:" not in CliRunner().invoke(main, [str(recipe), str(tmp_path / "quiet"), "-q"]).stderr
+    card = (out / "README.md").read_text()
+    assert "Do not use LLaMA-Factory's `use_llama_pro`" in card and "composer.freeze_original" in card
+
+
+def test_llama_factory_catches_numbered_experts():
+    """LLaMA-Factory selects parameters whose names contain `.{i}.`: in Mixtral-style checkpoints `experts.1.` of
+    every layer too, so an expansion whose new layers match its rule still trains more than the new blocks."""
+    names = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight" for layer in range(4) for e in range(2)]
+    assert llama_factory_fit([1, 3], 4)[0] == {"finetuning_type": "freeze", "use_llama_pro": True,
+                                               "freeze_trainable_layers": 2}
+    settings, why = llama_factory_fit([1, 3], 4, names)
+    assert settings is None and "experts [1]" in why
+    assert llama_factory_fit([2, 5], 6, names)[0] is not None  # no expert is numbered 2 or 5
 
 
 def test_refusals(models, write_recipe, tmp_path):
