@@ -1,6 +1,7 @@
 """Every bad input gets one clean line naming the problem and the fix, a non-zero exit, and no traceback."""
 from __future__ import annotations
 
+import os
 import json
 import shutil
 import signal
@@ -279,3 +280,48 @@ def test_source_truncated_after_planning(models, tmp_path):
         execute(plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+KILL_AT = """
+import os, signal, sys
+import composer.execute
+ex = sys.modules["composer.execute"]
+ex.CHUNK_BYTES = 8192
+limit = float(os.environ["COMPOSER_TEST_KILL_AT"]) * int(os.environ["COMPOSER_TEST_TOTAL"])
+real, filled = ex._write_chunk, [0]
+def counting(*a):
+    filled[0] += ex.CHUNK_BYTES
+    if filled[0] >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup of any kind runs
+    return real(*a)
+ex._write_chunk = counting
+from composer.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
+def test_kill_9_at_a_fraction_of_the_bytes_then_rerun_gives_a_clean_runs_bytes(models, tmp_path, at):
+    """kill -9 after 10%, 50% or 90% of the output's bytes are filled: nothing finished-looking is left, and a
+    rerun writes exactly the bytes of a run that was never interrupted."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nparameters: {{weight: 0.5}}\nbase_model: {models['mistral']}\n"
+                      f"models: [{{model: {models['mistral']}}}, {{model: {models['mistral-b']}}}]\n")
+    clean = tmp_path / "clean"
+    assert CliRunner().invoke(main, [str(recipe), "-o", str(clean), "-q", "--shard-size", "200KB"]).exit_code == 0
+    total = sum(p.stat().st_size for p in clean.glob("*.safetensors"))
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    out = outs / "model"
+    env = {**os.environ, "COMPOSER_TEST_KILL_AT": str(at), "COMPOSER_TEST_TOTAL": str(total)}
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, str(recipe), "-o", str(out), "-q", "--shard-size", "200KB"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and _finished_looking(outs) == []
+    result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--shard-size", "200KB"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in outs.iterdir()) == ["model"]
+    files = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files and len(list(clean.glob("*.safetensors"))) > 1
+    for name in files:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
