@@ -508,6 +508,6 @@ def gate_note(recipe: MoeRecipe, base: SourceModel, layers: int) -> str:
         params = sum(t.numel for t in base.tensors.values())
         gb = params * 2 / 1e9
         seconds = gb / 0.5 + 2 * params * max(total, 1) / 20e9  # load at ~0.5 GB/s, ~20 GFLOP/s in bfloat16 on CPU
-        text += (f"; computed before writing by {2 * len(gate_experts(recipe))} forward passes of '{base.name}' in "
+        text += (f"; computed before writing by {sum(1 + bool(e.negative_prompts) for e in gate_experts(recipe))} forward passes of '{base.name}' in "
                  f"bfloat16 (about {gb:.1f} GB of memory, about {seconds:.0f} s here)")
     return text
