@@ -22,8 +22,20 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+class Shaped:
+    """numel and nbytes of anything with a `shape` and a safetensors `dtype`."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(Shaped):
     """Where one tensor's bytes live: file, absolute byte offset, dtype, shape."""
 
     name: str
@@ -32,16 +44,8 @@ class TensorInfo:
     file: Path | None
     offset: int
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
-
-
-class Derived:
+class Derived(Shaped):
     """A tensor computed from others while streaming (vocabulary rows re-indexed, a LoRA adapter merged in): it
     stands in for a TensorInfo (name, dtype, shape), has no bytes of its own (file None), and is read with
     `read(sources, start, stop)`: elements [start, stop), flat, in its dtype; `rows(sources, r0, r1)` gives whole
@@ -49,14 +53,6 @@ class Derived:
 
     file = None
     offset = 0
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
