@@ -131,6 +131,7 @@ class LoraWeight(Derived):
     lora_b: Any
     scaling: float
     transposed: bool  # embeddings and fan_in_fan_out layers: delta = (B @ A).T
+    status = "adapted"  # provenance: a model's tensor with an adapter merged in
 
     def rows(self, sources, r0: int, r1: int):
         """Rows [r0, r1) of the merged weight, in its dtype."""
@@ -209,7 +210,8 @@ def apply_adapter(model: SourceModel, adapter: Adapter, name: str) -> tuple[Sour
         if _shape(t) != own.shape:
             raise PlanError(f"adapter '{adapter.name}' saves '{target}' with shape {list(_shape(t))}, but "
                             f"'{model.name}' has {list(own.shape)}: the adapter was trained for another model")
-        tensors[target] = t if isinstance(t, TensorInfo) else _InMemory(target, _dtype(t), own.shape, t)
+        tensors[target] = replace(t, name=target) if isinstance(t, TensorInfo) else _InMemory(target, _dtype(t),
+                                                                                             own.shape, t)
     for module, p in sorted(pairs.items()):
         target = f"{module}.weight"
         own = tensors.get(target)

@@ -221,6 +221,11 @@ class Concat(Derived):
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
 
+    @property
+    def status(self) -> str:
+        """provenance: "stacked" (the parts' values, cast), or "noised" (noise_scale / residual_scale applied)."""
+        return "noised" if any(p.noise is not None or p.scale is not None for p in self.parts) else "stacked"
+
     def read(self, sources, start: int, stop: int):
         import torch
 
@@ -293,6 +298,7 @@ class Router(Derived):
     gates: Gates
     layer: int
     rows: tuple[int, int]
+    status = "router"  # provenance: initialised from the gate mode, not copied
 
     def read(self, sources, start: int, stop: int):
         from composer.dtypes import torch_dtype

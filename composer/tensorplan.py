@@ -73,6 +73,9 @@ class TensorPlan:
             return "zeroed"
         if self.op == "scale":
             return "scaled"
+        derived = getattr(self.inputs[0], "status", None)  # an adapted, stacked or router stand-in says what it is
+        if isinstance(derived, str):
+            return derived
         return "copied" if self.is_byte_copy else "converted"
 
 

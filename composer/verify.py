@@ -35,8 +35,8 @@ import click
 from composer.dtypes import DTYPE_NAME, FLOAT_DTYPES, ITEMSIZE, ST_DTYPE, torch_dtype
 from composer.errors import ComposerError, CorruptFileError, SourceError
 from composer.outputs import PROVENANCE_FILE, RECIPE_FILE
-from composer.sources import (INDEX_NAME, SINGLE_NAME, SourceModel, TensorInfo, open_sources, parse_hub_id,
-                              read_header)
+from composer.sources import (INDEX_NAME, SINGLE_NAME, Derived, SourceModel, TensorInfo, open_sources,
+                              parse_hub_id, read_header)
 from composer.vocab import is_vocabulary_tensor
 
 PIECE_BYTES = 16 * 2**20  # read from each file at a time
@@ -228,10 +228,19 @@ class Checker:
         self.out, self.prov, self.models = out, prov, models
         self.via, self.aligned_vocab, self.vocab_size = via, aligned_vocab, vocab_size
         self.files = _Files()
+        self.sources = None  # a composer.reading.Sources, for sources computed while reading (LoRA-merged weights)
 
     # Each check returns (kind, problem detail or None, note for a tensor not re-derived or None).
 
     def check(self, name: str, rec: Mapping[str, Any], got: TensorInfo) -> tuple[str, str | None, str | None]:
+        status = rec.get("status")
+        if status in ("router", "noised"):  # an MoE router, or expert tensors with random noise: not re-derivable
+            if got.dtype != rec["dtype"]:
+                return "mismatch", f"dtype is {got.dtype}, the provenance says {rec['dtype']}", None
+            why = ("an MoE router, initialised from the gate mode" if status == "router" else
+                   "MoE expert tensors with noise_scale / residual_scale") + ": dtype and finite values checked"
+            problem = self._finite(got)
+            return ("mismatch", problem, None) if problem else ("not_rederived", None, why)
         srcs = []
         for s in rec.get("sources", ()):
             model = self.models[s["model"]]
@@ -243,6 +252,16 @@ class Checker:
             return "mismatch", f"dtype is {got.dtype}, the provenance says {rec['dtype']}", None
         if not srcs:
             return "mismatch", "the provenance names no source", None
+        if status == "stacked":  # MoE experts stacked into one tensor: each part, cast, in its place
+            if got.numel != sum(info.numel for _, info in srcs):
+                return "mismatch", f"{got.numel} elements, its {len(srcs)} stacked sources hold another number", None
+            start = 0
+            for model, info in srcs:
+                problem = self._derived(got, info, model, None, start)
+                if problem:
+                    return "mismatch", problem, None
+                start += info.numel
+            return "converted", None, None
         first = srcs[0][1]
         aligned = self.aligned_vocab and is_vocabulary_tensor(name)
         if aligned:
@@ -260,6 +279,9 @@ class Checker:
             problem = self._finite(got)
             return ("mismatch", problem, None) if problem else ("not_rederived", None, why)
         model, src = srcs[0]
+        if isinstance(src, Derived):  # a LoRA-merged weight: computed from the model and its adapter, as composing
+            problem = self._derived(got, src, model, None)
+            return ("mismatch", problem, None) if problem else ("converted", None, None)
         if (op == "copy" and src.dtype == got.dtype and self.via in (None, src.dtype)) or src.dtype not in FLOAT_DTYPES:
             if op != "copy":
                 return "mismatch", f"op {op} on a {src.dtype} tensor", None
@@ -320,29 +342,44 @@ class Checker:
                 return f"element {a + int(bad[0])} is {float(x[int(bad[0])])}, not finite"
         return None
 
-    def _derived(self, got: TensorInfo, src: TensorInfo, model: str, scale: float | None) -> str | None:
+    def _source(self, src, a: int, b: int):
+        """Elements [a, b) of a source tensor in its dtype: read from its file, or computed (composer.sources.Derived,
+        through a composer.reading.Sources opened on first use)."""
+        import torch
+
+        if isinstance(src, Derived):
+            if self.sources is None:
+                from composer.reading import Sources
+
+                self.sources = Sources()
+            return src.read(self.sources, a, b)
+        size = ITEMSIZE[src.dtype]
+        return torch.frombuffer(bytearray(self.files.read(src.file, src.offset + a * size, (b - a) * size)),
+                                dtype=torch_dtype(src.dtype))
+
+    def _derived(self, got: TensorInfo, src: TensorInfo, model: str, scale: float | None, start: int = 0
+                 ) -> str | None:
         """src -> (the recipe's dtype) -> [float32 * scale -> the recipe's dtype] -> output dtype, as
-        composer.execute._compute_into computes it; compared bit for bit."""
+        composer.execute._compute_into computes it; compared bit for bit with the output's elements from `start`."""
         import torch
 
         src_dt, out_dt = torch_dtype(src.dtype), torch_dtype(got.dtype)
         work = torch_dtype(self.via) if self.via else src_dt
         ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         s_size, o_size = ITEMSIZE[src.dtype], ITEMSIZE[got.dtype]
-        for a, b in _pieces(got.numel, [s_size, o_size]):
-            x = torch.frombuffer(bytearray(self.files.read(src.file, src.offset + a * s_size, (b - a) * s_size)),
-                                 dtype=src_dt).to(work)
+        for a, b in _pieces(src.numel, [s_size, o_size]):
+            x = self._source(src, a, b).to(work)
             if scale is not None:
                 x = (x.to(torch.float32) * scale).to(work)
             want = x.to(out_dt)
-            have = torch.frombuffer(bytearray(self.files.read(got.file, got.offset + a * o_size, (b - a) * o_size)),
-                                    dtype=out_dt)
+            have = torch.frombuffer(bytearray(self.files.read(got.file, got.offset + (start + a) * o_size,
+                                                              (b - a) * o_size)), dtype=out_dt)
             wi, hi = want.view(ints[o_size]), have.view(ints[o_size])
             if not torch.equal(wi, hi):
                 i = int((wi != hi).nonzero()[0])
                 how = "".join([f" through {DTYPE_NAME[self.via]}" if self.via else "",
                                f" x {scale:g}" if scale is not None else "", f" as {DTYPE_NAME[got.dtype]}"])
-                return (f"element {a + i} is {float(have[i]):.6g}, source {model}:{src.name}{how} gives "
+                return (f"element {start + a + i} is {float(have[i]):.6g}, source {model}:{src.name}{how} gives "
                         f"{float(want[i]):.6g}")
         return None
 
@@ -377,6 +414,8 @@ def check_tensors(out: Path, prov: Mapping[str, Any], models: Mapping[str, Sourc
                 progress(table[name].nbytes)
     finally:
         checker.files.close()
+        if checker.sources is not None:
+            checker.sources.close()
     return {
         "in_output": len(table),
         "in_provenance": len(recorded),

@@ -210,3 +210,13 @@ def test_fan_in_fan_out_layers_take_the_transpose(tmp_path):
         changed += not torch.equal(t, load_state_dict(model)[name])
         assert torch.equal(t, want[name]), name
     assert changed == 4
+
+
+def test_verify_re_derives_adapted_tensors(lora, tmp_path):
+    """compose verify recomputes each LoRA-merged tensor from the model and its adapter, bit for bit."""
+    out = tmp_path / "o"
+    assert _run(tmp_path, _one(f"{lora['a']}+{lora['ad']}"), "-o", str(out), "-q").exit_code == 0
+    result = CliRunner().invoke(main, ["verify", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["tensors"]["mismatches"] == 0 and report["tensors"]["converted_equal"] >= 8
