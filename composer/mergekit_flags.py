@@ -25,8 +25,6 @@ FLAGS: tuple[tuple[str, object, str], ...] = (
      "composer writes safetensors only, never pickles: drop --no-safe-serialization"),
     ("--transformers-cache", "any",
      "composer takes the Hub cache from the environment: set HF_HUB_CACHE=PATH (or HF_HOME) instead"),
-    ("--lora-merge-cache", "any",
-     "composer keeps no cache of LoRA-merged models: drop --lora-merge-cache"),
     ("--lora-merge-dtype", "any",
      "composer rounds every input through the recipe's dtype: set dtype: in the recipe instead"),
     # Accepted, nothing to do: composer already behaves as the flag asks (or never does what it guards against).
@@ -35,6 +33,7 @@ FLAGS: tuple[tuple[str, object, str], ...] = (
     ("--clone-tensors/--no-clone-tensors", None, ""),
     ("--async-write/--no-async-write", None, ""),
     ("--write-threads", None, ""),
+    ("--lora-merge-cache", None, ""),  # mergekit needs it for model+adapter; composer merges while streaming
 )
 
 

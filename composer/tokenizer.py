@@ -39,6 +39,8 @@ def check_vocabulary(tokenizer: SourceModel, embeddings: SourceModel) -> None:
     """The tokenizer the output ships must index the embedding rows it ships."""
     if tokenizer.name == embeddings.name or tokenizer.path is None or embeddings.path is None:
         return
+    if not tokenizer_files(tokenizer.path) or not tokenizer_files(embeddings.path):
+        return  # no tokenizer to compare with: assumed the same, as mergekit assumes (the row counts were checked)
     if _vocabulary(tokenizer.path) != _vocabulary(embeddings.path):
         raise PlanError(
             f"'{tokenizer.name}', whose tokenizer the output ships, has a different vocabulary from "

@@ -184,3 +184,16 @@ def test_alignment_matches_mergekit(mergekit, vocab_models, tmp_path, case):
             assert torch.equal(ours[name], mine[name]), name
     assert (json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"]
             == json.loads((theirs / "config.json").read_text())["vocab_size"])
+
+
+def test_a_model_without_tokenizer_files_is_assumed_to_share_the_vocabulary(vocab_models, tmp_path):
+    """mergekit assumes a model without tokenizer files has the base's tokenizer; composer does too (its rows were
+    counted against the base's), instead of refusing it as a different vocabulary."""
+    bare = tmp_path / "bare"
+    shutil.copytree(vocab_models["a"], bare)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / f).unlink(missing_ok=True)
+    recipe = _recipe(tmp_path, f"merge_method: linear\nparameters: {{weight: 0.5}}\nbase_model: {vocab_models['a']}\n"
+                               f"models: [{{model: {vocab_models['a']}}}, {{model: {bare}}}]\n")
+    out = _compose(recipe, tmp_path / "o")
+    assert torch.equal(out["model.embed_tokens.weight"], load_state_dict(vocab_models["a"])["model.embed_tokens.weight"])
