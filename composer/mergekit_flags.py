@@ -37,6 +37,17 @@ FLAGS: tuple[tuple[str, object, str], ...] = (
 )
 
 
+# mergekit-moe's own flags (beside mergekit-yaml's, which it shares), the same way.
+MOE_FLAGS: tuple[tuple[str, object, str], ...] = (
+    ("--load-in-4bit", True, "composer computes the hidden gates in bfloat16 on the CPU, as mergekit-moe does "
+                             "without it (bitsandbytes needs a GPU): drop --load-in-4bit"),
+    ("--load-in-8bit", True, "composer computes the hidden gates in bfloat16 on the CPU, as mergekit-moe does "
+                             "without it (bitsandbytes needs a GPU): drop --load-in-8bit"),
+    # composer builds an MoE of identical experts (with a plan note) without being asked
+    ("--i-understand-this-is-not-useful-without-training", None, ""),
+)
+
+
 def _refuse(flag: str, refused: object, why: str) -> Callable:
     def callback(ctx: click.Context, param: click.Parameter, value: object) -> None:
         if refused is None or value is None or value is False:
@@ -56,9 +67,10 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> No
 def mergekit_flags(f: Callable) -> Callable:
     """Add the flags above to a click command, hidden from --help (the README's "Coming from mergekit" lists them)."""
     f = click.option("--device", callback=_device, expose_value=False, hidden=True)(f)
-    for decl, refused, why in reversed(FLAGS):
+    for decl, refused, why in reversed((*FLAGS, *MOE_FLAGS)):
         is_pair = "/" in decl
-        kwargs: dict = {"default": None} if is_pair else {"is_flag": True, "default": False} if refused is True \
+        flag = refused is True or decl in [d for d, _, _ in MOE_FLAGS]
+        kwargs: dict = {"default": None} if is_pair else {"is_flag": True, "default": False} if flag \
             else {"type": click.IntRange(min=1) if decl == "--write-threads" else str, "default": None}
         f = click.option(decl, callback=_refuse(decl, refused, why), expose_value=False, hidden=True, **kwargs)(f)
     return f

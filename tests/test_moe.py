@@ -252,3 +252,17 @@ def test_verify_checks_stacked_experts_and_finds_a_changed_one(experts, tmp_path
     assert result.exit_code != 0
     problems = json.loads(result.output)["tensors"]["mismatch_list"]
     assert [p["tensor"] for p in problems] == ["model.layers.1.mlp.experts.down_proj"]
+
+
+def test_mergekit_moe_flags(experts, tmp_path):
+    """mergekit-moe's own flags: the identical-experts switch is accepted and changes nothing; the quantized gate
+    loads are refused in one line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(moe_recipe(experts["l0"], [experts["l0"], experts["l0"]]))
+    plain = compose(recipe, tmp_path / "a")
+    flagged = compose(recipe, tmp_path / "b", "--i-understand-this-is-not-useful-without-training")
+    assert plain.keys() == flagged.keys() and all(torch.equal(plain[k], flagged[k]) for k in plain)
+    for flag in ("--load-in-4bit", "--load-in-8bit"):
+        result = CliRunner().invoke(main, [str(recipe), str(tmp_path / "c"), flag])
+        assert result.exit_code == 2 and flag in result.output and "bfloat16" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
