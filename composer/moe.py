@@ -172,25 +172,19 @@ def _config(arch: str, base: SourceModel, recipe: MoeRecipe, out_dtype: str) -> 
         out.num_local_experts = n
         out.num_experts_per_tok = recipe.experts_per_token
         out.sliding_window = None
-    elif arch == "Qwen MoE":
-        out = transformers.Qwen2MoeConfig(**cfg.to_dict())
-        out.architectures = ["Qwen2MoeForCausalLM"]
-        out.num_experts = n
-        out.num_experts_per_tok = recipe.experts_per_token
-        out.decoder_sparse_step = 1
-        out.norm_topk_prob = True
-        out.sliding_window = None
-        out.use_sliding_window = False
-        out.shared_expert_intermediate_size = out.intermediate_size
-        out.moe_intermediate_size = out.intermediate_size
-    else:
-        out = transformers.Qwen3MoeConfig(**cfg.to_dict())
-        out.architectures = ["Qwen3MoeForCausalLM"]
+    else:  # the Qwen MoEs: every layer sparse, top-k weights renormalised, experts as wide as the dense MLP
+        qwen2 = arch == "Qwen MoE"
+        out = (transformers.Qwen2MoeConfig if qwen2 else transformers.Qwen3MoeConfig)(**cfg.to_dict())
+        out.architectures = ["Qwen2MoeForCausalLM" if qwen2 else "Qwen3MoeForCausalLM"]
         out.num_experts = n
         out.num_experts_per_tok = recipe.experts_per_token
         out.decoder_sparse_step = 1
         out.norm_topk_prob = True
         out.moe_intermediate_size = out.intermediate_size
+        if qwen2:  # as mergekit-moe's qwen.py; its qwen3.py leaves the window settings as they are
+            out.sliding_window = None
+            out.use_sliding_window = False
+            out.shared_expert_intermediate_size = out.intermediate_size
     from composer.dtypes import DTYPE_NAME
 
     out.dtype = DTYPE_NAME[out_dtype]

@@ -1,12 +1,13 @@
 """Vocabulary alignment: the rows of embedding-like tensors re-indexed to the output tokenizer, as mergekit's
-`tokenizer_source` does (mergekit/tokenizer/build.py and embed.py, PermutedVocabulary).
+`tokenizer_source` and `tokenizer:` block do (mergekit/tokenizer/embed.py, PermutedVocabulary).
 
-With `tokenizer_source: base` (the base model's tokenizer, without tokens whose id is at or past its config's
-vocab_size) or a model name (that model's tokenizer), the output vocabulary is that tokenizer's, and each model's
-`embed_tokens` and `lm_head` rows are taken by token string. A token a model lacks gets, in every model:
-the row of the one model that has it; else the base model's row, if the base is merged and has it; else the mean
-of the rows of the models that have it (summed in the working dtype, then divided); zeros if no model has it.
-The output then has one row per token and `vocab_size` says so.
+The output vocabulary comes from composer.tokenizer (the base's, a model's, or the union). Each model's
+`embed_tokens` and `lm_head` rows are taken by token string. A token a model lacks gets, in every model: the row
+a `tokens:` rule names (a model's row of the token, a model's row of another token or id, or zeros; with `force`
+every model takes it); else the row of the one model that has it; else the base model's row, if the base is merged
+and has it; else the mean of the rows of the models that have it (summed in the working dtype, then divided); zeros
+if no model has it. Rows past the vocabulary (`pad_to_multiple_of`) are each model's mean aligned row. The output
+then has one row per token (padded) and `vocab_size` says so.
 
 The aligned inputs are read row block by row block like any other input (composer.blocks.read_block), so
 alignment costs no whole-tensor memory and composes with every merge method, slerp and ties statistics included.
