@@ -175,13 +175,19 @@ def _locate(hist: Tensor, position: int) -> tuple[int, int]:
 def select(
     read: Callable[[int, int], Sequence[Tensor]],
     numel: int,
-    ranges: Sequence[tuple[int, int] | None],
+    ranges: Sequence[tuple[int, int] | None] | Callable[[list[int]], Sequence[tuple[int, int] | None]],
     rescale: bool,
+    vectors: int = 0,
 ) -> list[Keep | None]:
     """For each task vector, the Keep of positions `ranges[i]` (None: keep all, nothing to compute).
 
     `read(a, b)` returns the float32 deltas of elements [a, b) of every task vector (those with range None
-    may be anything: they are not looked at)."""
+    may be anything: they are not looked at). `ranges` may instead be a function of how many elements of each of
+    the `vectors` vectors are exactly 0 (+0.0 or -0.0), called after the first pass, which counts them: SCE's k
+    counts the nonzero variances, which would otherwise take a pass of its own."""
+    later = ranges if callable(ranges) else None
+    if later is not None:
+        ranges = [(0, 1)] * vectors  # every vector is read in the first pass
     active = [i for i, r in enumerate(ranges) if r is not None and r[0] < r[1]]
     keeps: list[Keep | None] = [None if r is None else Keep(None, None) for r in ranges]
     if not active:
@@ -216,6 +222,12 @@ def select(
     # elements of each bin whose lower 16 bits are not all 0: ceil(bits / 2**16) moves exactly those one bin up,
     # so inexact[b] = sum over bins <= b of (rounded down - rounded up)
     inexact = {i: torch.cumsum(high[i] - rounded[i][:-1], 0) for i in active}
+    if later is not None:  # bin 0's exact elements have all bits 0: |delta| is +0.0
+        ranges = list(later([int(high[i][0] - inexact[i][0]) for i in active]))
+        keeps = [None if r is None else Keep(None, None) for r in ranges]
+        active = [i for i, r in enumerate(ranges) if r is not None and r[0] < r[1]]
+        if not active:
+            return keeps
     # the smallest and the largest kept value, as positions in ascending order
     wanted = {i: [numel - ranges[i][1], numel - 1 - ranges[i][0]] for i in active}
     located = {i: [_locate(high[i], p) for p in wanted[i]] for i in active}

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from composer.cli import main
 from composer.methods import METHODS, slerp
-from tinymodels import load_state_dict, logits
+from tinymodels import load_state_dict, logits, plain_uniform
 
 F32 = "dtype: float32\n"
 
@@ -368,7 +368,7 @@ def test_streamed_della_draws_per_block_of_rows(models, write_recipe, tmp_path, 
         d = delta[r: r + per_block]
         rank = d.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = the smallest |delta| of its row
         probs = density - eps + 2 * eps * rank / (width - 1)
-        mask[r: r + per_block] = (torch.rand(probs.shape, generator=torch.Generator().manual_seed(
+        mask[r: r + per_block] = (plain_uniform(probs.shape, torch.Generator().manual_seed(
             tensor_seed(3, f"{name}:0:{g}"))) < probs).float()
     factor = delta.abs().sum(dtype=torch.float64).float() / (delta * mask).abs().sum(dtype=torch.float64).float()
     torch.testing.assert_close(default[name], sb[name] + delta * mask * factor, rtol=1e-6, atol=1e-7)

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from composer import methods as M
 from composer.methods import sparsify
 from composer.methods import METHODS
+from tinymodels import plain_uniform
 
 # Where a test formula sums or multiplies in a different order than the implementation, results can differ by a
 # few float32 ulps; TIGHT allows that and nothing more.
@@ -318,7 +319,7 @@ def test_dare_formulas_with_the_same_random_stream(models):
     base, xs = models
     dens = [0.3, 1.0, 0.7]  # density 1 draws nothing
     g = torch.Generator().manual_seed(3)
-    masks = [(torch.rand(base.shape, generator=g) < d).float() if d < 1 else torch.ones_like(base) for d in dens]
+    masks = [(plain_uniform(base.shape, g) < d).float() if d < 1 else torch.ones_like(base) for d in dens]
     masked = [base + (x - base) * m for x, m in zip(xs, masks)]
     out = M.dare_linear(base, xs, W, dens, generator=torch.Generator().manual_seed(3), rescale=False)
     assert_close(out, M.task_arithmetic(base, masked, W), **TIGHT)
@@ -372,7 +373,7 @@ def test_della_formula_with_the_same_random_stream(models):
         d = x - base
         rank = d.abs().argsort(dim=1).argsort(dim=1).float()  # 0 = smallest in its row
         probs = density - eps + 2 * eps * rank / (d.shape[1] - 1)
-        pruned.append(base + d * (torch.rand(probs.shape, generator=g) < probs).float())
+        pruned.append(base + d * (plain_uniform(probs.shape, g) < probs).float())
     out = M.della(base, xs, W, [density] * 3, epsilons=[eps] * 3, generator=torch.Generator().manual_seed(5), rescale=False)
     assert_close(out, plain_ties(base, pruned, W, [1.0] * 3), **TIGHT)
     out = M.della_linear(base, xs, W, [density] * 3, epsilons=[eps] * 3, generator=torch.Generator().manual_seed(5), rescale=False)

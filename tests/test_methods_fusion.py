@@ -554,10 +554,12 @@ def test_streamed_sce_is_its_formula_within_the_mean_squares_rounding(small_bloc
     expected = whole("sce", [base, *xs], shared)
     deltas = torch.stack([x - base for x in xs])
     if select_topk < 1:  # the selection, exactly
-        keep, _ = fusion._sce_prepare(_sce_job([base, *xs], shared))
-        flat = fusion._sce_variance(deltas).reshape(-1)
-        mask = torch.cat([keep.mask(flat[a:b].abs(), a) for a, b in [(a, min(flat.numel(), a + BLOCK))
-                                                                       for a in range(0, flat.numel(), BLOCK)]])
+        from composer.methods.common import unpack_mask
+
+        packed, _ = fusion._sce_prepare(_sce_job([base, *xs], shared))  # the blend's masks, one per block
+        numel = deltas[0].numel()
+        mask = torch.cat([unpack_mask(m, 0, min(numel, a + BLOCK) - a) for a, m in zip(range(0, numel, BLOCK), packed)])
+        assert len(packed) == -(-numel // BLOCK)
         assert torch.equal(mask, fusion._sce_mask(deltas, select_topk).reshape(-1))
         deltas = deltas * mask.reshape(deltas.shape[1:]).unsqueeze(0)
     ours, apart, output = sce_bounds(n)

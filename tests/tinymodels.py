@@ -208,3 +208,13 @@ def logits(path: Path, input_ids: list[int] | None = None) -> torch.Tensor:
     ).eval()
     ids = torch.tensor([input_ids if input_ids is not None else DEFAULT_INPUT_IDS])
     return model(input_ids=ids).logits
+
+
+def plain_uniform(shape, generator: torch.Generator) -> torch.Tensor:
+    """composer's random methods' uniform numbers, written plainly: the low 31 bits of each 32-bit half of the
+    generator's int64 draws, over 2**31, rounded to float32."""
+    n = 1
+    for size in shape:
+        n *= size
+    draws = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
+    return ((draws & 0x7FFFFFFF).double() / 2**31).float().reshape(shape)

@@ -61,3 +61,48 @@ def per_input(name: str, values: Sequence[float] | None, n: int, default: float 
         raise ValueError(f"{name}: expected {n} values, got {len(values)}")
     return values
 
+
+
+_SPREAD: list = []  # byte value -> the int64 whose 8 bytes are its 8 bits (0 or 1), lowest bit first
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A float32 0/1 mask as bits, 8 elements a byte (element j is bit j % 8 of byte j // 8): 1/32 of its size.
+    Masks drawn in a statistics pass are kept this way for the blend, instead of being drawn (or ranked) again."""
+    import torch
+
+    u = mask.to(torch.uint8)
+    if u.numel() % 8:
+        u = torch.cat([u, u.new_zeros(8 - u.numel() % 8)])
+    # byte k of each int64 (0 or 1) lands in bit 56 + k of the product: the carries stay below bit 56
+    return ((u.view(torch.int64) * 0x0102040810204080) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, start: int, stop: int) -> Tensor:
+    """Elements [start, stop) of a packed mask, as float32 0/1."""
+    import torch
+
+    if not _SPREAD:
+        bits = torch.arange(256, dtype=torch.int64)
+        _SPREAD.append(sum(((bits >> k) & 1) << (8 * k) for k in range(8)))
+    first, last = start // 8, (stop + 7) // 8
+    spread = _SPREAD[0].index_select(0, packed[first:last].to(torch.int64)).view(torch.uint8)
+    return spread[start - 8 * first: stop - 8 * first].to(torch.float32)
+
+
+_LIBC: list = []
+
+
+def trim_heaps() -> None:
+    """Hand the free pages inside malloc's heaps back to the system (glibc's malloc_trim(0), which madvises them
+    away in every arena): for passes whose temporaries differ in size block by block (DELLA's sorts), which left
+    the pass threads' heaps fragmented at 0.7-1.4 GB. A no-op without glibc."""
+    import ctypes
+
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)

@@ -13,7 +13,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import per_input as _per_input
+from composer.methods.common import pack_mask, per_input as _per_input, trim_heaps, unpack_mask
 from composer.methods.method import MergeJob, Param, Streaming, scratch
 from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask
 from composer.methods.taskvectors import _task_arithmetic, gta_method
@@ -167,31 +167,39 @@ def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) ->
     return out
 
 
-def _random_prepare(job: MergeJob) -> list:
-    """The L1 rescale factor of each task vector, |delta|_1 / |kept delta|_1 over the whole tensor (None: none)."""
+def _random_prepare(job: MergeJob) -> tuple[list, list | None]:
+    """The L1 rescale factor of each task vector, |delta|_1 / |kept delta|_1 over the whole tensor (None: none),
+    and the masks this pass drew, per grid block, packed as bits (composer.methods.common.pack_mask: 1/32 of
+    float32's size, 16 MB for a 65M-element tensor's two masks), which the blend unpacks instead of drawing (or,
+    for DELLA, ranking) again: that halves the random draws and DELLA's sorts. None: no rescale, no pass."""
     densities = [float(d) for d in job.per_input["density"]]
     factors = [None] * len(job.inputs)
     if not (job.shared["rescale"] and any(d < 1 for d in densities)):
-        return factors
+        return factors, None
 
-    def norms(a: int, b: int) -> list:
+    def norms(a: int, b: int) -> tuple[list, list]:
         if "epsilon" in job.per_input:  # DELLA ranks within the block's rows: its deltas whole
             ds = job.deltas(a, b)
-            return [(d.abs().sum(dtype=torch.float64), (d * m).abs().sum(dtype=torch.float64))
-                    if m is not None else None for d, m in zip(ds, _masks(job, a, b, ds))]
+            masks = _masks(job, a, b, ds)
+            return ([(d.abs_().sum(dtype=torch.float64), d.mul_(m).sum(dtype=torch.float64))
+                     if m is not None else None for d, m in zip(ds, masks)],
+                    [None if m is None else pack_mask(m) for m in masks])
         from composer import ranked  # imports torch: not at planning time
 
         masks = _masks(job, a, b)
         sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
         for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
             for acc, d, m in zip(sums, job.deltas(pa, pb), masks):
-                if acc is not None:
-                    acc[0] = acc[0] + d.abs().sum(dtype=torch.float64)
-                    acc[1] = acc[1] + (d * m[pa - a: pb - a]).abs().sum(dtype=torch.float64)
-        return sums
+                if acc is not None:  # |d * m| = |d| * m for a 0/1 mask
+                    magnitude = d.abs_()
+                    acc[0] = acc[0] + magnitude.sum(dtype=torch.float64)
+                    acc[1] = acc[1] + magnitude.mul_(m[pa - a: pb - a]).sum(dtype=torch.float64)
+        return sums, [None if m is None else pack_mask(m) for m in masks]
 
     sums = [[0.0, 0.0] for _ in job.inputs]
-    for part in job.each(norms, job.steps(_grid(job))):
+    packed = []
+    for part, kept in job.each(norms, job.steps(_grid(job))):
+        packed.append(kept)
         for acc, got in zip(sums, part):
             if got is not None:
                 acc[0] += float(got[0])
@@ -200,27 +208,36 @@ def _random_prepare(job: MergeJob) -> list:
         before, after = torch.tensor(before).float(), torch.tensor(after).float()
         if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
             factors[i] = before / after
-    return factors
+    if "epsilon" in job.per_input:
+        trim_heaps()
+    return factors, packed
 
 
-def _random_blend(job: MergeJob, factors: list, ga: int, gb: int) -> Tensor:
-    """Grid block [ga, gb): its masks drawn once, then the merge in steps of job.chunk elements."""
+def _random_blend(job: MergeJob, stats: tuple[list, list | None], ga: int, gb: int) -> Tensor:
+    """Grid block [ga, gb): its masks (kept from the rescale pass, or drawn now), then the merge in steps of
+    job.chunk elements."""
     from composer.methods.taskvectors import merge_deltas
 
+    factors, packed = stats
     della = "epsilon" in job.per_input  # ranks within the block's rows: its inputs whole
-    held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)] if della else None
-    drawn = _masks(job, ga, gb, [x - held[0] for x in held[1:]] if della else None)
+    kept = None if packed is None else packed[ga // _grid(job)]
+    held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)] if della and kept is None else None
+    drawn = None if kept is not None else _masks(job, ga, gb, [x - held[0] for x in held[1:]] if held else None)
     out = torch.empty(gb - ga)
     for a in range(ga, gb, job.chunk):
         b = min(gb, a + job.chunk)
+        if kept is not None:
+            masks = [None if m is None else unpack_mask(m, a - ga, b - ga) for m in kept]
+        else:
+            masks = [None if m is None else m[a - ga: b - ga] for m in drawn]
 
-        def sparsify(i: int, d: Tensor, a: int = a) -> Tensor:
-            if drawn[i] is None:
+        def sparsify(i: int, d: Tensor, masks: list = masks) -> Tensor:
+            if masks[i] is None:
                 return d
-            masked = d * drawn[i][a - ga: a - ga + d.numel()]
+            masked = d * masks[i]
             return masked if factors[i] is None else masked * factors[i]
 
-        if della:
+        if held:
             base, *xs = (x[a - ga: b - ga] for x in held)
         else:
             base, *xs = (job.read(k, a, b) for k in (job.base, *job.inputs))

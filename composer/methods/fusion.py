@@ -14,7 +14,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import float32 as _float32
+from composer.methods.common import float32 as _float32, pack_mask, unpack_mask
 from composer.methods.method import MergeJob, Streaming
 from composer.methods.taskvectors import _sign_consensus
 
@@ -35,12 +35,12 @@ from composer.methods.taskvectors import _sign_consensus
 #   (contributor count > 1) and where it is nonzero and unique (count == 1): integers, so the blocks' sums are
 #   exact and equal the whole tensor's; lambda_i is then computed from them as the formula computes it, and each
 #   block is the formula's arithmetic with those lambdas: bit for bit the formula.
-# - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 first a pass counting the nonzero
-#   per-element variances across models (k = int(count * select_topk) as the formula takes it), then the top k of
-#   the variance found by composer.ranked.select (histograms of var's float32 bit patterns, var recomputed per
-#   block from the inputs, bit for bit torch.var's (_sce_variance); exact ties at the cut keep the earlier
-#   elements, as the formula does): the formula's selection, exactly. Then a pass for
-#   the per-model sums of the squared (masked) task vectors, in float64 over blocks, rounded to float32 and
+# - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 the top k of the per-element
+#   variance across models found by composer.ranked.select (histograms of var's float32 bit patterns, var
+#   recomputed per block from the inputs, bit for bit torch.var's (_sce_variance); k = int(count * select_topk)
+#   as the formula takes it, the nonzero count read off the first pass's histogram; exact ties at the cut keep
+#   the earlier elements, as the formula does): the formula's selection, exactly. Then a pass for
+#   the per-model sums of the squared (masked) task vectors, which keeps each block's mask packed for the blend, in float64 over blocks, rounded to float32 and
 #   divided by numel, as torch's float32 mean divides its float32 sum; the weights, the sign election and the
 #   weighted mean are then the formula's, per block. The formula (and mergekit) sum the squares in float32 over
 #   the whole tensor: the streamed mean squares are correctly rounded where torch's may be a few float32 ulps
@@ -135,24 +135,27 @@ def _sce_variance(deltas: Tensor) -> Tensor:
     """torch.var(deltas, dim=0, unbiased=False), bit for bit, several times faster: torch's CPU kernel reduces each
     element's n values with Welford's updates in float64 (WelfordOps: delta = x - mean, mean += delta / k,
     m2 += delta * (x - mean)), element by element; here the same float64 operations in the same order over the
-    whole block at once, then the same m2 / n rounded to the input's dtype."""
+    whole block at once, then the same m2 / n rounded to the input's dtype. The first update is skipped: it sets
+    mean = x[0] and adds x[0] * 0 to m2, which only NaN or Inf would change (and they make the variance NaN
+    whatever). Without torch's m2 = +0.0 to start from, a zero variance may come out as -0.0: equal to torch's
+    +0.0 (torch.equal), and the same once SCE takes its abs()."""
     x = deltas.to(torch.float64)
-    mean, m2 = torch.zeros_like(x[0]), torch.zeros_like(x[0])
-    for k in range(x.shape[0]):
+    n = x.shape[0]
+    if n == 1:
+        return (x[0] * (x[0] - x[0])).to(deltas.dtype)
+    mean, m2 = x[0], None
+    for k in range(1, n):
         delta = x[k] - mean
         mean = mean + delta / (k + 1)
-        m2 = m2 + delta * (x[k] - mean)
-    return (m2 / x.shape[0]).to(deltas.dtype)
+        term = delta.mul_(x[k] - mean)
+        m2 = term if m2 is None else m2.add_(term)
+    return m2.div_(n).to(deltas.dtype)
 
 
-def _sce_selected(job: MergeJob, keep: ranked.Keep | None, a: int, b: int) -> tuple[Tensor, Tensor]:
-    """The base and the task vectors [n, b - a] of elements [a, b), zeroed outside the selection `keep` (None: no
-    selection)."""
+def _sce_deltas(job: MergeJob, a: int, b: int) -> tuple[Tensor, Tensor]:
+    """The base and the task vectors [n, b - a] of elements [a, b)."""
     base = job.read_base(a, b)
-    deltas = torch.stack([x - base for x in job.read_inputs(a, b)], dim=0)
-    if keep is not None:
-        deltas = deltas * keep.mask(_sce_variance(deltas).abs(), a).unsqueeze(0)
-    return base, deltas
+    return base, torch.stack([x - base for x in job.read_inputs(a, b)], dim=0)
 
 
 def _pieces(job: MergeJob, a: int, b: int) -> list[tuple[int, int]]:
@@ -162,9 +165,11 @@ def _pieces(job: MergeJob, a: int, b: int) -> list[tuple[int, int]]:
     return [(s, min(b, s + job.chunk)) for s in range(a, b, job.chunk)]
 
 
-def _sce_prepare(job: MergeJob) -> tuple[ranked.Keep | None, Tensor] | None:
-    """The selection (with select_topk < 1) and the per-model weights, from passes over blocks (None: no models
-    besides the base)."""
+def _sce_prepare(job: MergeJob) -> tuple[list | None, Tensor] | None:
+    """The selection (with select_topk < 1, as a packed mask per block: composer.methods.common.pack_mask) and the
+    per-model weights, from passes over blocks (None: no models besides the base). The variance is computed
+    in the selection's passes (the first also counting its zeros, for k) and once more in the mean squares' pass,
+    which keeps the mask it makes for the blend: the blend computes none."""
     from composer import ranked  # imports torch: not at planning time
 
     if not job.inputs:
@@ -177,35 +182,47 @@ def _sce_prepare(job: MergeJob) -> tuple[ranked.Keep | None, Tensor] | None:
             def variance(a: int, b: int) -> Tensor:
                 out = torch.empty(b - a)
                 for s, e in _pieces(job, a, b):
-                    out[s - a: e - a] = _sce_variance(_sce_selected(job, None, s, e)[1])
+                    out[s - a: e - a] = _sce_variance(_sce_deltas(job, s, e)[1])
                 return out
 
-            def nonzero(a: int, b: int) -> int:
-                return sum(int(torch.count_nonzero(_sce_variance(_sce_selected(job, None, s, e)[1])))
-                           for s, e in _pieces(job, a, b))
+            def ranges(zeros: list[int]) -> list[tuple[int, int]]:  # as int(count_nonzero(var) * density)
+                return [(0, int(torch.tensor(job.numel - zeros[0]) * topk))]
 
-            k = int(torch.tensor(sum(job.each(nonzero, job.steps()))) * topk)  # as int(count_nonzero(var) * density)
-            keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, [(0, k)], False)[0]
+            keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, ranges, False, vectors=1)[0]
 
-    def squares(a: int, b: int) -> Tensor:
-        return sum(_sce_selected(job, keep, s, e)[1].square().sum(dim=1, dtype=torch.float64)
-                   for s, e in _pieces(job, a, b))
+    def squares(a: int, b: int) -> tuple[Tensor, Tensor | None]:
+        total, masks = 0, []
+        for s, e in _pieces(job, a, b):
+            deltas = _sce_deltas(job, s, e)[1]
+            if keep is not None:
+                mask = keep.mask(_sce_variance(deltas).abs(), s)
+                masks.append(mask)
+                deltas = deltas * mask.unsqueeze(0)
+            total = total + deltas.square().sum(dim=1, dtype=torch.float64)
+        return total, None if keep is None else pack_mask(torch.cat(masks))
 
-    sums = sum(job.each(squares, job.steps()))  # float64 [n], blocks added in order
+    parts = list(job.each(squares, job.steps()))
+    sums = sum(part[0] for part in parts)  # float64 [n], blocks added in order
     # torch's float32 mean is its float32 sum divided by numel: here the float64 sum rounded once, then divided
-    return keep, _sce_normalized(sums.to(torch.float32) / job.numel)
+    return None if keep is None else [part[1] for part in parts], _sce_normalized(sums.to(torch.float32) / job.numel)
 
 
 def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
+    """Grid block [a, b) (the statistics passes' blocks: its packed mask), in steps of job.chunk elements."""
     if stats is None:
         return job.read_base(a, b)
-    keep, w = stats
-    base, deltas = _sce_selected(job, keep, a, b)
-    return _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+    masks, w = stats
+    out = torch.empty(b - a)
+    for s, e in _pieces(job, a, b):
+        base, deltas = _sce_deltas(job, s, e)
+        if masks is not None:
+            deltas.mul_(unpack_mask(masks[a // job.block], s - a, e - a).unsqueeze(0))
+        out[s - a: e - a] = _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+    return out
 
 
-_SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare)
-_SCE_RANKED = Streaming("ranked", _sce_blend, _sce_prepare)
+_SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare, grid=lambda job: job.block)
+_SCE_RANKED = Streaming("ranked", _sce_blend, _sce_prepare, grid=lambda job: job.block)
 
 
 def sce_streaming(job: MergeJob) -> Streaming:
