@@ -5,7 +5,8 @@ A method keeps the elements at positions [start, end) of a stable descending sor
 That set is: every element strictly between the values at the two ends, plus, for each end value v, the
 equal elements whose rank among the elements equal to v (in index order) falls in a range. Finding it:
 
-1. a histogram of the upper 16 bits of |delta|'s float32 pattern (monotone in the value for non-negative floats);
+1. a histogram of the upper 16 bits of |delta|'s float32 pattern (monotone in the value for non-negative floats),
+   one bincount per piece whose keys also say whether the lower 16 bits are all 0 (an "exact" element);
 2. the elements inside the bins holding the two ends, gathered (their positions and lower 16 bits): the exact
    end values, how many elements lie below and at each, and, where an end cuts through a run of equal values,
    where in the tensor the kept part of the run starts and ends (equal elements are kept in index order, so the
@@ -195,33 +196,35 @@ def select(
     grid = blocks(0, numel)
 
     def upper(a: int, b: int) -> list:
-        out = [(torch.zeros(1 << 16, dtype=torch.int64), torch.zeros((1 << 16) + 1, dtype=torch.int64),
-                torch.zeros((), dtype=torch.float64)) for _ in active]
+        out = [[None, torch.zeros((), dtype=torch.float64)] for _ in active]
         for pa, pb in pieces(a, b):
             deltas = read(pa, pb)
-            for (floor, ceiling, norm), i in zip(out, active):
+            for acc, i in zip(out, active):
                 magnitudes = deltas[i].abs()
                 bits = magnitudes.view(torch.int32)
-                floor += torch.bincount(bits >> 16, minlength=1 << 16)
-                ceiling += torch.bincount((-bits).bitwise_right_shift_(16).neg_(), minlength=(1 << 16) + 1)
+                # the upper 16 bits rounded down plus rounded up: 2 * bin, + 1 where the lower 16 bits are not all
+                # 0 (an inexact element of the bin), so one histogram counts both; |x|'s sign bit is 0, so the
+                # bins are < 2**15 and the keys < 2**16
+                key = (-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16)
+                counts = torch.bincount(key, minlength=1 << 16)
+                acc[0] = counts if acc[0] is None else acc[0].add_(counts)
                 if rescale:
-                    norm += magnitudes.sum(dtype=torch.float64)
+                    acc[1] += magnitudes.sum(dtype=torch.float64)
         return out
 
     high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
-    rounded = {i: torch.zeros((1 << 16) + 1, dtype=torch.int64) for i in active}
-    per_block: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in active}  # each block's two histograms
+    inexact = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}  # elements whose lower bits are not 0
+    per_block: dict[int, list[Tensor]] = {i: [] for i in active}  # each block's exact elements per bin
     l1 = {i: torch.zeros((), dtype=torch.float64) for i in active}
-    for part in each(upper, grid):  # pass 1: upper 16 bits, rounded down and up
-        for i, (floor, ceiling, norm) in zip(active, part):
-            high[i] += floor
-            rounded[i] += ceiling
-            per_block[i].append((floor.to(torch.int32), ceiling.to(torch.int32)))
+    for part in each(upper, grid):  # pass 1: upper 16 bits, and whether the lower ones are 0
+        for i, (hist, norm) in zip(active, part):
+            exact, loose = hist[0::2], hist[1::2]
+            high[i][: 1 << 15] += exact
+            high[i][: 1 << 15] += loose
+            inexact[i][: 1 << 15] += loose
+            per_block[i].append(exact.to(torch.int32))
             if rescale:
                 l1[i] += norm
-    # elements of each bin whose lower 16 bits are not all 0: ceil(bits / 2**16) moves exactly those one bin up,
-    # so inexact[b] = sum over bins <= b of (rounded down - rounded up)
-    inexact = {i: torch.cumsum(high[i] - rounded[i][:-1], 0) for i in active}
     if later is not None:  # bin 0's exact elements have all bits 0: |delta| is +0.0
         ranges = list(later([int(high[i][0] - inexact[i][0]) for i in active]))
         keeps = [None if r is None else Keep(None, None) for r in ranges]
@@ -268,8 +271,7 @@ def select(
             e = _End((hb << 16) | lb, ranks, total, top=hb == top[i] and lb == largest)
             if e.cut and ranks[0] < ranks[1]:
                 if (i, hb) not in lows:  # the exact elements of bin hb, block by block
-                    exact_runs.append((i, e, [int(f[hb]) - int((f[: hb + 1] - c[: hb + 1]).sum())
-                                              for f, c in per_block[i]]))
+                    exact_runs.append((i, e, [int(exact[hb]) for exact in per_block[i]]))
                 elif positions is not None:
                     equal = positions[i, hb][lows[i, hb] == lb]  # in index order
                     e.indices = (int(equal[ranks[0]]), int(equal[ranks[1] - 1]) + 1)
@@ -343,8 +345,13 @@ def _nth_equal(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[in
     seen = 0
     for (a, b), count in zip(grid, counts):
         if rank < seen + count:
-            equal = read(a, b)[i].abs().view(torch.int32) == bits
-            return a + int(torch.nonzero(equal).reshape(-1)[rank - seen])
+            for pa, pb in pieces(a, b):  # the block's pieces up to the one holding it
+                equal = read(pa, pb)[i].abs().view(torch.int32) == bits
+                count = int(equal.sum())
+                if rank < seen + count:
+                    return pa + int(torch.nonzero(equal).reshape(-1)[rank - seen])
+                seen += count
+            break
         seen += count
     raise AssertionError("rank beyond the run")  # the counts come from the same blocks
 
