@@ -400,8 +400,9 @@ def ram(base: Tensor, tensors: Sequence[Tensor], *, epsilon: float = 1e-5) -> Te
     b, deltas, nonzero, counts, overlap, unique = _ram_parts(base, tensors, epsilon)
     if deltas is None:
         return b
-    kept = deltas * nonzero
-    merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    # nz_i d_i [c == 1] + nz_i d_i [c > 1] / max(c, 1) is nz_i d_i / max(c, 1): the same float32 values (where
+    # c == 1 the division is exact; where c == 0 every nz_i d_i is 0), in two operations per model instead of five
+    merged = deltas.mul_(nonzero).div_(counts.clamp(min=1)).sum(dim=0, keepdim=True)
     return b + merged.reshape_as(b)
 
 
@@ -438,10 +439,11 @@ def _ramplus_lambda(shared_counts: Tensor, unique_counts: Tensor, epsilon: float
 def _ramplus_merge(b: Tensor, deltas: Tensor, nonzero: Tensor, counts: Tensor, overlap: Tensor, unique: Tensor,
                    lambda_: Tensor) -> Tensor:
     """RAM+'s elementwise step, given the per-model lambdas."""
-    kept = deltas * nonzero
-    merged = ((kept * unique * lambda_.unsqueeze(-1)) + (kept * overlap / counts.clamp(min=1))).sum(
-        dim=0, keepdim=True
-    )
+    # nz_i d_i [c == 1] lambda_i + nz_i d_i [c > 1] / max(c, 1) as (nz_i d_i / max(c, 1)) ([c == 1] lambda_i +
+    # [c > 1]): the same float32 values (where c == 1 the division is exact, and one of the two terms is 0), in
+    # three operations per model instead of five
+    scale = unique * lambda_.unsqueeze(-1) + overlap
+    merged = (deltas.mul_(nonzero).div_(counts.clamp(min=1)).mul_(scale)).sum(dim=0, keepdim=True)
     return b + merged.reshape_as(b)
 
 
@@ -456,8 +458,9 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
         for start, stop in _pieces(job, a, b):
             _, _, nonzero, _, overlap, unique = _ram_parts(job.read_base(start, stop), job.read_inputs(start, stop),
                                                            s["epsilon"])
-            total = total + torch.stack([(nonzero * overlap).sum(dim=1, dtype=torch.int64),
-                                         (nonzero * unique).sum(dim=1, dtype=torch.int64)])
+            # S_i + U_i = sum nz_i; float32 sums of a piece's 0/1 values (< 2**24 of them) are exact
+            changed, alone = nonzero.sum(dim=1), (nonzero * unique).sum(dim=1)
+            total = total + torch.stack([changed - alone, alone]).to(torch.int64)
         return total
 
     total = sum(job.each(counts, job.steps()))
