@@ -1,7 +1,7 @@
 """Averaging merges: linear and Model Stock, each a whole-tensor formula beside its streamed decomposition."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,14 @@ def angle_sums(vectors: Sequence[Tensor]) -> Tensor:
     return torch.cat([gram.diagonal(), gram[i, j]])
 
 
+def block_angle_sums(vectors: Callable[[int, int], Sequence[Tensor]], a: int, b: int) -> Tensor:
+    """angle_sums of elements [a, b) of the vectors `vectors(a, b)` returns, summed over pieces (composer.ranked
+    .pieces): a whole 1M-element block made 16 MB float64 copies, each a fresh mmap (page faults every block)."""
+    from composer import ranked
+
+    return sum(angle_sums(vectors(pa, pb)) for pa, pb in ranked.pieces(a, b))
+
+
 def _pair_cosines(sums: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     norms = sums[:n].sqrt()
     i, j = torch.triu_indices(n, n, 1)
@@ -135,7 +143,7 @@ LINEAR = MergeMethod(
 
 def _stock_prepare(job: MergeJob) -> Tensor:
     """t from the angles between the whole task vectors: float64 sums streamed over blocks."""
-    total = sum(job.each(lambda a, b: angle_sums(job.deltas(a, b)), job.steps()))
+    total = sum(job.each(lambda a, b: block_angle_sums(job.deltas, a, b), job.steps()))
     return model_stock_t(total, len(job.inputs))
 
 

@@ -11,7 +11,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.averaging import angle_sums
+from composer.methods.averaging import block_angle_sums
 from composer.methods.common import float32 as _float32, per_input as _per_input
 from composer.methods.method import ROWS, MergeJob, MergeMethod, Param, Streaming, scratch
 
@@ -244,7 +244,10 @@ def _vectors(job: MergeJob, a: int, b: int, width: int | None = None) -> tuple[l
 
 def _angle_prepare(job: MergeJob):
     """Flattened: one angle per tensor, from float64 sums streamed over blocks."""
-    total = sum(job.each(lambda a, b: angle_sums(_vectors(job, a, b)[0]), job.steps()))
+    def vectors(a: int, b: int) -> list[Tensor]:
+        return _vectors(job, a, b)[0]
+
+    total = sum(job.each(lambda a, b: block_angle_sums(vectors, a, b), job.steps()))
     weight = nuslerp_t(job.per_input["weight"])
     return weight, nuslerp_angle(total, weight)
 
