@@ -381,8 +381,8 @@ def _find_indices(read: Callable[[int, int], Sequence[Tensor]], numel: int, owne
 
 
 def apply(keep: Keep | None, delta: Tensor, start: int) -> Tensor:
-    """The sparsified delta of elements [start, start + len)."""
+    """The sparsified delta of elements [start, start + len), in place."""
     if keep is None:
         return delta
-    masked = delta * keep.mask(delta.abs(), start)
-    return masked if keep.factor is None else masked * keep.factor
+    delta.mul_(keep.mask(delta.abs(), start))
+    return delta if keep.factor is None else delta.mul_(keep.factor)

@@ -234,8 +234,8 @@ def _random_blend(job: MergeJob, stats: tuple[list, list | None], ga: int, gb: i
         def sparsify(i: int, d: Tensor, masks: list = masks) -> Tensor:
             if masks[i] is None:
                 return d
-            masked = d * masks[i]
-            return masked if factors[i] is None else masked * factors[i]
+            d.mul_(masks[i])  # in place: d is the merge's own copy
+            return d if factors[i] is None else d.mul_(factors[i])
 
         if held:
             base, *xs = (x[a - ga: b - ga] for x in held)

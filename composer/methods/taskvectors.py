@@ -40,8 +40,11 @@ def _task_arithmetic(
     w_list = _per_input("weight", weights, len(xs), None)
     deltas = b.new_empty((len(xs), *b.shape))
     for i, x in enumerate(xs):
-        delta = x - b
-        deltas[i] = sparsify(i, delta) if sparsify is not None else delta
+        delta = torch.sub(x, b, out=deltas[i])
+        if sparsify is not None:
+            kept = sparsify(i, delta)  # the streamed ones work in place: no copy then
+            if kept.data_ptr() != delta.data_ptr():
+                delta.copy_(kept)
     w = torch.tensor(w_list, dtype=torch.float32)
     while deltas.dim() > w.dim():
         w.unsqueeze_(-1)
