@@ -583,3 +583,15 @@ def test_a_failed_streamed_pass_waits_for_its_other_blocks():
         with pytest.raises(RuntimeError, match="bad block"):
             list(ranked.each(block, [(0, 1), (1, 2), (2, 3), (3, 4)]))
         assert 0 in started and sorted(finished) == sorted(a for a in started if a != 1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 12345])
+def test_packed_masks_unpack_to_the_mask(n):
+    """DARE, DELLA and SCE keep their masks packed 8 to a byte between passes: any range unpacks to the mask's."""
+    from composer.methods.common import pack_mask, unpack_mask
+
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4).float()
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+    for a, b in [(0, n), (3 % n, n), (0, max(0, n - 5)), (n // 3, 2 * n // 3)]:
+        assert torch.equal(unpack_mask(packed, a, b), mask[a:b])

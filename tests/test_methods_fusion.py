@@ -631,3 +631,20 @@ def test_streamed_merges_through_the_cli(models, write_recipe, tmp_path, monkeyp
             assert ((out[t.name] - expected).abs() <= sce_bounds(2)[2] * U_F32 * scale).all(), t.name
         else:
             assert torch.equal(out[t.name], expected), t.name
+
+
+def test_order_statistics_are_sorting_s():
+    """arcee_fusion's streamed threshold takes order statistics without sorting: each equals torch.sort's value at
+    that rank, with long runs of equal values, negatives, signed zeros, one bin holding everything, and NaN."""
+    g = torch.Generator().manual_seed(11)
+    cases = [torch.rand(200_000, generator=g) * torch.rand(200_000, generator=g) * 1e-3,
+             torch.randint(-3, 4, (50_000,), generator=g).float() / 8,  # 7 values: every rank inside a run
+             torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.0]),
+             torch.full((1000,), 0.25),
+             torch.tensor([1.0, float("nan"), -3.0, 2.0, float("inf")])]
+    for x in cases:
+        ordered, n = torch.sort(x).values, x.numel()
+        ranks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
+        got = fusion.order_statistics(x, ranks)
+        for r, value in zip(ranks, got):
+            assert value.item() == ordered[r].item() or (value.isnan() and ordered[r].isnan()), (r, value, ordered[r])
