@@ -205,12 +205,26 @@ def _tensor_sources(plan: Plan, t) -> list[dict[str, str]]:
     return [{"model": owners.get(id(p.info), t.models[0]), "tensor": p.info.name} for p in parts]
 
 
+def _recipe_folder_used(plan: Plan) -> str | None:
+    """The recipe file's folder, when some model was found there and not from the current folder: compose verify
+    then looks there too. Otherwise nothing is recorded, so the output does not depend on where the recipe lay."""
+    if not plan.recipe_path:
+        return None
+    folder = Path(plan.recipe_path).resolve().parent
+    for name, src in plan.sources.items():
+        rel = Path(name.split("+", 1)[0])
+        if src.path is not None and not rel.is_absolute() and not rel.is_dir() and (folder / rel).is_dir():
+            return str(folder)
+    return None
+
+
 def provenance(plan: Plan) -> dict[str, Any]:
     """Where every output tensor came from, and which layers are new: what LLaMA-Pro-style training freezes by."""
     return {
         "format": "composer-provenance/1",
         "operation": plan.operation,
         "base_model": plan.base,
+        **({"recipe_folder": folder} if (folder := _recipe_folder_used(plan)) else {}),
         "hub_sources": [o.to_json() for o in hub_bases(plan)],
         "layers": [
             {"layer": la.index, "model": la.model, "source_layer": la.source_layer, "status": la.status,

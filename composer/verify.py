@@ -138,8 +138,8 @@ def output_table(out: Path) -> tuple[dict[str, TensorInfo], list[dict[str, str]]
 def open_provenance_sources(prov: Mapping[str, Any], out: Path, overrides: Mapping[str, str] | None,
                             hub: Any = None) -> dict[str, SourceModel]:
     """The models the provenance names, opened as compose opened them (headers only): --model NAME=PATH, else a
-    folder from the current folder, beside OUT or among OUT's stages (OUT.stages/NAME), else a Hub id at the commit
-    the provenance recorded."""
+    folder from the current folder, from the recipe's folder (recorded at compose time), beside OUT or among OUT's
+    stages (OUT.stages/NAME), else a Hub id at the commit the provenance recorded."""
     from composer.stages import stages_folder
 
     names = list(dict.fromkeys([
@@ -148,7 +148,9 @@ def open_provenance_sources(prov: Mapping[str, Any], out: Path, overrides: Mappi
     ]))
     commits = {(h.get("hub_id"), h.get("revision")): h.get("commit") for h in prov.get("hub_sources") or ()
                if isinstance(h, dict)}
-    search = (stages_folder(out), out.parent)
+    recipe_folder = prov.get("recipe_folder")
+    search = (*([Path(recipe_folder)] if isinstance(recipe_folder, str) and recipe_folder else []),
+              stages_folder(out), out.parent)
     opened: dict[str, SourceModel] = {}
     for name in names:
         ref = parse_hub_id(name)
@@ -159,7 +161,7 @@ def open_provenance_sources(prov: Mapping[str, Any], out: Path, overrides: Mappi
             model = open_sources([pinned], search, {pinned: overrides[name]} if overrides and name in overrides
                                  else None, hub=hub)[pinned]
         except SourceError as exc:
-            raise SourceError(f"{exc} (verify looks from the current folder and beside {out}; "
+            raise SourceError(f"{exc} (verify looks from the current folder, the recipe's folder and beside {out}; "
                               f"name the folder with --model {name}=PATH)") from None
         opened[name] = model
     return opened

@@ -247,3 +247,27 @@ def test_sources_found_with_model_override(models, write_recipe, tmp_path):
     assert result.exit_code == 2 and f"--model {src}=PATH" in result.output
     result = verify(out, "--model", f"{src}={moved}")
     assert result.exit_code == 0, result.output
+
+
+def test_models_relative_to_the_recipe_folder_are_found(models, tmp_path, monkeypatch):
+    """compose looks for a relative model name from the current folder, then from the recipe's folder; verify,
+    run from elsewhere, with the output in a third folder, finds the model where compose did."""
+    import shutil
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(models["llama"], recipes / "weights" / "llama")
+    recipe = recipes / "dus.yaml"
+    recipe.write_text("slices:\n  - sources: [{model: weights/llama, layer_range: [0, 3]}]\n"
+                      "  - sources: [{model: weights/llama, layer_range: [1, 4]}]\nmerge_method: passthrough\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = compose(recipe, tmp_path / "outputs" / "out")
+    # recorded because the model was found there (not from the current folder): otherwise nothing is recorded
+    assert json.loads((out / "composer_provenance.json").read_text())["recipe_folder"] == str(recipes.resolve())
+    code, report = verify_json(out)
+    assert code == 0 and report["ok"], report
+    (recipes / "weights" / "llama").rename(recipes / "weights" / "moved")  # gone from where compose found it
+    result = verify(out)
+    assert result.exit_code != 0 and "weights/llama" in result.output and "recipe's folder" in result.output, (
+        result.output)
