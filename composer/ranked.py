@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from composer import native
 from composer.tensorplan import RANK_BLOCK
 
 WORKERS = 2
@@ -86,22 +87,35 @@ class Keep:
     hi: _End | None
     factor: Tensor | None = None
 
-    def mask(self, magnitudes: Tensor, start: int) -> Tensor:
-        """The float32 mask for |delta| of elements [start, start + len)."""
+    def steps(self, start: int, stop: int) -> tuple | None:
+        """Elements [start, stop) in the common case: no end of a kept run inside them, so the mask is one step
+        per end, (lo, kept at lo, hi or None when nothing above lo is dropped, kept at hi); () when nothing is
+        kept; None when the block needs the comparisons (an end cuts a run here, or an end is inf or NaN)."""
         if self.lo is None:
-            return torch.zeros_like(magnitudes)
-        bits = magnitudes.view(torch.int32)
-        stop = start + magnitudes.numel()
+            return ()
         unbounded = self.hi.top and not self.hi.cut  # everything above lo is kept: no upper test
         low, high = self.lo.run_kept(start, stop), True if unbounded else self.hi.run_kept(start, stop)
         if (self.lo.bits != self.hi.bits and low is not None and high is not None and self.lo.bits < _INF
                 and (unbounded or self.hi.bits < _INF)):
-            # the common block: no end of a kept run inside it, so one step per end (none above the top), in float
-            # arithmetic: torch's comparisons and bool casts cost ~5x as much
-            keep = _step(magnitudes - self.lo.value, low)
-            if not unbounded:
-                keep.mul_(_step(self.hi.value - magnitudes, high))
+            return self.lo.value, low, None if unbounded else self.hi.value, high
+        return None
+
+    def mask(self, magnitudes: Tensor, start: int) -> Tensor:
+        """The float32 mask for |delta| of elements [start, start + len)."""
+        stop = start + magnitudes.numel()
+        steps = self.steps(start, stop)
+        if steps == ():
+            return torch.zeros_like(magnitudes)
+        if steps is not None:
+            # one step per end (none above the top), in float arithmetic: torch's comparisons and bool casts cost
+            # ~5x as much
+            lo, low, hi, high = steps
+            keep = _step(magnitudes - lo, low)
+            if hi is not None:
+                keep.mul_(_step(hi - magnitudes, high))
             return keep
+        bits = magnitudes.view(torch.int32)
+        unbounded = self.hi.top and not self.hi.cut
         keep = bits > self.lo.bits
         if not unbounded:
             keep &= bits < self.hi.bits
@@ -200,16 +214,19 @@ def select(
         for pa, pb in pieces(a, b):
             deltas = read(pa, pb)
             for acc, i in zip(out, active):
+                if rescale:
+                    acc[1] += deltas[i].abs().sum(dtype=torch.float64)
+                if acc[0] is None:
+                    acc[0] = torch.zeros(1 << 16, dtype=torch.int64)
+                if native.hist16(deltas[i], acc[0]):
+                    continue
                 magnitudes = deltas[i].abs()
                 bits = magnitudes.view(torch.int32)
                 # the upper 16 bits rounded down plus rounded up: 2 * bin, + 1 where the lower 16 bits are not all
                 # 0 (an inexact element of the bin), so one histogram counts both; |x|'s sign bit is 0, so the
                 # bins are < 2**15 and the keys < 2**16
                 key = (-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16)
-                counts = torch.bincount(key, minlength=1 << 16)
-                acc[0] = counts if acc[0] is None else acc[0].add_(counts)
-                if rescale:
-                    acc[1] += magnitudes.sum(dtype=torch.float64)
+                acc[0] += torch.bincount(key, minlength=1 << 16)
         return out
 
     high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}

@@ -235,9 +235,31 @@ def _ranked_prepare(job: MergeJob):
 
 
 def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
-    from composer import ranked
+    from composer import native, ranked
 
-    return merge_deltas(job, job.read_base(a, b), job.read_inputs(a, b), lambda i, d: ranked.apply(keeps[i], d, a))
+    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    steps = [None if k is None else k.steps(a, b) for k in keeps]
+    if all(s is not None or k is None for s, k in zip(steps, keeps)):  # every mask a step or two: fused, natively
+        fused = _native_blend(job, base, xs, steps, [None if k is None else k.factor for k in keeps])
+        if fused is not None:
+            return fused
+    return merge_deltas(job, base, xs, lambda i, d: ranked.apply(keeps[i], d, a))
+
+
+def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list) -> Tensor | None:
+    """merge_deltas with ranked.apply's step masks, in one native pass (composer.native); None: not available.
+    The divisor and the weights are made as _task_arithmetic makes them, so the bits are its bits."""
+    from composer import native
+
+    s = job.shared
+    w = torch.tensor(_per_input("weight", job.per_input["weight"], len(xs), None), dtype=torch.float32)
+    divisor = 1.0
+    if not job.method.consensus:
+        total = w.reshape(-1, 1).sum(dim=0)  # as _task_arithmetic sums its (n, 1) weights
+        divisor = 1.0 if float(total.abs()) < 1e-8 else float(total)
+    return native.ties_blend(base, xs, steps, [None if f is None else float(f) for f in factors], w,
+                             consensus=job.method.consensus, normalize=bool(s["normalize"]), divisor=divisor,
+                             lambda_=float(s["lambda"]))
 
 
 _RANKED = Streaming("ranked", _ranked_blend, _ranked_prepare)

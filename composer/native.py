@@ -1,0 +1,471 @@
+"""Optional native kernels for the hottest loops of the ranked and random methods (TIES, Breadcrumbs, DARE, DELLA
+and their mixes): pass 1's histogram of |delta|, the fused sparsify-and-blend of the task-vector family, the
+Bernoulli masks from their random draws, DELLA's per-row ranks and the packed masks. Each replaces a chain of
+torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
+float32 operations in the same order, compiled without FMA contraction, fast-math or -march
+(tests/test_native.py holds both paths to that, and the CLI's outputs to the same bytes).
+
+The C source below is compiled once per source and compiler with the system C compiler (`$CC`, else `cc`),
+cached atomically under `$COMPOSER_CACHE` (default `$XDG_CACHE_HOME/composer`, else `~/.cache/composer`) and
+loaded with ctypes, which releases the GIL for each call. No compiler, a failed build, or `COMPOSER_NATIVE=0`:
+composer runs the torch path, which is slower and computes the same bits. Nothing here is needed for
+correctness."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+MAX_INPUTS = 4  # task vectors one blend call takes; more: the torch path (whose sum over 5+ vectors is not
+# a plain left-to-right sum, so the kernel would not give its bits)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_INPUTS 4
+#define TILE 2048
+
+static inline float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t as_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float tabs(float x) { return as_float(as_bits(x) & 0x7fffffffu); } /* torch.abs: NaN too */
+
+
+/* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0) */
+void composer_hist16(const uint32_t *d, int64_t n, int64_t *hist) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t b = d[j] & 0x7fffffffu;
+        hist[((b >> 16) << 1) | ((b & 0xffffu) != 0u)] += 1;
+    }
+}
+
+/* composer.methods.sparsify.bernoulli from its random draws, in place: 31 random bits per element (the low 31 of
+   each int32), as float32 times 2**-31, kept (1) where below the probability (`p`, or `ps[j]` where given) */
+void composer_bernoulli(uint32_t *bits, int64_t n, float p, const float *ps) {
+    float *out = (float *)bits;
+    if (ps) {
+        for (int64_t j = 0; j < n; j++) {
+            float u = (float)(int32_t)(bits[j] & 0x7fffffffu) * 0x1p-31f;
+            out[j] = (float)(u < ps[j]);
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) {
+            float u = (float)(int32_t)(bits[j] & 0x7fffffffu) * 0x1p-31f;
+            out[j] = (float)(u < p);
+        }
+    }
+}
+
+/* composer.methods.common.pack_mask: element j of a 0/1 mask is bit j % 8 of byte j / 8 (padding bits 0) */
+void composer_pack(const float *mask, int64_t n, uint8_t *out) {
+    int64_t full = n / 8;
+    for (int64_t k = 0; k < full; k++) {
+        const float *m = mask + 8 * k;
+        out[k] = (uint8_t)((m[0] != 0.0f) | (m[1] != 0.0f) << 1 | (m[2] != 0.0f) << 2 | (m[3] != 0.0f) << 3 |
+                           (m[4] != 0.0f) << 4 | (m[5] != 0.0f) << 5 | (m[6] != 0.0f) << 6 | (m[7] != 0.0f) << 7);
+    }
+    if (n % 8) {
+        uint8_t last = 0;
+        for (int64_t j = 8 * full; j < n; j++) last |= (uint8_t)((mask[j] != 0.0f) << (j % 8));
+        out[full] = last;
+    }
+}
+
+/* composer.methods.common.unpack_mask: elements [start, start + n) of a packed mask as float32 0/1 */
+void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j++) {
+        int64_t at = start + j;
+        out[j] = (float)((packed[at >> 3] >> (at & 7)) & 1);
+    }
+}
+
+/* composer.methods.sparsify.della_mask's keep probabilities: each element's rank (1..n) by |x| within its row, in
+   a stable order (equal magnitudes in index order), then (density - epsilon) + (rank - 1) / (n - 1) * 2 * epsilon
+   in float32, in torch's order of operations. The ranks come from an LSD radix sort of |x|'s 31 bits (which order
+   as |x| does, NaN above inf), each entry the key above its index (< 2**32), in passes of 11, 10 and 10 bits,
+   each one stable; a pass whose digit all keys share is skipped. `scratch`: 2 * n uint64. */
+void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float base, float n_minus_1,
+                          float epsilon, uint64_t *scratch, float *probs) {
+    static const int shifts[3] = {32, 43, 53}, widths[3] = {11, 10, 10};
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint32_t *row = rows + r * n;
+        float *out = probs + r * n;
+        uint64_t *cur = scratch, *next = scratch + n;
+        int64_t count0[2048], count1[1024], count2[1024];
+        int64_t *counts[3] = {count0, count1, count2};
+        memset(count0, 0, sizeof count0);
+        memset(count1, 0, sizeof count1);
+        memset(count2, 0, sizeof count2);
+        for (int64_t j = 0; j < n; j++) {
+            uint64_t k = row[j] & 0x7fffffffu;
+            cur[j] = k << 32 | (uint64_t)j;
+            count0[k & 2047]++; count1[(k >> 11) & 1023]++; count2[k >> 21]++;
+        }
+        for (int pass = 0; pass < 3; pass++) {
+            int64_t *c = counts[pass];
+            int buckets = 1 << widths[pass], shift = shifts[pass], skip = 0;
+            uint64_t digit = (uint64_t)buckets - 1;
+            for (int d = 0; d < buckets; d++) if (c[d] == n) { skip = 1; break; }
+            if (skip) continue;
+            int64_t sum = 0;
+            for (int d = 0; d < buckets; d++) { int64_t t = c[d]; c[d] = sum; sum += t; }
+            for (int64_t j = 0; j < n; j++) {
+                uint64_t e = cur[j];
+                next[c[(e >> shift) & digit]++] = e;
+            }
+            uint64_t *t = cur; cur = next; next = t;
+        }
+        for (int64_t position = 0; position < n; position++) {
+            float rank_norm = n > 1 ? ((float)(position + 1) - 1.0f) / n_minus_1 : 0.0f;
+            rank_norm = rank_norm < 0.0f ? 0.0f : rank_norm > 1.0f ? 1.0f : rank_norm;
+            out[(uint32_t)cur[position]] = base + rank_norm * 2.0f * epsilon;
+        }
+    }
+}
+
+/* The torch chains below, as comparisons (no branches, so the loops vectorize), with the same results: */
+/* composer.ranked._step(diff, True), sign(diff) + 1 clamped to <= 1: 0 where diff < 0, else 1 (NaN: sign 0, 1) */
+static inline float at_zero(float diff) { return (float)!(diff < 0.0f); }
+/* _step(diff, False), sign(diff) clamped to >= 0: 1 where diff > 0, else +0 */
+static inline float above_zero(float diff) { return (float)(diff > 0.0f); }
+
+/* The same steps four at a time, in GCC/Clang vector extensions (portable to every target they support):
+   compilers turn the scalar steps into branches, which do not vectorize. A comparison gives -1 (all bits) or 0
+   per lane; masked with 1.0f's bits it is the step. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+static inline v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+static inline v4f vsplat(float x) { v4f v = {x, x, x, x}; return v; }
+static inline v4f vabs(v4f x) { v4i m = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}; return (v4f)((v4i)x & m); }
+static inline v4f v_at_zero(v4f diff) { return (v4f)(~(diff < vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
+static inline v4f v_above_zero(v4f diff) { return (v4f)((diff > vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
+
+/* the mask of one task vector over a tile, applied: LOW and HIGH its steps (HIGH 1: no upper end; times 1 is
+   exact, as torch's skipped multiplication), vectors then the scalar tail */
+#define MASK_LOOP(LOW, HIGH) { \
+    int64_t j = 0; \
+    const v4f vli = vsplat(li), vhi = vsplat(hi_); (void)vhi; \
+    for (; j + 4 <= len; j += 4) { \
+        v4f v = vload(di + j), a = vabs(v); v4f k = v_##LOW(a - vli); k = k * V_##HIGH; vstore(di + j, v * k); \
+    } \
+    for (; j < len; j++) { float v = di[j], a = tabs(v); float k = LOW(a - li); k = k * S_##HIGH; di[j] = v * k; } \
+}
+#define V_one vsplat(1.0f)
+#define S_one 1.0f
+#define V_hi_at_zero v_at_zero(vhi - a)
+#define S_hi_at_zero at_zero(hi_ - a)
+#define V_hi_above_zero v_above_zero(vhi - a)
+#define S_hi_above_zero above_zero(hi_ - a)
+
+/* The sum over the task vectors, written out for 2 and for 4 of them (no inner loops: the loop over the elements
+   vectorizes). Fewer vectors are padded with zero ones of weight 0, which change no bit: every running sum
+   starts at +0, so it is never -0, and adding +-0 to it is exact. `elect`: TIES' sign election and the disjoint
+   mean; `plain`: the (weighted) sum. */
+/* _sign_consensus: (sign(d) * majority) clamped to >= 0, where majority = sign(sign(sum) + 0.5) is +1 unless
+   sum < 0. That is 1 where d has the majority's sign, else +0 or -0 (-0 only where d is +-0 or NaN and the
+   majority -1); +0 for -0 changes no bit of the sums it is multiplied into, which start at +0 and so are never -0
+   (the weights are >= 0: TIES refuses negative ones) */
+static inline float keep_sign(float d, int positive) {
+    return (float)((positive & (d > 0.0f)) | (!positive & (d < 0.0f)));
+}
+
+#define ELECT_BODY(TERMS_SUM, TERMS_K, TERMS_MIX, TERMS_DIV) \
+    if (normalize) ELECT_LOOP(TERMS_SUM, TERMS_K, TERMS_MIX, TERMS_DIV, div) \
+    else ELECT_LOOP(TERMS_SUM, TERMS_K, TERMS_MIX, TERMS_DIV, 1.0f)
+
+/* one loop per divisor (a select inside would stop the vectorizer); dividing by 1 is exact */
+#define ELECT_LOOP(TERMS_SUM, TERMS_K, TERMS_MIX, TERMS_DIV, DIVISOR) \
+    for (int64_t j = 0; j < len; j++) { \
+        float sum = 0.0f; TERMS_SUM \
+        int majority = !(sum < 0.0f); /* 1: +1 */ \
+        TERMS_K \
+        float mixed = 0.0f, div = 0.0f; TERMS_MIX TERMS_DIV \
+        div = div + (float)(div == 0.0f); /* + 1 - sign(|div|): div is >= +0, never NaN */ \
+        mixed = mixed / DIVISOR; \
+        mixed = mixed * lambda_; /* 1 where torch skips it: exact too */ \
+        o[j] = b[j] + mixed; \
+    }
+
+static __attribute__((noinline)) void elect2(const float *restrict d0, const float *restrict d1, const float *w,
+        const float *restrict b, float *restrict o, int64_t len, int32_t normalize, float lambda_) {
+    const float w0 = w[0], w1 = w[1];
+    ELECT_BODY(sum = sum + d0[j]; sum = sum + d1[j];,
+               float k0 = keep_sign(d0[j], majority); float k1 = keep_sign(d1[j], majority);,
+               mixed = mixed + d0[j] * k0; mixed = mixed + d1[j] * k1;,
+               div = div + w0 * k0; div = div + w1 * k1;)
+}
+
+static __attribute__((noinline)) void elect4(const float *restrict d0, const float *restrict d1,
+        const float *restrict d2, const float *restrict d3, const float *w, const float *restrict b,
+        float *restrict o, int64_t len, int32_t normalize, float lambda_) {
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    ELECT_BODY(sum = sum + d0[j]; sum = sum + d1[j]; sum = sum + d2[j]; sum = sum + d3[j];,
+               float k0 = keep_sign(d0[j], majority); float k1 = keep_sign(d1[j], majority);
+               float k2 = keep_sign(d2[j], majority); float k3 = keep_sign(d3[j], majority);,
+               mixed = mixed + d0[j] * k0; mixed = mixed + d1[j] * k1; mixed = mixed + d2[j] * k2;
+               mixed = mixed + d3[j] * k3;,
+               div = div + w0 * k0; div = div + w1 * k1; div = div + w2 * k2; div = div + w3 * k3;)
+}
+
+static __attribute__((noinline)) void plain2(const float *restrict d0, const float *restrict d1,
+        const float *restrict b, float *restrict o, int64_t len, float divisor, float lambda_) {
+    for (int64_t j = 0; j < len; j++) {
+        float mixed = 0.0f; mixed = mixed + d0[j]; mixed = mixed + d1[j];
+        o[j] = b[j] + (mixed / divisor) * lambda_; /* divisor 1 when not normalizing */
+    }
+}
+
+static __attribute__((noinline)) void plain4(const float *restrict d0, const float *restrict d1,
+        const float *restrict d2, const float *restrict d3, const float *restrict b, float *restrict o,
+        int64_t len, float divisor, float lambda_) {
+    for (int64_t j = 0; j < len; j++) {
+        float mixed = 0.0f; mixed = mixed + d0[j]; mixed = mixed + d1[j]; mixed = mixed + d2[j];
+        mixed = mixed + d3[j];
+        o[j] = b[j] + (mixed / divisor) * lambda_;
+    }
+}
+
+/* composer.methods.taskvectors._task_arithmetic with composer.ranked.apply as its sparsifier.
+   mode[i]: 0 keep everything, 1 keep nothing, 2 keep by the steps (lo[i], lowz[i]) and, unless unbounded[i],
+   (hi[i], highz[i]), 3 multiply by masks[i]; factor[i] applied where has_factor[i] (modes 1 to 3).
+   consensus: TIES' sign election;
+   else `divisor` is the sum of the weights (1 where it is ~0). */
+void composer_ties_blend(const float *base, const float *const *xs, const float *const *masks, int32_t n,
+                         const int32_t *mode,
+                         const float *lo, const int32_t *lowz, const float *hi, const int32_t *highz,
+                         const int32_t *unbounded, const float *factor, const int32_t *has_factor,
+                         const float *w, int32_t consensus, int32_t normalize, float divisor,
+                         float lambda_, float *out, int64_t count) {
+    static _Thread_local float d[MAX_INPUTS][TILE];
+    float wp[MAX_INPUTS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int32_t padded = n <= 2 ? 2 : 4;
+    for (int32_t i = 0; i < n; i++) wp[i] = w[i];
+    for (int32_t i = n; i < padded; i++) memset(d[i], 0, sizeof d[i]);  /* +0, weight 0: see elect2 */
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = base + t0;
+        for (int32_t i = 0; i < n; i++) {  /* each task vector over the tile: loops the compiler vectorizes */
+            const float *x = xs[i] + t0;
+            float *di = d[i];
+            const float wi = w[i], li = lo[i], hi_ = hi[i], fi = factor[i];
+            const int32_t lz = lowz[i], hz = highz[i], unb = unbounded[i], m = mode[i];
+            const int32_t f = m != 0 && has_factor[i];
+            for (int64_t j = 0; j < len; j++) di[j] = x[j] - b[j];
+            if (m == 1) {
+                for (int64_t j = 0; j < len; j++) di[j] = di[j] * 0.0f;
+            } else if (m == 3) {  /* a mask drawn beforehand (DARE, DELLA) */
+                const float *mi = masks[i] + t0;
+                for (int64_t j = 0; j < len; j++) di[j] = di[j] * mi[j];
+            } else if (m == 2) {  /* one loop per kind of step (a branch inside would stop the vectorizer) */
+                if (unb) {
+                    if (lz) MASK_LOOP(at_zero, one) else MASK_LOOP(above_zero, one)
+                } else if (lz) {
+                    if (hz) MASK_LOOP(at_zero, hi_at_zero) else MASK_LOOP(at_zero, hi_above_zero)
+                } else {
+                    if (hz) MASK_LOOP(above_zero, hi_at_zero) else MASK_LOOP(above_zero, hi_above_zero)
+                }
+            }
+            if (f) for (int64_t j = 0; j < len; j++) di[j] = di[j] * fi;
+            for (int64_t j = 0; j < len; j++) di[j] = di[j] * wi;
+        }
+        float *o = out + t0;
+        float dn = normalize ? divisor : 1.0f;
+        if (n <= 2) {
+            if (consensus) elect2(d[0], d[1], wp, b, o, len, normalize, lambda_);
+            else plain2(d[0], d[1], b, o, len, dn, lambda_);
+        } else {
+            if (consensus) elect4(d[0], d[1], d[2], d[3], wp, b, o, len, normalize, lambda_);
+            else plain4(d[0], d[1], d[2], d[3], b, o, len, dn, lambda_);
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-std=c11"]
+_LOCK = threading.Lock()
+_LOADED: list = []  # [the library or None], once tried
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("COMPOSER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "composer")
+    return Path(root) / "native"
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("COMPOSER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE, cc, version, *_FLAGS]).encode()).hexdigest()[:16]
+        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"composer-native-{os.getuid()}"):
+            target = folder / f"kernels-{key}.so"
+            if not target.exists():
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                        src, lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+                        src.write_text(SOURCE)
+                        built = subprocess.run([cc, *_FLAGS, "-o", str(lib), str(src)], capture_output=True,
+                                               timeout=120)
+                        if built.returncode != 0:
+                            return None  # a compiler that cannot build it: the torch path
+                        os.replace(lib, target)  # atomic: another process sees all of it or none
+                except OSError:
+                    continue  # an unwritable cache: the next folder
+            lib = ctypes.CDLL(str(target))
+            _declare(lib)
+            return lib
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+    lib.composer_hist16.argtypes = [p, i64, p]
+    lib.composer_hist16.restype = None
+    lib.composer_bernoulli.argtypes = [p, i64, f32, p]
+    lib.composer_bernoulli.restype = None
+    lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
+    lib.composer_della_probs.restype = None
+    lib.composer_pack.argtypes = [p, i64, p]
+    lib.composer_pack.restype = None
+    lib.composer_unpack.argtypes = [p, i64, i64, p]
+    lib.composer_unpack.restype = None
+    lib.composer_ties_blend.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, f32, f32, p, i64]
+    lib.composer_ties_blend.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (the torch path)."""
+    if not _LOADED:
+        with _LOCK:
+            if not _LOADED:
+                _LOADED.append(_build())
+    return _LOADED[0]
+
+
+def reset() -> None:
+    """Forget the loaded library: the next call builds or loads it again (tests, COMPOSER_NATIVE changes)."""
+    with _LOCK:
+        _LOADED.clear()
+
+
+def _usable(t: Tensor) -> bool:
+    import torch
+
+    return t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+
+
+def hist16(deltas: Tensor, hist: Tensor) -> bool:
+    """Add pass 1's keys of float32 `deltas` to int64 `hist` (2**16 bins); False: not done (use torch)."""
+    lib = library()
+    if lib is None or not _usable(deltas):
+        return False
+    lib.composer_hist16(deltas.data_ptr(), deltas.numel(), hist.data_ptr())
+    return True
+
+
+def bernoulli(draws: Tensor, p: float | Tensor) -> Tensor | None:
+    """composer.methods.sparsify.bernoulli's mask from its int32 draws, in their memory (returned as float32);
+    None: not done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or draws.dtype != torch.int32 or not draws.is_contiguous() or (
+            isinstance(p, torch.Tensor) and not (_usable(p) and p.numel() == draws.numel())):
+        return None
+    tensor = isinstance(p, torch.Tensor)
+    lib.composer_bernoulli(draws.data_ptr(), draws.numel(), 0.0 if tensor else float(p),
+                           p.data_ptr() if tensor else None)
+    return draws.view(torch.float32)
+
+
+def della_probs(rows: Tensor, density: float, epsilon: float) -> Tensor | None:
+    """composer.methods.sparsify.della_mask's keep probabilities for the rows of 2-D float32 `rows`; None: not
+    done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or rows.dim() != 2 or not _usable(rows):
+        return None
+    n_rows, n = rows.shape
+    probs = torch.empty_like(rows)
+    scratch = torch.empty(2 * n, dtype=torch.int64)
+    lib.composer_della_probs(rows.data_ptr(), n_rows, n, density - epsilon, float(n - 1), epsilon,
+                             scratch.data_ptr(), probs.data_ptr())
+    return probs
+
+
+def pack(mask: Tensor) -> Tensor | None:
+    """composer.methods.common.pack_mask of a float32 0/1 mask; None: not done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or not _usable(mask):
+        return None
+    out = torch.empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+    lib.composer_pack(mask.data_ptr(), mask.numel(), out.data_ptr())
+    return out
+
+
+def unpack(packed: Tensor, start: int, stop: int) -> Tensor | None:
+    """composer.methods.common.unpack_mask; None: not done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or packed.dtype != torch.uint8 or not packed.is_contiguous():
+        return None
+    out = torch.empty(stop - start)
+    lib.composer_unpack(packed.data_ptr(), start, stop - start, out.data_ptr())
+    return out
+
+
+def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None], factors: Sequence[float | None],
+               weights: Tensor, *, consensus: bool, normalize: bool, divisor: float, lambda_: float) -> Tensor | None:
+    """The blend of composer.methods.taskvectors._task_arithmetic, its sparsification fused; None: not done (use
+    torch). `steps[i]`: None to keep everything, () to keep nothing, a float32 tensor to multiply by (a mask
+    drawn beforehand), else (lo, lo_at_zero, hi or None, hi_at_zero) as composer.ranked.Keep.steps gives them.
+    `weights`: float32, one per task vector."""
+    import torch
+
+    lib = library()
+    n = len(xs)
+    if lib is None or not 0 < n <= MAX_INPUTS or not _usable(base) or not all(
+            _usable(x) and x.numel() == base.numel() for x in xs) or not all(
+            _usable(s) and s.numel() == base.numel() for s in steps if isinstance(s, torch.Tensor)):
+        return None
+    out = torch.empty_like(base)
+    i32 = ctypes.c_int32 * n
+    f32 = ctypes.c_float * n
+    drawn = [isinstance(s, torch.Tensor) for s in steps]
+    mode = i32(*[3 if d else 0 if s is None else 1 if s == () else 2 for s, d in zip(steps, drawn)])
+    masks = (ctypes.c_void_p * n)(*[s.data_ptr() if d else None for s, d in zip(steps, drawn)])
+    real = [(0.0, False, None, False) if d or not s else s for s, d in zip(steps, drawn)]
+    lo = f32(*[s[0] for s in real])
+    lowz = i32(*[int(bool(s[1])) for s in real])
+    hi = f32(*[0.0 if s[2] is None else s[2] for s in real])
+    highz = i32(*[int(bool(s[3])) for s in real])
+    unbounded = i32(*[int(s[2] is None) for s in real])
+    factor = f32(*[0.0 if f is None else f for f in factors])
+    has_factor = i32(*[int(f is not None) for f in factors])
+    w = f32(*weights.tolist())
+    pointers = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
+    lib.composer_ties_blend(base.data_ptr(), pointers, masks, n, mode, lo, lowz, hi, highz, unbounded, factor,
+                            has_factor, w, int(consensus), int(normalize), divisor, lambda_, out.data_ptr(),
+                            base.numel())
+    return out

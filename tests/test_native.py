@@ -1,0 +1,280 @@
+"""The native kernels (composer.native) give the torch path's bits: the fused ranked blend against
+_task_arithmetic with ranked.apply, pass 1's histogram against torch.bincount of the same keys, on values that
+include NaN, +-inf and signed zeros; and a run with COMPOSER_NATIVE=0 writes the same model as one with them."""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+
+from composer import native, ranked
+from composer.methods.taskvectors import _task_arithmetic
+
+pytestmark = pytest.mark.skipif(native.library() is None and shutil.which(os.environ.get("CC") or "cc") is None,
+                                reason="no C compiler: composer runs the torch path")
+
+
+def test_the_kernels_build_wherever_there_is_a_compiler():
+    """A kernel source that does not compile would otherwise only make composer slower, silently."""
+    assert native.library() is not None
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _end(value: float, kept: bool, top: bool = False) -> ranked._End:
+    """An end of a kept range whose equal elements are all kept (or none, through an empty rank range)."""
+    return ranked._End(_bits(value), (0, 1) if kept else (0, 0), 1, top=top)
+
+
+def _hostile(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 0.02
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-30, -1e-38, 3e38])
+    at = torch.randint(0, n, (n // 20,), generator=g)
+    x[at] = specials[torch.randint(0, len(specials), (len(at),), generator=g)]
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, any NaN equal to any NaN (the kernel and torch may propagate different NaN payloads)."""
+    nan = a.isnan()
+    return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32)))
+
+
+def _keep(shape: int, lo: float) -> ranked.Keep | None:
+    """Every kind of mask the kernel takes: a lower end only (the top kept), kept at it or not; both ends, each
+    kept at or not; everything kept (None); nothing kept."""
+    if shape < 2:
+        return ranked.Keep(_end(lo, shape == 0), _end(3e38, True, top=True))
+    if shape < 6:
+        return ranked.Keep(_end(lo, shape in (2, 3)), _end(lo + 0.003, shape in (2, 4)))
+    return None if shape == 6 else ranked.Keep(None, None)
+
+
+def _drawn(d: torch.Tensor, mask: torch.Tensor, factor) -> torch.Tensor:
+    """DARE's and DELLA's sparsification in the blend (composer.methods.dare._random_blend): a mask drawn before."""
+    d.mul_(mask)
+    return d if factor is None else d.mul_(factor)
+
+
+@pytest.mark.parametrize("shift", range(9))
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_blend_is_the_torch_chain_bit_for_bit(n, consensus, normalize, shift):
+    size = 20_000 + 7  # an odd length: the vector loops' tails
+    base = _hostile(size, 0)
+    xs = [base + torch.randn(size, generator=torch.Generator().manual_seed(i + 1)) * 0.002 for i in range(n)]
+    for i, x in enumerate(xs):
+        x[i::97] = _hostile(len(x[i::97]), 100 + i)
+    g = torch.Generator().manual_seed(n)
+    if shift == 8:  # masks drawn beforehand, as DARE's: 0s and 1s, with a rescale factor on some
+        masks = [(torch.rand(size, generator=g) < 0.5).float() for _ in range(n)]
+        factors = [torch.tensor(1.7 + i, dtype=torch.float32) if i % 2 else None for i in range(n)]
+        sparsify, steps = (lambda i, d: _drawn(d, masks[i], factors[i])), masks
+    else:
+        keeps = [_keep((shift + 3 * i) % 8, float(torch.rand((), generator=g)) * 0.002) for i in range(n)]
+        for i, keep in enumerate(keeps):
+            if keep is not None and keep.lo is not None and (i + shift) % 3 == 0:
+                keep.factor = torch.tensor(1.7 + i, dtype=torch.float32)
+        factors = [None if k is None else k.factor for k in keeps]
+        sparsify = lambda i, d: ranked.apply(keeps[i], d, 0)  # noqa: E731
+        steps = [None if k is None else k.steps(0, size) for k in keeps]
+        assert all(s is not None for s, k in zip(steps, keeps) if k is not None)
+    weights = [0.0 if shift == 7 and i == 0 else 0.3 + 0.25 * i for i in range(n)]  # a 0 weight: divisors of 0
+    for lambda_ in (1.0, 0.3):
+        want = _task_arithmetic(base, [x.clone() for x in xs], weights, sparsify, consensus=consensus,
+                                normalize=normalize, int8_mask=False, lambda_=lambda_)
+        w = torch.tensor(weights, dtype=torch.float32)
+        total = w.reshape(-1, 1).sum(dim=0)  # as _task_arithmetic sums its (n, 1) weights
+        divisor = 1.0 if float(total.abs()) < 1e-8 else float(total)
+        got = native.ties_blend(base, xs, steps, [None if f is None else float(f) for f in factors], w,
+                                consensus=consensus, normalize=normalize, divisor=divisor, lambda_=lambda_)
+        assert got is not None
+        assert _same(got, want), (n, consensus, normalize, lambda_)
+
+
+def test_pass_one_histogram_is_torch_bincount_of_the_keys():
+    deltas = _hostile(300_001, 7)
+    deltas[::5] = -deltas[::5]
+    bits = deltas.abs().view(torch.int32)
+    want = torch.bincount((-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16), minlength=1 << 16)
+    got = torch.zeros(1 << 16, dtype=torch.int64)
+    assert native.hist16(deltas, got)
+    assert torch.equal(got, want)
+    assert native.hist16(deltas, got) and torch.equal(got, 2 * want)  # it adds
+
+
+def test_non_contiguous_or_non_float32_inputs_take_the_torch_path():
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    assert not native.hist16(torch.randn(100)[::2], hist)
+    assert not native.hist16(torch.randn(100, dtype=torch.float64), hist)
+    assert native.ties_blend(torch.randn(10), [torch.randn(20)[::2]], [None], [None], torch.ones(1),
+                             consensus=True, normalize=True, divisor=1.0, lambda_=1.0) is None
+    five = [torch.randn(10) for _ in range(native.MAX_INPUTS + 1)]  # torch sums 5+ vectors in another order
+    assert native.ties_blend(torch.randn(10), five, [None] * len(five), [None] * len(five),
+                             torch.ones(len(five)), consensus=False, normalize=False, divisor=1.0,
+                             lambda_=1.0) is None
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("COMPOSER_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.library() is None
+        assert not native.hist16(torch.randn(10), torch.zeros(1 << 16, dtype=torch.int64))
+    finally:
+        monkeypatch.delenv("COMPOSER_NATIVE")
+        native.reset()
+    assert native.library() is not None
+
+
+def test_a_broken_compiler_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPOSER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # exists, fails every build
+    native.reset()
+    try:
+        assert native.library() is None
+    finally:
+        monkeypatch.delenv("CC")
+        native.reset()
+
+
+def test_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPOSER_CACHE", str(tmp_path))
+    native.reset()
+    try:
+        assert native.library() is not None
+        built = list((tmp_path / "native").glob("kernels-*.so"))
+        assert len(built) == 1
+        assert [p.name for p in (tmp_path / "native").iterdir()] == [built[0].name]  # no temporaries left
+        stamp = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        native.reset()
+
+
+def _without_native(fn):
+    """fn() on the torch path."""
+    import os
+
+    old = os.environ.get("COMPOSER_NATIVE")
+    os.environ["COMPOSER_NATIVE"] = "0"
+    native.reset()
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["COMPOSER_NATIVE"]
+        else:
+            os.environ["COMPOSER_NATIVE"] = old
+        native.reset()
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 65_537])
+def test_bernoulli_masks_are_the_torch_paths(n):
+    """DARE's masks (a number p) and DELLA's (a probability per element), into a buffer or not, odd or even."""
+    from composer.methods import sparsify
+
+    probabilities = (0.5, 0.3, 1e-7, torch.rand(n, generator=torch.Generator().manual_seed(n)))
+
+    def draw():
+        out = []
+        for p in probabilities:
+            out.append(sparsify.bernoulli(p, (n,), torch.Generator().manual_seed(n)))
+            buffer = torch.full((n + 3,), 7.0)
+            out.append(sparsify.bernoulli(p, (n,), torch.Generator().manual_seed(n), out=buffer).clone())
+        return out
+
+    got, want = draw(), _without_native(draw)
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want))
+    assert n < 1000 or 0 < float(sum(m.sum() for m in want)) < len(want) * n  # masks, not all 0s or 1s
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 4096 + 5])
+def test_packed_masks_are_the_torch_paths(n):
+    from composer.methods.common import pack_mask, unpack_mask
+
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4).float()
+    cuts = [(0, n), (n // 3, n), (1 % n, max(1, n - 2)), (n - 1, n)]
+
+    def both():
+        packed = pack_mask(mask)
+        return [packed, *(unpack_mask(packed, a, b) for a, b in cuts)]
+
+    got, want = both(), _without_native(both)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got[1], mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2048), (3, 5632), (7, 33)])
+def test_della_masks_are_the_torch_paths(shape):
+    """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask."""
+    from composer.methods.sparsify import della_mask
+
+    rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
+    rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
+    rows[:, 1::10] = -0.001
+    got = native.della_probs(rows, 0.5, 0.1)
+    mask = della_mask(rows, 0.5, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(mask, _without_native(lambda: della_mask(rows, 0.5, 0.1, torch.Generator().manual_seed(3))))
+    # the probabilities themselves, against the torch path's formula on stable ranks
+    n = shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    positions = torch.arange(1, n + 1, dtype=torch.float32).expand(shape).contiguous()
+    ranks = torch.empty_like(rows).scatter_(1, order, positions)
+    rank_norm = ((ranks - 1.0) / float(n - 1)).clamp(0, 1) if n > 1 else torch.zeros_like(ranks)
+    assert torch.equal(got, (0.5 - 0.1) + rank_norm * 2 * 0.1)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", "{weight: 0.6, density: 0.5}"),
+    ("breadcrumbs", "{weight: 0.6, density: 0.8, gamma: 0.05}"),
+    ("breadcrumbs_ties", "{weight: 0.6, density: 0.8, gamma: 0.05}"),
+    ("dare_ties", "{weight: 0.6, density: 0.5}"),
+    ("dare_linear", "{weight: 0.6, density: 0.5}"),
+    ("della", "{weight: 0.6, density: 0.5, epsilon: 0.1}"),
+    ("della_linear", "{weight: 0.6, density: 0.5, epsilon: 0.1}"),
+])
+@pytest.mark.parametrize("suffix", ["", "-q"])  # -q: values on a 1/64 grid, so the cuts fall in runs of ties
+def test_compose_writes_the_same_model_without_the_kernels(models, write_recipe, tmp_path, method, params, suffix,
+                                                           monkeypatch):
+    from click.testing import CliRunner
+
+    from composer.cli import main
+
+    recipe = write_recipe(f"""merge_method: {method}
+base_model: {models['llama' + suffix]}
+dtype: bfloat16
+models:
+  - model: {models['llama' + suffix]}
+  - model: {models['llama-b' + suffix]}
+    parameters: {params}
+  - model: {models['llama-c' + suffix]}
+    parameters: {params}
+""")
+
+    def compose(out):
+        result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--seed", "5"])
+        assert result.exit_code == 0, result.output
+        return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
+
+    calls = {"ties_blend": 0, "hist16": 0, "bernoulli": 0, "della_probs": 0}
+    for name in calls:
+        def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
+            done = _fn(*args, **kwargs)
+            calls[_name] += done is not None and done is not False
+            return done
+        monkeypatch.setattr(native, name, counted)
+    fast = compose(tmp_path / "fast")
+    drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16"
+    # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
+    assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16"), calls
+    assert fast == _without_native(lambda: compose(tmp_path / "torch"))
