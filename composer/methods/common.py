@@ -71,6 +71,11 @@ def pack_mask(mask: Tensor) -> Tensor:
     Masks drawn in a statistics pass are kept this way for the blend, instead of being drawn (or ranked) again."""
     import torch
 
+    from composer import native
+
+    packed = native.pack(mask.reshape(-1))
+    if packed is not None:
+        return packed
     u = mask.to(torch.uint8)
     if u.numel() % 8:
         u = torch.cat([u, u.new_zeros(8 - u.numel() % 8)])
@@ -82,6 +87,11 @@ def unpack_mask(packed: Tensor, start: int, stop: int) -> Tensor:
     """Elements [start, stop) of a packed mask, as float32 0/1."""
     import torch
 
+    from composer import native
+
+    unpacked = native.unpack(packed, start, stop)
+    if unpacked is not None:
+        return unpacked
     if not _SPREAD:
         bits = torch.arange(256, dtype=torch.int64)
         _SPREAD.append(sum(((bits >> k) & 1) << (8 * k) for k in range(8)))

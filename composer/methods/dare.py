@@ -216,7 +216,7 @@ def _random_prepare(job: MergeJob) -> tuple[list, list | None]:
 def _random_blend(job: MergeJob, stats: tuple[list, list | None], ga: int, gb: int) -> Tensor:
     """Grid block [ga, gb): its masks (kept from the rescale pass, or drawn now), then the merge in steps of
     job.chunk elements."""
-    from composer.methods.taskvectors import merge_deltas
+    from composer.methods.taskvectors import _native_blend, merge_deltas
 
     factors, packed = stats
     della = "epsilon" in job.per_input  # ranks within the block's rows: its inputs whole
@@ -241,7 +241,8 @@ def _random_blend(job: MergeJob, stats: tuple[list, list | None], ga: int, gb: i
             base, *xs = (x[a - ga: b - ga] for x in held)
         else:
             base, *xs = (job.read(k, a, b) for k in (job.base, *job.inputs))
-        out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify)
+        fused = _native_blend(job, base, xs, masks, factors)  # the same bits in one pass, where it is built
+        out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify) if fused is None else fused
     return out
 
 

@@ -85,7 +85,14 @@ def bernoulli(p: float | Tensor, shape, generator: torch.Generator, out: Tensor 
     """A float32 mask: 1.0 with probability p (a number, or a tensor of the mask's shape), else 0.0, drawn as
     uniform < p, as torch.bernoulli does, at ~1/6 of its cost here (one uniform number per element, see uniform);
     into `out` when given."""
-    return uniform(shape, generator, out).neg_().add_(p).sign_().clamp_(min=0)
+    from composer import native
+
+    draws, target = _draws(shape, generator, out)
+    mask = native.bernoulli(draws, p.reshape(-1) if isinstance(p, torch.Tensor) else p)  # the same bits
+    if mask is not None:
+        return (mask if target is None else target.copy_(mask)).reshape(shape)
+    u = _scaled(draws, draws.view(torch.float32) if target is None else target)
+    return u.reshape(shape).neg_().add_(p).sign_().clamp_(min=0)
 
 
 def uniform(shape, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
@@ -94,16 +101,25 @@ def uniform(shape, generator: torch.Generator, out: Tensor | None = None) -> Ten
     leaves the top bit 0), times 2**-31, rounded to float32 (1.0 only for the top 64 of 2**31 values). torch.rand
     draws 32 bits per number: this is 1.5x faster, with finer steps (2**-31 rather than 2**-24) below 1/128.
     Into `out` (float32, contiguous) when given."""
+    draws, target = _draws(shape, generator, out)
+    return _scaled(draws, draws.view(torch.float32) if target is None else target).reshape(shape)
+
+
+def _draws(shape, generator: torch.Generator, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """uniform's int32 draws, flat, and where the float32 result goes: None for the draws' own memory (they are
+    converted in place), which is out's where its elements can take 64-bit draws, else out's first elements."""
     n = 1
     for size in shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,):
         n *= size
     if out is None or n % 2:
-        ints = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
-        out = torch.empty(n) if out is None else out.reshape(-1)[:n]
-    else:  # the draws land in out's own memory, converted in place
-        out = out.reshape(-1)[:n]
-        ints = out.view(torch.int64).random_(generator=generator).view(torch.int32)
-    return out.copy_(ints.bitwise_and_(0x7FFFFFFF)).mul_(2.0**-31).reshape(shape)
+        draws = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
+        return draws, None if out is None else out.reshape(-1)[:n]
+    return out.reshape(-1)[:n].view(torch.int64).random_(generator=generator).view(torch.int32), None
+
+
+def _scaled(draws: Tensor, out: Tensor) -> Tensor:
+    """The draws' low 31 bits times 2**-31, as float32 into `out` (which may be their own memory)."""
+    return out.copy_(draws.bitwise_and_(0x7FFFFFFF)).mul_(2.0**-31)
 
 
 def _della_magprune(tensor: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
@@ -126,15 +142,21 @@ def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Ge
         return torch.zeros_like(rows)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
+    from composer import native
+
+    probs = native.della_probs(rows, density, epsilon)  # the same bits, ~Nx faster
+    if probs is not None:
+        return bernoulli(probs, probs.shape, generator)
     # each element's rank in its row: the inverse of the sorting permutation (argsort of the argsort, as mergekit
     # computes it, but scattered: one sort instead of two). The sort is one flat sort of int64 keys, the row number
     # above |x|'s float bits (which order as |x| does): 1.8x faster here than torch's per-row float sort. Equal
-    # magnitudes take an order of their own, as mergekit's unstable argsort does (a random method: tested in
-    # distribution). The ranks are 1..n in every row, so mergekit's min/max normalisation is (rank - 1) / (n - 1).
+    # magnitudes rank in index order (a stable sort; mergekit's unstable argsort gives them an arbitrary one: a
+    # random method, tested in distribution). The ranks are 1..n in every row, so mergekit's min/max normalisation
+    # is (rank - 1) / (n - 1).
     n_rows, n = rows.shape
     key = rows.abs().view(torch.int32).to(torch.int64)
     key += (torch.arange(n_rows, dtype=torch.int64) << 31).unsqueeze(1)
-    order = torch.sort(key.reshape(-1)).indices
+    order = torch.sort(key.reshape(-1), stable=True).indices
     del key
     position = torch.arange(n_rows * n, dtype=torch.int64).remainder_(n).to(torch.float32)
     ranks = torch.empty(n_rows * n, dtype=torch.float32).scatter_(0, order, position.add_(1)).reshape(n_rows, n)
