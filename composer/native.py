@@ -48,6 +48,17 @@ void composer_hist16(const uint32_t *d, int64_t n, int64_t *hist) {
     }
 }
 
+/* composer_hist16 of the deltas x - b, subtracted here (the same float32 subtraction as torch's) */
+void composer_hist16_delta(const float *x, const float *b, int64_t n, int64_t *hist) {
+    for (int64_t j = 0; j < n; j++) {
+        float d = x[j] - b[j];
+        uint32_t k;
+        memcpy(&k, &d, sizeof k);
+        k &= 0x7fffffffu;
+        hist[((k >> 16) << 1) | ((k & 0xffffu) != 0u)] += 1;
+    }
+}
+
 /* composer.methods.sparsify.bernoulli from its random draws, in place: 31 random bits per element (the low 31 of
    each int32), as float32 times 2**-31, kept (1) where below the probability (`p`, or `ps[j]` where given) */
 void composer_bernoulli(uint32_t *bits, int64_t n, float p, const float *ps) {
@@ -338,6 +349,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.composer_hist16.argtypes = [p, i64, p]
     lib.composer_hist16.restype = None
+    lib.composer_hist16_delta.argtypes = [p, p, i64, p]
+    lib.composer_hist16_delta.restype = None
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
@@ -377,6 +390,15 @@ def hist16(deltas: Tensor, hist: Tensor) -> bool:
     if lib is None or not _usable(deltas):
         return False
     lib.composer_hist16(deltas.data_ptr(), deltas.numel(), hist.data_ptr())
+    return True
+
+
+def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
+    """hist16 of the deltas x - base, subtracted in the same pass; False: not done (use torch)."""
+    lib = library()
+    if lib is None or not _usable(x) or not _usable(base) or x.numel() != base.numel():
+        return False
+    lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), x.numel(), hist.data_ptr())
     return True
 
 

@@ -193,13 +193,16 @@ def select(
     ranges: Sequence[tuple[int, int] | None] | Callable[[list[int]], Sequence[tuple[int, int] | None]],
     rescale: bool,
     vectors: int = 0,
+    raw: Callable[[int, int], tuple[Tensor, Sequence[Tensor]]] | None = None,
 ) -> list[Keep | None]:
     """For each task vector, the Keep of positions `ranges[i]` (None: keep all, nothing to compute).
 
     `read(a, b)` returns the float32 deltas of elements [a, b) of every task vector (those with range None
     may be anything: they are not looked at). `ranges` may instead be a function of how many elements of each of
     the `vectors` vectors are exactly 0 (+0.0 or -0.0), called after the first pass, which counts them: SCE's k
-    counts the nonzero variances, which would otherwise take a pass of its own."""
+    counts the nonzero variances, which would otherwise take a pass of its own. `raw(a, b)`, where given, returns
+    the (base, inputs) whose differences the deltas are: pass 1 then takes them to the native kernel, which
+    subtracts and counts in one pass."""
     later = ranges if callable(ranges) else None
     if later is not None:
         ranges = [(0, 1)] * vectors  # every vector is read in the first pass
@@ -209,18 +212,24 @@ def select(
         return keeps
     grid = blocks(0, numel)
 
+    fused = raw is not None and not rescale and native.library() is not None  # the delta and its key in one pass
+
     def upper(a: int, b: int) -> list:
         out = [[None, torch.zeros((), dtype=torch.float64)] for _ in active]
         for pa, pb in pieces(a, b):
-            deltas = read(pa, pb)
+            base, xs = raw(pa, pb) if fused else (None, None)
+            deltas = None if fused else read(pa, pb)
             for acc, i in zip(out, active):
-                if rescale:
-                    acc[1] += deltas[i].abs().sum(dtype=torch.float64)
                 if acc[0] is None:
                     acc[0] = torch.zeros(1 << 16, dtype=torch.int64)
-                if native.hist16(deltas[i], acc[0]):
+                if fused and native.hist16_delta(xs[i], base, acc[0]):
                     continue
-                magnitudes = deltas[i].abs()
+                delta = xs[i] - base if fused else deltas[i]
+                if rescale:
+                    acc[1] += delta.abs().sum(dtype=torch.float64)
+                if native.hist16(delta, acc[0]):
+                    continue
+                magnitudes = delta.abs()
                 bits = magnitudes.view(torch.int32)
                 # the upper 16 bits rounded down plus rounded up: 2 * bin, + 1 where the lower 16 bits are not all
                 # 0 (an inexact element of the bin), so one histogram counts both; |x|'s sign bit is 0, so the

@@ -108,6 +108,12 @@ def test_pass_one_histogram_is_torch_bincount_of_the_keys():
     assert native.hist16(deltas, got)
     assert torch.equal(got, want)
     assert native.hist16(deltas, got) and torch.equal(got, 2 * want)  # it adds
+    base = _hostile(300_001, 8)
+    x = base + deltas  # some NaN and inf: their differences too
+    bits = (x - base).abs().view(torch.int32)
+    want = torch.bincount((-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16), minlength=1 << 16)
+    got = torch.zeros(1 << 16, dtype=torch.int64)
+    assert native.hist16_delta(x, base, got) and torch.equal(got, want)
 
 
 def test_non_contiguous_or_non_float32_inputs_take_the_torch_path():
@@ -266,7 +272,7 @@ models:
         assert result.exit_code == 0, result.output
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
-    calls = {"ties_blend": 0, "hist16": 0, "bernoulli": 0, "della_probs": 0}
+    calls = {"ties_blend": 0, "hist16_delta": 0, "bernoulli": 0, "della_probs": 0}
     for name in calls:
         def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
             done = _fn(*args, **kwargs)
@@ -274,7 +280,7 @@ models:
             return done
         monkeypatch.setattr(native, name, counted)
     fast = compose(tmp_path / "fast")
-    drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16"
+    drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
     # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
-    assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16"), calls
+    assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))

@@ -231,7 +231,8 @@ def _ranked_prepare(job: MergeJob):
     gammas = job.per_input.get("gamma", [None] * len(job.inputs))
     ranges = [kept_range(job.numel, float(d), None if g is None else float(g))
               for d, g in zip(job.per_input["density"], gammas)]
-    return ranked.select(job.deltas, job.numel, ranges, bool(job.shared["rescale"]))
+    return ranked.select(job.deltas, job.numel, ranges, bool(job.shared["rescale"]),
+                         raw=lambda a, b: (job.read_base(a, b), job.read_inputs(a, b)))
 
 
 def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
