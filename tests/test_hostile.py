@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -380,10 +381,13 @@ def test_disk_full_mid_write_tmpfs(models, tmp_path, monkeypatch):
         ex = sys.modules["composer.execute"]
         real = ex._write_chunk
 
+        filled = threading.Lock()
+
         def fill_then_write(*args):  # another program takes the free space once the run has started
-            if not (disk / "filler").exists():
-                free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-                (disk / "filler").write_bytes(bytes(max(0, free - 64 * 1024)))
+            with filled:  # once: two workers filling at once could rewrite it empty (the second sees no space)
+                if not (disk / "filler").exists():
+                    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+                    (disk / "filler").write_bytes(bytes(max(0, free - 64 * 1024)))
             return real(*args)
 
         monkeypatch.setattr(ex, "CHUNK_BYTES", 8192)
