@@ -236,7 +236,7 @@ def _ranked_prepare(job: MergeJob):
 
 
 def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
-    from composer import native, ranked
+    from composer import ranked
 
     base, xs = job.read_base(a, b), job.read_inputs(a, b)
     steps = [None if k is None else k.steps(a, b) for k in keeps]
@@ -248,8 +248,9 @@ def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
 
 
 def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list) -> Tensor | None:
-    """merge_deltas with ranked.apply's step masks, in one native pass (composer.native); None: not available.
-    The divisor and the weights are made as _task_arithmetic makes them, so the bits are its bits."""
+    """merge_deltas in one native pass (composer.native.ties_blend), its sparsification given as `steps` (ranked
+    step masks, or DARE's and DELLA's drawn masks) and rescale `factors`; None: not available. The divisor and the
+    weights are made as _task_arithmetic makes them, so the bits are its bits."""
     from composer import native
 
     s = job.shared
