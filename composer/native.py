@@ -433,14 +433,17 @@ def della_probs(rows: Tensor, density: float, epsilon: float) -> Tensor | None:
     return probs
 
 
-def pack(mask: Tensor) -> Tensor | None:
-    """composer.methods.common.pack_mask of a float32 0/1 mask; None: not done (use torch)."""
+def pack(mask: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """composer.methods.common.pack_mask of a float32 0/1 mask (into `out` when given); None: not done (use
+    torch)."""
     import torch
 
     lib = library()
-    if lib is None or not _usable(mask):
+    size = (mask.numel() + 7) // 8
+    if lib is None or not _usable(mask) or out is not None and not (
+            out.dtype == torch.uint8 and out.is_contiguous() and out.numel() == size):
         return None
-    out = torch.empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+    out = torch.empty(size, dtype=torch.uint8) if out is None else out
     lib.composer_pack(mask.data_ptr(), mask.numel(), out.data_ptr())
     return out
 

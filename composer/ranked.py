@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -147,10 +148,13 @@ def each(fn: Callable[[int, int], list], grid: list[tuple[int, int]]):
         yield fn(*grid[0])
         return
     pool = _pool()
-    futures = [pool.submit(fn, *block) for block in grid]
+    futures = deque(pool.submit(fn, *block) for block in grid)
     try:
-        for future in futures:
-            yield future.result()
+        while futures:
+            result = futures[0].result()
+            futures.popleft()  # a consumed block's result lives on only as long as the caller keeps it
+            yield result
+            result = None
     finally:  # failed or abandoned: no block may still be reading the sources once the caller closes them
         for future in futures:
             future.cancel()

@@ -558,8 +558,9 @@ def test_streamed_sce_is_its_formula_within_the_mean_squares_rounding(small_bloc
 
         packed, _ = fusion._sce_prepare(_sce_job([base, *xs], shared))  # the blend's masks, one per block
         numel = deltas[0].numel()
-        mask = torch.cat([unpack_mask(m, 0, min(numel, a + BLOCK) - a) for a, m in zip(range(0, numel, BLOCK), packed)])
-        assert len(packed) == -(-numel // BLOCK)
+        blocks = [(a, min(numel, a + BLOCK)) for a in range(0, numel, BLOCK)]
+        mask = torch.cat([unpack_mask(packed.slot(a, b, 0), 0, b - a) for a, b in blocks])
+        assert packed.data.shape == (len(blocks), 1, -(-BLOCK // 8))
         assert torch.equal(mask, fusion._sce_mask(deltas, select_topk).reshape(-1))
         deltas = deltas * mask.reshape(deltas.shape[1:]).unsqueeze(0)
     ours, apart, output = sce_bounds(n)

@@ -13,7 +13,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import pack_mask, per_input as _per_input, trim_heaps, unpack_mask
+from composer.methods.common import PackedMasks, per_input as _per_input, trim_heaps, unpack_mask
 from composer.methods.method import MergeJob, Param, Streaming, scratch
 from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask
 from composer.methods.taskvectors import _task_arithmetic, gta_method
@@ -167,9 +167,9 @@ def _masks(job: MergeJob, a: int, b: int, deltas: list[Tensor] | None = None) ->
     return out
 
 
-def _random_prepare(job: MergeJob) -> tuple[list, list | None]:
+def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
     """The L1 rescale factor of each task vector, |delta|_1 / |kept delta|_1 over the whole tensor (None: none),
-    and the masks this pass drew, per grid block, packed as bits (composer.methods.common.pack_mask: 1/32 of
+    and the masks this pass drew, per grid block, packed as bits (composer.methods.common.PackedMasks: 1/32 of
     float32's size, 16 MB for a 65M-element tensor's two masks), which the blend unpacks instead of drawing (or,
     for DELLA, ranking) again: that halves the random draws and DELLA's sorts. None: no rescale, no pass."""
     densities = [float(d) for d in job.per_input["density"]]
@@ -177,33 +177,39 @@ def _random_prepare(job: MergeJob) -> tuple[list, list | None]:
     if not (job.shared["rescale"] and any(d < 1 for d in densities)):
         return factors, None
 
-    def norms(a: int, b: int) -> tuple[list, list]:
+    grid = _grid(job)
+    packed = PackedMasks(job.numel, grid, len(job.inputs))
+
+    def norms(a: int, b: int) -> list:
+        # the sums as Python floats and the masks into `packed`: nothing this block made outlives it (see
+        # PackedMasks)
         if "epsilon" in job.per_input:  # DELLA ranks within the block's rows: its deltas whole
             ds = job.deltas(a, b)
             masks = _masks(job, a, b, ds)
-            return ([(d.abs_().sum(dtype=torch.float64), d.mul_(m).sum(dtype=torch.float64))
-                     if m is not None else None for d, m in zip(ds, masks)],
-                    [None if m is None else pack_mask(m) for m in masks])
-        from composer import ranked  # imports torch: not at planning time
+            sums = [None if m is None else [d.abs_().sum(dtype=torch.float64), d.mul_(m).sum(dtype=torch.float64)]
+                    for d, m in zip(ds, masks)]
+        else:
+            from composer import ranked  # imports torch: not at planning time
 
-        masks = _masks(job, a, b)
-        sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
-        for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
-            for acc, d, m in zip(sums, job.deltas(pa, pb), masks):
-                if acc is not None:  # |d * m| = |d| * m for a 0/1 mask
-                    magnitude = d.abs_()
-                    acc[0] = acc[0] + magnitude.sum(dtype=torch.float64)
-                    acc[1] = acc[1] + magnitude.mul_(m[pa - a: pb - a]).sum(dtype=torch.float64)
-        return sums, [None if m is None else pack_mask(m) for m in masks]
+            masks = _masks(job, a, b)
+            sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
+            for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
+                for acc, d, m in zip(sums, job.deltas(pa, pb), masks):
+                    if acc is not None:  # |d * m| = |d| * m for a 0/1 mask
+                        magnitude = d.abs_()
+                        acc[0] = acc[0] + magnitude.sum(dtype=torch.float64)
+                        acc[1] = acc[1] + magnitude.mul_(m[pa - a: pb - a]).sum(dtype=torch.float64)
+        for i, m in enumerate(masks):
+            if m is not None:
+                packed.put(a, b, i, m)
+        return [None if acc is None else (float(acc[0]), float(acc[1])) for acc in sums]
 
     sums = [[0.0, 0.0] for _ in job.inputs]
-    packed = []
-    for part, kept in job.each(norms, job.steps(_grid(job))):
-        packed.append(kept)
+    for part in job.each(norms, job.steps(grid)):
         for acc, got in zip(sums, part):
             if got is not None:
-                acc[0] += float(got[0])
-                acc[1] += float(got[1])
+                acc[0] += got[0]
+                acc[1] += got[1]
     for i, (before, after) in enumerate(sums):
         before, after = torch.tensor(before).float(), torch.tensor(after).float()
         if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
@@ -213,14 +219,15 @@ def _random_prepare(job: MergeJob) -> tuple[list, list | None]:
     return factors, packed
 
 
-def _random_blend(job: MergeJob, stats: tuple[list, list | None], ga: int, gb: int) -> Tensor:
+def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int, gb: int) -> Tensor:
     """Grid block [ga, gb): its masks (kept from the rescale pass, or drawn now), then the merge in steps of
     job.chunk elements."""
     from composer.methods.taskvectors import _native_blend, merge_deltas
 
     factors, packed = stats
     della = "epsilon" in job.per_input  # ranks within the block's rows: its inputs whole
-    kept = None if packed is None else packed[ga // _grid(job)]
+    kept = None if packed is None else [None if float(d) >= 1 else packed.slot(ga, gb, i)
+                                        for i, d in enumerate(job.per_input["density"])]
     held = [job.read(k, ga, gb) for k in (job.base, *job.inputs)] if della and kept is None else None
     drawn = None if kept is not None else _masks(job, ga, gb, [x - held[0] for x in held[1:]] if held else None)
     out = torch.empty(gb - ga)

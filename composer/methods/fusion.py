@@ -14,7 +14,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import float32 as _float32, pack_mask, unpack_mask
+from composer.methods.common import PackedMasks, float32 as _float32, unpack_mask
 from composer.methods.method import MergeJob, Streaming
 from composer.methods.taskvectors import _sign_consensus
 
@@ -165,8 +165,8 @@ def _pieces(job: MergeJob, a: int, b: int) -> list[tuple[int, int]]:
     return [(s, min(b, s + job.chunk)) for s in range(a, b, job.chunk)]
 
 
-def _sce_prepare(job: MergeJob) -> tuple[list | None, Tensor] | None:
-    """The selection (with select_topk < 1, as a packed mask per block: composer.methods.common.pack_mask) and the
+def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
+    """The selection (with select_topk < 1, as a packed mask per block: composer.methods.common.PackedMasks) and the
     per-model weights, from passes over blocks (None: no models besides the base). The variance is computed
     in the selection's passes (the first also counting its zeros, for k) and once more in the mean squares' pass,
     which keeps the mask it makes for the blend: the blend computes none."""
@@ -190,7 +190,9 @@ def _sce_prepare(job: MergeJob) -> tuple[list | None, Tensor] | None:
 
             keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, ranges, False, vectors=1)[0]
 
-    def squares(a: int, b: int) -> tuple[Tensor, Tensor | None]:
+    packed = None if keep is None else PackedMasks(job.numel, job.block, 1)
+
+    def squares(a: int, b: int) -> list[float]:
         total, masks = 0, []
         for s, e in _pieces(job, a, b):
             deltas = _sce_deltas(job, s, e)[1]
@@ -199,12 +201,15 @@ def _sce_prepare(job: MergeJob) -> tuple[list | None, Tensor] | None:
                 masks.append(mask)
                 deltas = deltas * mask.unsqueeze(0)
             total = total + deltas.square().sum(dim=1, dtype=torch.float64)
-        return total, None if keep is None else pack_mask(torch.cat(masks))
+        if packed is not None:
+            packed.put(a, b, 0, torch.cat(masks))
+        return total.tolist()  # Python floats: nothing this block made outlives it (see PackedMasks)
 
-    parts = list(job.each(squares, job.steps()))
-    sums = sum(part[0] for part in parts)  # float64 [n], blocks added in order
+    sums = torch.zeros(len(job.inputs), dtype=torch.float64)
+    for part in job.each(squares, job.steps()):
+        sums += torch.tensor(part, dtype=torch.float64)  # float64 [n], blocks added in order
     # torch's float32 mean is its float32 sum divided by numel: here the float64 sum rounded once, then divided
-    return None if keep is None else [part[1] for part in parts], _sce_normalized(sums.to(torch.float32) / job.numel)
+    return packed, _sce_normalized(sums.to(torch.float32) / job.numel)
 
 
 def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
@@ -216,7 +221,7 @@ def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
     for s, e in _pieces(job, a, b):
         base, deltas = _sce_deltas(job, s, e)
         if masks is not None:
-            deltas.mul_(unpack_mask(masks[a // job.block], s - a, e - a).unsqueeze(0))
+            deltas.mul_(unpack_mask(masks.slot(a, b, 0), s - a, e - a).unsqueeze(0))
         out[s - a: e - a] = _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
     return out
 
