@@ -1,6 +1,7 @@
 """Optional native kernels for the hottest loops of the ranked and random methods (TIES, Breadcrumbs, DARE, DELLA
 and their mixes): pass 1's histogram of |delta|, the fused sparsify-and-blend of the task-vector family, the
-Bernoulli masks from their random draws, DELLA's per-row ranks and the packed masks. Each replaces a chain of
+Bernoulli masks from their random draws, DELLA's per-row ranks, the packed masks, and RAM's / RAM+'s counts and
+merge. Each replaces a chain of
 torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
 float32 operations in the same order, compiled without FMA contraction, fast-math or -march
 (tests/test_native.py holds both paths to that, and the CLI's outputs to the same bytes).
@@ -140,6 +141,63 @@ void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float
             rank_norm = rank_norm < 0.0f ? 0.0f : rank_norm > 1.0f ? 1.0f : rank_norm;
             out[(uint32_t)cur[position]] = base + rank_norm * 2.0f * epsilon;
         }
+    }
+}
+
+/* composer.methods.fusion's RAM and RAM+ over tiles (their torch chains, the same float32 operations in order):
+   d_i = x_i - b; nz_i = sign(|d_i| - eps) clamped to >= 0, i.e. 1 where |d_i| - eps > 0, else +0 (NaN too: torch's
+   sign gives 0 for NaN); c = 0 + nz_0 + nz_1 + ... (small integers: exact in any order).
+   counts (when given): counts[2i] += #(nz_i = 1), counts[2i + 1] += #(nz_i = 1 and c = 1).
+   out (when given): b + sum over i, from +0 in model order, of ((d_i * nz_i) / max(c, 1)) * scale_i, where
+   scale_i = (1 - |sign(c - 1)|) * lambda[i] + clamp(sign(c - 1), min=0) with lambda (RAM+), and no scale (RAM). */
+void composer_ram(const float *base, const float *const *xs, int32_t n, float eps, const float *lambda,
+                  int64_t *counts, float *out, int64_t count) {
+    static _Thread_local float d[MAX_INPUTS][TILE], nz[MAX_INPUTS][TILE], c[TILE], cl[TILE], u[TILE], ov[TILE];
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = base + t0;
+        for (int64_t j = 0; j < len; j++) c[j] = 0.0f;
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = xs[i] + t0;
+            float *di = d[i], *zi = nz[i];
+            for (int64_t j = 0; j < len; j++) {
+                float v = x[j] - b[j];
+                di[j] = v;
+                zi[j] = (float)(tabs(v) - eps > 0.0f);
+                c[j] = c[j] + zi[j];
+            }
+        }
+        if (counts) {
+            for (int32_t i = 0; i < n; i++) {
+                const float *zi = nz[i];
+                int64_t changed = 0, alone = 0;
+                for (int64_t j = 0; j < len; j++) {
+                    changed += zi[j] == 1.0f;
+                    alone += (zi[j] == 1.0f) & (c[j] == 1.0f);
+                }
+                counts[2 * i] += changed;
+                counts[2 * i + 1] += alone;
+            }
+        }
+        if (!out) continue;
+        float *o = out + t0;
+        for (int64_t j = 0; j < len; j++) {
+            float c1 = c[j] - 1.0f, step = (float)(c1 > 0.0f) - (float)(c1 < 0.0f);
+            cl[j] = c[j] < 1.0f ? 1.0f : c[j];
+            u[j] = 1.0f - tabs(step);
+            ov[j] = (float)(step > 0.0f);
+            o[j] = 0.0f;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            const float *di = d[i], *zi = nz[i];
+            if (lambda) {
+                const float li = lambda[i];
+                for (int64_t j = 0; j < len; j++) o[j] = o[j] + ((di[j] * zi[j]) / cl[j]) * (u[j] * li + ov[j]);
+            } else {
+                for (int64_t j = 0; j < len; j++) o[j] = o[j] + (di[j] * zi[j]) / cl[j];
+            }
+        }
+        for (int64_t j = 0; j < len; j++) o[j] = b[j] + o[j];
     }
 }
 
@@ -354,6 +412,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
+    lib.composer_ram.argtypes = [p, p, i32, f32, p, p, p, i64]
+    lib.composer_ram.restype = None
     lib.composer_della_probs.restype = None
     lib.composer_pack.argtypes = [p, i64, p]
     lib.composer_pack.restype = None
@@ -431,6 +491,27 @@ def della_probs(rows: Tensor, density: float, epsilon: float) -> Tensor | None:
     lib.composer_della_probs(rows.data_ptr(), n_rows, n, density - epsilon, float(n - 1), epsilon,
                              scratch.data_ptr(), probs.data_ptr())
     return probs
+
+
+def ram(base: Tensor, xs: Sequence[Tensor], epsilon: float, lambdas: Sequence[float] | None = None, *,
+        counts: Tensor | None = None, merge: bool = True) -> Tensor | None | bool:
+    """composer.methods.fusion's RAM merge (RAM+ with `lambdas`, float32 values) of float32 elements, and/or
+    (`counts`: int64 [n, 2], added to) each model's counts of changed and of uniquely changed elements; the
+    merge, True when counting only, or None: not done (use torch)."""
+    import torch
+
+    lib = library()
+    n = len(xs)
+    if lib is None or not 0 < n <= MAX_INPUTS or not _usable(base) or not all(
+            _usable(x) and x.numel() == base.numel() for x in xs) or counts is not None and not (
+            counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == 2 * n):
+        return None
+    out = torch.empty_like(base) if merge else None
+    scale = None if lambdas is None else (ctypes.c_float * n)(*lambdas)
+    lib.composer_ram(base.data_ptr(), (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs]), n, epsilon, scale,
+                     None if counts is None else counts.data_ptr(), None if out is None else out.data_ptr(),
+                     base.numel())
+    return out if merge else True
 
 
 def pack(mask: Tensor, out: Tensor | None = None) -> Tensor | None:

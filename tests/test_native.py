@@ -248,6 +248,8 @@ def test_della_masks_are_the_torch_paths(shape):
     ("dare_linear", "{weight: 0.6, density: 0.5}"),
     ("della", "{weight: 0.6, density: 0.5, epsilon: 0.1}"),
     ("della_linear", "{weight: 0.6, density: 0.5, epsilon: 0.1}"),
+    ("ram", "{}"),
+    ("ramplus_tl", "{}"),
 ])
 @pytest.mark.parametrize("suffix", ["", "-q"])  # -q: values on a 1/64 grid, so the cuts fall in runs of ties
 def test_compose_writes_the_same_model_without_the_kernels(models, write_recipe, tmp_path, method, params, suffix,
@@ -272,7 +274,7 @@ models:
         assert result.exit_code == 0, result.output
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
-    calls = {"ties_blend": 0, "hist16_delta": 0, "bernoulli": 0, "della_probs": 0}
+    calls = {"ties_blend": 0, "hist16_delta": 0, "bernoulli": 0, "della_probs": 0, "ram": 0}
     for name in calls:
         def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
             done = _fn(*args, **kwargs)
@@ -280,7 +282,38 @@ models:
             return done
         monkeypatch.setattr(native, name, counted)
     fast = compose(tmp_path / "fast")
-    drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
-    # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
-    assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
+    if method.startswith("ram"):
+        assert calls["ram"] > 0, calls
+    else:
+        drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
+        # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
+        assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-5, 0.015])
+def test_ram_kernel_is_the_torch_chain_bit_for_bit(n, epsilon):
+    """RAM's and RAM+'s merge and RAM+'s counts (composer.methods.fusion) on values with NaN, +-inf and signed
+    zeros, where models agree exactly (deltas of 0) and where some change an element alone."""
+    from composer.methods import fusion
+
+    size = 20_000 + 7
+    base = _hostile(size, 1)
+    xs = [_hostile(size, 2 + i) for i in range(n)]
+    for i, x in enumerate(xs):
+        x[i::5] = base[i::5]  # unchanged here: elements changed by one model, by several, by none
+        x[::7] = -0.0
+    base[::11] = -0.0
+    got = native.ram(base, xs, epsilon)
+    assert _same(got, fusion.ram(base, xs, epsilon=epsilon))
+    lambdas = torch.tensor([1.0 + 0.013 * i for i in range(n)]).tolist()
+    _, deltas, nonzero, counts, overlap, unique = fusion._ram_parts(base, xs, epsilon)
+    want = fusion._ramplus_merge(base, deltas, nonzero, counts, overlap, unique, torch.tensor(lambdas))
+    assert _same(native.ram(base, xs, epsilon, lambdas), want)
+    tally = torch.zeros((n, 2), dtype=torch.int64)
+    assert native.ram(base, xs, epsilon, counts=tally, merge=False) is True
+    _, _, nonzero, _, _, unique = fusion._ram_parts(base, xs, epsilon)
+    assert torch.equal(tally[:, 0], nonzero.sum(dim=1).long()) and torch.equal(tally[:, 1],
+                                                                                 (nonzero * unique).sum(dim=1).long())
+    assert 0 < int(tally[:, 1].sum()) < int(tally[:, 0].sum()) or n == 1  # unique and shared changes both occur

@@ -2,7 +2,7 @@
 ramplus_tl) methods: their parameters, contracts and streaming, beside the formulas in geometric.py and fusion.py."""
 from __future__ import annotations
 
-from composer.methods.fusion import (ARCEE_STREAMING, RAMPLUS_STREAMING, arcee_fusion, ram, ramplus_tl,
+from composer.methods.fusion import (ARCEE_STREAMING, RAM_STREAMING, RAMPLUS_STREAMING, arcee_fusion, ram, ramplus_tl,
                                      sce, sce_streaming)
 from composer.methods.geometric import KARCHER_STREAMING, MULTISLERP_STREAMING, karcher, multislerp, nearswap
 from composer.methods.method import ELEMENTWISE, MergeMethod, Param
@@ -62,7 +62,7 @@ METHODS = (
         name="ram", title="Reinforced Agent Merging", url="https://arxiv.org/abs/2601.13572",
         summary="keep each task vector's unique changes, average the ones several models share",
         params=(Param("epsilon", 1e-5, low=0),),
-        formula=lambda base, xs, s, p, g: ram(base, xs, epsilon=s["epsilon"]), streaming=lambda job: ELEMENTWISE,
+        formula=lambda base, xs, s, p, g: ram(base, xs, epsilon=s["epsilon"]), streaming=lambda job: RAM_STREAMING,
     ),
     MergeMethod(
         name="ramplus_tl", title="Reinforced Agent Merging Plus (tensor-local)", url="https://arxiv.org/abs/2601.13572",

@@ -34,7 +34,8 @@ from composer.methods.taskvectors import _sign_consensus
 # - ramplus_tl ("statistics"): one pass counting, per model, the elements where it is nonzero and shared
 #   (contributor count > 1) and where it is nonzero and unique (count == 1): integers, so the blocks' sums are
 #   exact and equal the whole tensor's; lambda_i is then computed from them as the formula computes it, and each
-#   block is the formula's arithmetic with those lambdas: bit for bit the formula.
+#   block is the formula's arithmetic with those lambdas: bit for bit the formula. (ram's blend, ramplus_tl's
+#   counts and blend run natively where the kernels are built: composer.native.ram, the same bits.)
 # - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 the top k of the per-element
 #   variance across models found by composer.ranked.select (histograms of var's float32 bit patterns, var
 #   recomputed per block from the inputs, bit for bit torch.var's (_sce_variance); k = int(count * select_topk)
@@ -459,12 +460,18 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
     s = job.shared
 
     def counts(a: int, b: int) -> Tensor:
+        from composer import native
+
         total = 0
         for start, stop in _pieces(job, a, b):
-            _, _, nonzero, _, overlap, unique = _ram_parts(job.read_base(start, stop), job.read_inputs(start, stop),
-                                                           s["epsilon"])
-            # S_i + U_i = sum nz_i; float32 sums of a piece's 0/1 values (< 2**24 of them) are exact
-            changed, alone = nonzero.sum(dim=1), (nonzero * unique).sum(dim=1)
+            base, xs = job.read_base(start, stop), job.read_inputs(start, stop)
+            native_counts = torch.zeros((len(xs), 2), dtype=torch.int64)  # (changed, alone) per model
+            if native.ram(base, xs, s["epsilon"], counts=native_counts, merge=False):  # the same integers
+                changed, alone = native_counts.t()
+            else:
+                _, _, nonzero, _, overlap, unique = _ram_parts(base, xs, s["epsilon"])
+                # S_i + U_i = sum nz_i; float32 sums of a piece's 0/1 values (< 2**24 of them) are exact
+                changed, alone = nonzero.sum(dim=1), (nonzero * unique).sum(dim=1)
             total = total + torch.stack([changed - alone, alone]).to(torch.int64)
         return total
 
@@ -473,14 +480,30 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
 
 
 def _ramplus_blend(job: MergeJob, lambda_: Tensor | None, a: int, b: int) -> Tensor:
-    base, deltas, nonzero, counts, overlap, unique = _ram_parts(job.read_base(a, b), job.read_inputs(a, b),
-                                                               job.shared["epsilon"])
+    from composer import native
+
+    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    lambdas = None if lambda_ is None else lambda_.tolist()  # float32 values, exactly
+    merged = native.ram(base, xs, job.shared["epsilon"], lambdas) if xs else None  # the same bits in one pass
+    if merged is not None:
+        return merged
+    base, deltas, nonzero, counts, overlap, unique = _ram_parts(base, xs, job.shared["epsilon"])
     if deltas is None:
         return base
     return _ramplus_merge(base, deltas, nonzero, counts, overlap, unique, lambda_)
 
 
+def _ram_blend(job: MergeJob, stats: None, a: int, b: int) -> Tensor:
+    """Any block of ram: the formula, in one native pass where the kernels are built (the same bits)."""
+    from composer import native
+
+    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    merged = native.ram(base, xs, job.shared["epsilon"]) if xs else None
+    return merged if merged is not None else ram(base, xs, epsilon=job.shared["epsilon"])
+
+
 RAMPLUS_STREAMING = Streaming("statistics", _ramplus_blend, _ramplus_prepare)
+RAM_STREAMING = Streaming("elementwise", _ram_blend)
 
 
 def _ram_parts(base: Tensor, tensors: Sequence[Tensor], epsilon: float):
