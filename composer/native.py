@@ -1,7 +1,7 @@
 """Optional native kernels for the hottest loops of the ranked and random methods (TIES, Breadcrumbs, DARE, DELLA
 and their mixes): pass 1's histogram of |delta|, the fused sparsify-and-blend of the task-vector family, the
-Bernoulli masks from their random draws, DELLA's per-row ranks, the packed masks, and RAM's / RAM+'s counts and
-merge. Each replaces a chain of
+Bernoulli masks from their random draws, DELLA's per-row ranks, the packed masks, RAM's / RAM+'s counts and
+merge, Arcee Fusion's gate, and SCE's variance and blend. Each replaces a chain of
 torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
 float32 operations in the same order, compiled without FMA contraction, fast-math or -march
 (tests/test_native.py holds both paths to that, and the CLI's outputs to the same bytes).
@@ -141,63 +141,6 @@ void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float
             rank_norm = rank_norm < 0.0f ? 0.0f : rank_norm > 1.0f ? 1.0f : rank_norm;
             out[(uint32_t)cur[position]] = base + rank_norm * 2.0f * epsilon;
         }
-    }
-}
-
-/* composer.methods.fusion's RAM and RAM+ over tiles (their torch chains, the same float32 operations in order):
-   d_i = x_i - b; nz_i = sign(|d_i| - eps) clamped to >= 0, i.e. 1 where |d_i| - eps > 0, else +0 (NaN too: torch's
-   sign gives 0 for NaN); c = 0 + nz_0 + nz_1 + ... (small integers: exact in any order).
-   counts (when given): counts[2i] += #(nz_i = 1), counts[2i + 1] += #(nz_i = 1 and c = 1).
-   out (when given): b + sum over i, from +0 in model order, of ((d_i * nz_i) / max(c, 1)) * scale_i, where
-   scale_i = (1 - |sign(c - 1)|) * lambda[i] + clamp(sign(c - 1), min=0) with lambda (RAM+), and no scale (RAM). */
-void composer_ram(const float *base, const float *const *xs, int32_t n, float eps, const float *lambda,
-                  int64_t *counts, float *out, int64_t count) {
-    static _Thread_local float d[MAX_INPUTS][TILE], nz[MAX_INPUTS][TILE], c[TILE], cl[TILE], u[TILE], ov[TILE];
-    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
-        int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = base + t0;
-        for (int64_t j = 0; j < len; j++) c[j] = 0.0f;
-        for (int32_t i = 0; i < n; i++) {
-            const float *x = xs[i] + t0;
-            float *di = d[i], *zi = nz[i];
-            for (int64_t j = 0; j < len; j++) {
-                float v = x[j] - b[j];
-                di[j] = v;
-                zi[j] = (float)(tabs(v) - eps > 0.0f);
-                c[j] = c[j] + zi[j];
-            }
-        }
-        if (counts) {
-            for (int32_t i = 0; i < n; i++) {
-                const float *zi = nz[i];
-                int64_t changed = 0, alone = 0;
-                for (int64_t j = 0; j < len; j++) {
-                    changed += zi[j] == 1.0f;
-                    alone += (zi[j] == 1.0f) & (c[j] == 1.0f);
-                }
-                counts[2 * i] += changed;
-                counts[2 * i + 1] += alone;
-            }
-        }
-        if (!out) continue;
-        float *o = out + t0;
-        for (int64_t j = 0; j < len; j++) {
-            float c1 = c[j] - 1.0f, step = (float)(c1 > 0.0f) - (float)(c1 < 0.0f);
-            cl[j] = c[j] < 1.0f ? 1.0f : c[j];
-            u[j] = 1.0f - tabs(step);
-            ov[j] = (float)(step > 0.0f);
-            o[j] = 0.0f;
-        }
-        for (int32_t i = 0; i < n; i++) {
-            const float *di = d[i], *zi = nz[i];
-            if (lambda) {
-                const float li = lambda[i];
-                for (int64_t j = 0; j < len; j++) o[j] = o[j] + ((di[j] * zi[j]) / cl[j]) * (u[j] * li + ov[j]);
-            } else {
-                for (int64_t j = 0; j < len; j++) o[j] = o[j] + (di[j] * zi[j]) / cl[j];
-            }
-        }
-        for (int64_t j = 0; j < len; j++) o[j] = b[j] + o[j];
     }
 }
 
@@ -358,6 +301,199 @@ void composer_ties_blend(const float *base, const float *const *xs, const float 
         }
     }
 }
+/* composer.methods.fusion's RAM and RAM+ over tiles (their torch chains, the same float32 operations in order):
+   d_i = x_i - b; nz_i = sign(|d_i| - eps) clamped to >= 0, i.e. 1 where |d_i| - eps > 0, else +0 (NaN too: torch's
+   sign gives 0 for NaN); c = 0 + nz_0 + nz_1 + ... (small integers: exact in any order).
+   counts (when given): counts[2i] += #(nz_i = 1), counts[2i + 1] += #(nz_i = 1 and c = 1).
+   out (when given): b + sum over i, from +0 in model order, of ((d_i * nz_i) / max(c, 1)) * scale_i, where
+   scale_i = (1 - |sign(c - 1)|) * lambda[i] + clamp(sign(c - 1), min=0) with lambda (RAM+), and no scale (RAM). */
+void composer_ram(const float *base, const float *const *xs, int32_t n, float eps, const float *lambda,
+                  int64_t *counts, float *out, int64_t count) {
+    static _Thread_local float scratch[2 * MAX_INPUTS + 4][TILE];
+    float (*d)[TILE] = scratch, (*nz)[TILE] = scratch + MAX_INPUTS;  /* the thread-local addresses, once */
+    float *c = scratch[2 * MAX_INPUTS], *cl = scratch[2 * MAX_INPUTS + 1], *u = scratch[2 * MAX_INPUTS + 2],
+          *ov = scratch[2 * MAX_INPUTS + 3];
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = base + t0;
+        for (int64_t j = 0; j < len; j++) c[j] = 0.0f;
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = xs[i] + t0;
+            float *di = d[i], *zi = nz[i];
+            for (int64_t j = 0; j < len; j++) {
+                float v = x[j] - b[j];
+                di[j] = v;
+                zi[j] = (float)(tabs(v) - eps > 0.0f);
+                c[j] = c[j] + zi[j];
+            }
+        }
+        if (counts) {
+            for (int32_t i = 0; i < n; i++) {
+                const float *zi = nz[i];
+                int64_t changed = 0, alone = 0;
+                for (int64_t j = 0; j < len; j++) {
+                    changed += zi[j] == 1.0f;
+                    alone += (zi[j] == 1.0f) & (c[j] == 1.0f);
+                }
+                counts[2 * i] += changed;
+                counts[2 * i + 1] += alone;
+            }
+        }
+        if (!out) continue;
+        float *o = out + t0;
+        for (int64_t j = 0; j < len; j++) {
+            float c1 = c[j] - 1.0f, step = (float)(c1 > 0.0f) - (float)(c1 < 0.0f);
+            cl[j] = c[j] < 1.0f ? 1.0f : c[j];
+            u[j] = 1.0f - tabs(step);
+            ov[j] = (float)(step > 0.0f);
+            o[j] = 0.0f;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            const float *di = d[i], *zi = nz[i];
+            if (lambda) {
+                const float li = lambda[i];
+                for (int64_t j = 0; j < len; j++) o[j] = o[j] + ((di[j] * zi[j]) / cl[j]) * (u[j] * li + ov[j]);
+            } else {
+                for (int64_t j = 0; j < len; j++) o[j] = o[j] + (di[j] * zi[j]) / cl[j];
+            }
+        }
+        for (int64_t j = 0; j < len; j++) o[j] = b[j] + o[j];
+    }
+}
+
+/* composer.methods.fusion._fusion_blend: element j (at `offset` + j of rows of `width`, row r's KL kl[r]) is
+   b + (x - b) * [|x - b| * kl >= threshold], the mask 1.0 or +0 (NaN: 0) */
+static inline v4f v_ge(v4f a, v4f b) { return (v4f)((a >= b) & (v4i)vsplat(1.0f)); }
+
+void composer_fusion_blend(const float *base, const float *x, const float *kl, int64_t offset, int64_t width,
+                           float threshold, float *out, int64_t count) {
+    int64_t j = 0, row = 0, col = offset;
+    const v4f vt = vsplat(threshold);
+    while (j < count) {
+        int64_t len = width - col < count - j ? width - col : count - j, i = 0;
+        const float k = kl[row], *b = base + j, *xj = x + j;
+        const v4f vk = vsplat(k);
+        float *o = out + j;
+        for (; i + 4 <= len; i += 4) {
+            v4f bv = vload(b + i), d = vload(xj + i) - bv;
+            vstore(o + i, bv + d * v_ge(vabs(d) * vk, vt));
+        }
+        for (; i < len; i++) {
+            float d = xj[i] - b[i];
+            o[i] = b[i] + d * (float)(tabs(d) * k >= threshold);
+        }
+        j += len; row++; col = 0;
+    }
+}
+/* composer.methods.fusion._sce_variance of the deltas x_i - b (float32 subtractions), Welford's float64 updates
+   in torch's order (the first one skipped, as there), m2 / n rounded to float32; n == 1: x0 * (x0 - x0) */
+void composer_sce_var(const float *base, const float *const *xs, int32_t n, float *out, int64_t count) {
+    static _Thread_local double scratch[2][TILE];
+    double *mean = scratch[0], *m2 = scratch[1];
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = base + t0, *x0 = xs[0] + t0;
+        float *o = out + t0;
+        if (n == 1) {
+            for (int64_t j = 0; j < len; j++) { double x = (double)(x0[j] - b[j]); o[j] = (float)(x * (x - x)); }
+            continue;
+        }
+        for (int64_t j = 0; j < len; j++) mean[j] = (double)(x0[j] - b[j]);
+        /* x / 2**p and x * 2**-p are the same correctly rounded number: divisions by 2 and 4 are multiplications
+           (one loop per case: a select inside stops the vectorizer) */
+        for (int32_t k = 1; k < n; k++) {
+            const float *xk = xs[k] + t0;
+            const double count_k = (double)(k + 1), inverse = 1.0 / count_k;
+            if (k == 1) {  /* m2 starts as the first term */
+                for (int64_t j = 0; j < len; j++) {
+                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                    mean[j] = mean[j] + delta * inverse;
+                    m2[j] = delta * (x - mean[j]);
+                }
+            } else if (k == 3) {
+                for (int64_t j = 0; j < len; j++) {
+                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                    mean[j] = mean[j] + delta * inverse;
+                    m2[j] = m2[j] + delta * (x - mean[j]);
+                }
+            } else {
+                for (int64_t j = 0; j < len; j++) {
+                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                    mean[j] = mean[j] + delta / count_k;
+                    m2[j] = m2[j] + delta * (x - mean[j]);
+                }
+            }
+        }
+        const double dn = (double)n, inverse_n = 1.0 / dn;
+        if (n == 2 || n == 4) for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] * inverse_n);
+        else for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] / dn);
+    }
+}
+
+/* composer.methods.fusion._sce_erase_mean of the deltas (x_i - b) * mask (no mask: unmasked), weights w:
+   the sign election on the unweighted deltas (as elect2's, keep_sign's +0 for torch's -0 changes no bit: the sums
+   start at +0), erased_i = w_i * keep_i, b + sum(d_i * erased_i) / max(sum(erased_i), 1e-6) */
+void composer_sce_blend(const float *base, const float *const *xs, const float *mask, int32_t n, const float *w,
+                        float *out, int64_t count) {
+    static _Thread_local float scratch[MAX_INPUTS][TILE];
+    float (*d)[TILE] = scratch;
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = base + t0;
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = xs[i] + t0;
+            float *di = d[i];
+            for (int64_t j = 0; j < len; j++) di[j] = x[j] - b[j];
+            if (mask) for (int64_t j = 0; j < len; j++) di[j] = di[j] * mask[t0 + j];
+        }
+        float *o = out + t0;
+        int64_t j = 0;
+        const v4f zero = vsplat(0.0f), floor_ = vsplat(1e-6f), one = vsplat(1.0f);
+        for (; j + 4 <= len; j += 4) {  /* four at a time (the scalar form below compiles to branches) */
+            v4f sum = zero;
+            for (int32_t i = 0; i < n; i++) sum = sum + vload(d[i] + j);
+            v4i positive = ~(sum < zero);
+            v4f mixed = zero, div = zero;
+            for (int32_t i = 0; i < n; i++) {
+                v4f di = vload(d[i] + j);
+                v4i k = (positive & (di > zero)) | (~positive & (di < zero));
+                v4f e = vsplat(w[i]) * (v4f)(k & (v4i)one);
+                mixed = mixed + di * e;
+                div = div + e;
+            }
+            v4i small = div < floor_;
+            div = (v4f)((small & (v4i)floor_) | (~small & (v4i)div));
+            vstore(o + j, vload(b + j) + mixed / div);
+        }
+        for (; j < len; j++) {
+            float sum = 0.0f;
+            for (int32_t i = 0; i < n; i++) sum = sum + d[i][j];
+            int majority = !(sum < 0.0f);
+            float mixed = 0.0f, div = 0.0f;
+            for (int32_t i = 0; i < n; i++) {
+                float e = w[i] * keep_sign(d[i][j], majority);
+                mixed = mixed + d[i][j] * e;
+                div = div + e;
+            }
+            div = div < 1e-6f ? 1e-6f : div;
+            o[j] = b[j] + mixed / div;
+        }
+    }
+}
+/* SCE's masked squares: out[i * count + j] = ((x_i - b) * mask)^2 (no mask: unmasked), torch's deltas * mask then
+   square() (x * x) */
+void composer_sce_squares(const float *base, const float *const *xs, const float *mask, int32_t n, float *out,
+                          int64_t count) {
+    for (int32_t i = 0; i < n; i++) {
+        const float *x = xs[i];
+        float *o = out + (int64_t)i * count;
+        if (mask) {
+            for (int64_t j = 0; j < count; j++) { float d = (x[j] - base[j]) * mask[j]; o[j] = d * d; }
+        } else {
+            for (int64_t j = 0; j < count; j++) { float d = x[j] - base[j]; o[j] = d * d; }
+        }
+    }
+}
 """
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-std=c11"]
@@ -413,6 +549,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
     lib.composer_ram.argtypes = [p, p, i32, f32, p, p, p, i64]
+    lib.composer_sce_var.argtypes = [p, p, i32, p, i64]
+    lib.composer_sce_var.restype = None
+    lib.composer_sce_blend.argtypes = [p, p, p, i32, p, p, i64]
+    lib.composer_sce_squares.argtypes = [p, p, p, i32, p, i64]
+    lib.composer_sce_squares.restype = None
+    lib.composer_sce_blend.restype = None
+    lib.composer_fusion_blend.argtypes = [p, p, p, i64, i64, f32, p, i64]
+    lib.composer_fusion_blend.restype = None
     lib.composer_ram.restype = None
     lib.composer_della_probs.restype = None
     lib.composer_pack.argtypes = [p, i64, p]
@@ -512,6 +656,73 @@ def ram(base: Tensor, xs: Sequence[Tensor], epsilon: float, lambdas: Sequence[fl
                      None if counts is None else counts.data_ptr(), None if out is None else out.data_ptr(),
                      base.numel())
     return out if merge else True
+
+
+def fusion_blend(base: Tensor, x: Tensor, kl: Tensor, offset: int, width: int, threshold: Tensor | float
+                 ) -> Tensor | None:
+    """composer.methods.fusion._fusion_blend of float32 elements that start at `offset` in the first of the rows
+    (of `width` elements) whose KLs `kl` gives; None: not done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or not (_usable(base) and _usable(x) and _usable(kl) and x.numel() == base.numel()) or (
+            isinstance(threshold, torch.Tensor) and threshold.dtype != torch.float32):
+        return None
+    out = torch.empty_like(base)
+    lib.composer_fusion_blend(base.data_ptr(), x.data_ptr(), kl.data_ptr(), offset, width, float(threshold),
+                              out.data_ptr(), base.numel())
+    return out
+
+
+def _inputs(base: Tensor, xs: Sequence[Tensor]) -> ctypes.Array | None:
+    """The pointers of float32 inputs the kernels can take (1..MAX_INPUTS of base's size), else None."""
+    if not 0 < len(xs) <= MAX_INPUTS or not _usable(base) or not all(
+            _usable(x) and x.numel() == base.numel() for x in xs):
+        return None
+    return (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
+
+
+def sce_variance(base: Tensor, xs: Sequence[Tensor], out: Tensor | None = None) -> Tensor | None:
+    """composer.methods.fusion._sce_variance of the task vectors x_i - base (into `out` when given); None: not
+    done (use torch)."""
+    import torch
+
+    lib, pointers = library(), _inputs(base, xs)
+    if lib is None or pointers is None or out is not None and not (_usable(out) and out.numel() == base.numel()):
+        return None
+    out = torch.empty_like(base) if out is None else out
+    lib.composer_sce_var(base.data_ptr(), pointers, len(xs), out.data_ptr(), base.numel())
+    return out
+
+
+def sce_squares(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None) -> Tensor | None:
+    """SCE's squared task vectors [n, numel] ((x_i - base) * mask where given, squared); None: not done (use
+    torch)."""
+    import torch
+
+    lib, pointers = library(), _inputs(base, xs)
+    if lib is None or pointers is None or mask is not None and not (_usable(mask) and mask.numel() == base.numel()):
+        return None
+    out = torch.empty((len(xs), base.numel()))
+    lib.composer_sce_squares(base.data_ptr(), pointers, None if mask is None else mask.data_ptr(), len(xs),
+                             out.data_ptr(), base.numel())
+    return out
+
+
+def sce_blend(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None, weights: Tensor) -> Tensor | None:
+    """composer.methods.fusion._sce_erase_mean of the task vectors x_i - base, times `mask` where given, with
+    the float32 weights; None: not done (use torch)."""
+    import torch
+
+    lib, pointers = library(), _inputs(base, xs)
+    if lib is None or pointers is None or mask is not None and not (
+            _usable(mask) and mask.numel() == base.numel()) or weights.numel() != len(xs):
+        return None
+    out = torch.empty_like(base)
+    w = (ctypes.c_float * len(xs))(*weights.to(torch.float32).tolist())
+    lib.composer_sce_blend(base.data_ptr(), pointers, None if mask is None else mask.data_ptr(), len(xs), w,
+                           out.data_ptr(), base.numel())
+    return out
 
 
 def pack(mask: Tensor, out: Tensor | None = None) -> Tensor | None:

@@ -317,3 +317,87 @@ def test_ram_kernel_is_the_torch_chain_bit_for_bit(n, epsilon):
     assert torch.equal(tally[:, 0], nonzero.sum(dim=1).long()) and torch.equal(tally[:, 1],
                                                                                  (nonzero * unique).sum(dim=1).long())
     assert 0 < int(tally[:, 1].sum()) < int(tally[:, 0].sum()) or n == 1  # unique and shared changes both occur
+
+
+@pytest.mark.parametrize("width,offset,count", [(1, 0, 5000), (7, 3, 20_000 + 7), (4096, 100, 9000), (50, 0, 50)])
+def test_fusion_gate_is_the_torch_chain_bit_for_bit(width, offset, count):
+    """Arcee Fusion's blend (composer.methods.fusion._fusion_blend) from a block that starts inside a row, with
+    NaN/+-inf/signed zeros in the inputs and in the rows' KLs."""
+    base, x = _hostile(count, 5), _hostile(count, 6)
+    x[::3] = base[::3]
+    rows = (offset + count + width - 1) // width
+    kl = _hostile(rows, 7).abs()
+    row_kl = kl.reshape(-1, 1).expand(-1, width).reshape(-1)[offset: offset + count]
+    importance = (x - base).abs() * row_kl
+    threshold = importance[importance.isfinite()].median()
+    mask = (((x - base).abs() * row_kl) >= threshold).float()
+    want = base + (x - base) * mask
+    got = native.fusion_blend(base, x, kl, offset, width, threshold)
+    assert _same(got, want)
+    assert 0 < int(mask.sum()) < count
+
+
+@pytest.mark.parametrize("method,top,others,kernels", [
+    ("arcee_fusion", "", 1, ("fusion_blend",)),
+    ("sce", "parameters: {select_topk: 0.5}", 2, ("sce_variance", "sce_squares", "sce_blend")),
+    ("sce", "parameters: {select_topk: 1.0}", 2, ("sce_squares", "sce_blend")),
+])
+@pytest.mark.parametrize("suffix", ["", "-q"])
+def test_compose_writes_the_same_fusion_merges_without_the_kernels(models, write_recipe, tmp_path, monkeypatch,
+                                                                   method, top, others, kernels, suffix):
+    from click.testing import CliRunner
+
+    from composer.cli import main
+
+    names = ["llama-b", "llama-c"][:others]
+    recipe = write_recipe(f"""merge_method: {method}
+base_model: {models['llama' + suffix]}
+dtype: bfloat16
+{top}
+models:
+  - model: {models['llama' + suffix]}
+""" + "".join(f"  - model: {models[name + suffix]}\n" for name in names))
+
+    def compose(out):
+        result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q", "--seed", "5"])
+        assert result.exit_code == 0, result.output
+        return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
+
+    calls = {name: 0 for name in kernels}
+    for name in kernels:
+        def counted(*args, _name=name, _fn=getattr(native, name)):
+            done = _fn(*args)
+            calls[_name] += done is not None
+            return done
+        monkeypatch.setattr(native, name, counted)
+    fast = compose(tmp_path / "fast")
+    assert all(calls.values()), calls
+    assert fast == _without_native(lambda: compose(tmp_path / "torch"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sce_kernels_are_the_torch_chain_bit_for_bit(n, masked):
+    """SCE's variance (composer.methods.fusion._sce_variance, float64 Welford) and its erase-and-mean blend, on
+    values with NaN, +-inf and signed zeros, with a mask or none, int8 masks or not."""
+    from composer.methods import fusion
+
+    size = 20_000 + 7
+    base = _hostile(size, 1)
+    xs = [_hostile(size, 2 + i) for i in range(n)]
+    for i, x in enumerate(xs):
+        x[i::5] = base[i::5]
+        x[::7] = -0.0
+    deltas = torch.stack([x - base for x in xs], dim=0)
+    assert _same(native.sce_variance(base, xs), fusion._sce_variance(deltas))
+    out = torch.full((size,), 7.0)
+    assert native.sce_variance(base, xs, out) is out and _same(out, fusion._sce_variance(deltas))
+    mask = (torch.rand(size, generator=torch.Generator().manual_seed(n)) < 0.6).float() if masked else None
+    if mask is not None:
+        deltas = deltas * mask.unsqueeze(0)
+    assert _same(native.sce_squares(base, xs, mask), deltas.square())
+    w = fusion._sce_weights(torch.nan_to_num(deltas, nan=0.0, posinf=1.0, neginf=-1.0))
+    w[-1] = 0.0  # a zero weight: sums of erased weights at 0, clamped to 1e-6
+    got = native.sce_blend(base, xs, mask, w)
+    for int8 in (False, True):
+        assert _same(got, fusion._sce_erase_mean(base, deltas, w, int8))

@@ -35,7 +35,8 @@ from composer.methods.taskvectors import _sign_consensus
 #   (contributor count > 1) and where it is nonzero and unique (count == 1): integers, so the blocks' sums are
 #   exact and equal the whole tensor's; lambda_i is then computed from them as the formula computes it, and each
 #   block is the formula's arithmetic with those lambdas: bit for bit the formula. (ram's blend, ramplus_tl's
-#   counts and blend run natively where the kernels are built: composer.native.ram, the same bits.)
+#   counts and blend run natively where the kernels are built: composer.native.ram, the same bits; so do sce's
+#   variance, squares and blend, and arcee_fusion's gate: composer.native.sce_*, fusion_blend.)
 # - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 the top k of the per-element
 #   variance across models found by composer.ranked.select (histograms of var's float32 bit patterns, var
 #   recomputed per block from the inputs, bit for bit torch.var's (_sce_variance); k = int(count * select_topk)
@@ -153,12 +154,6 @@ def _sce_variance(deltas: Tensor) -> Tensor:
     return m2.div_(n).to(deltas.dtype)
 
 
-def _sce_deltas(job: MergeJob, a: int, b: int) -> tuple[Tensor, Tensor]:
-    """The base and the task vectors [n, b - a] of elements [a, b)."""
-    base = job.read_base(a, b)
-    return base, torch.stack([x - base for x in job.read_inputs(a, b)], dim=0)
-
-
 def _pieces(job: MergeJob, a: int, b: int) -> list[tuple[int, int]]:
     """[a, b) in steps of job.chunk elements. The statistics passes run on the pass threads in blocks of job.block
     elements, each computed in these pieces: temporaries of 1-2 MB, which malloc hands out again and again, where
@@ -171,7 +166,7 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
     per-model weights, from passes over blocks (None: no models besides the base). The variance is computed
     in the selection's passes (the first also counting its zeros, for k) and once more in the mean squares' pass,
     which keeps the mask it makes for the blend: the blend computes none."""
-    from composer import ranked  # imports torch: not at planning time
+    from composer import native, ranked  # imports torch: not at planning time
 
     if not job.inputs:
         return None
@@ -183,7 +178,7 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             def variance(a: int, b: int) -> Tensor:
                 out = torch.empty(b - a)
                 for s, e in _pieces(job, a, b):
-                    out[s - a: e - a] = _sce_variance(_sce_deltas(job, s, e)[1])
+                    out[s - a: e - a] = _piece_variance(job, s, e)
                 return out
 
             def ranges(zeros: list[int]) -> list[tuple[int, int]]:  # as int(count_nonzero(var) * density)
@@ -196,12 +191,16 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
     def squares(a: int, b: int) -> list[float]:
         total, masks = 0, []
         for s, e in _pieces(job, a, b):
-            deltas = _sce_deltas(job, s, e)[1]
+            base, xs = job.read_base(s, e), job.read_inputs(s, e)
+            mask = None
             if keep is not None:
-                mask = keep.mask(_sce_variance(deltas).abs(), s)
+                mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
                 masks.append(mask)
-                deltas = deltas * mask.unsqueeze(0)
-            total = total + deltas.square().sum(dim=1, dtype=torch.float64)
+            squares = native.sce_squares(base, xs, mask)  # the same bits
+            if squares is None:
+                deltas = torch.stack([x - base for x in xs], dim=0)
+                squares = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
+            total = total + squares.sum(dim=1, dtype=torch.float64)
         if packed is not None:
             packed.put(a, b, 0, torch.cat(masks))
         return total.tolist()  # Python floats: nothing this block made outlives it (see PackedMasks)
@@ -217,14 +216,32 @@ def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
     """Grid block [a, b) (the statistics passes' blocks: its packed mask), in steps of job.chunk elements."""
     if stats is None:
         return job.read_base(a, b)
+    from composer import native
+
     masks, w = stats
     out = torch.empty(b - a)
     for s, e in _pieces(job, a, b):
-        base, deltas = _sce_deltas(job, s, e)
-        if masks is not None:
-            deltas.mul_(unpack_mask(masks.slot(a, b, 0), s - a, e - a).unsqueeze(0))
-        out[s - a: e - a] = _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+        base, xs = job.read_base(s, e), job.read_inputs(s, e)
+        mask = None if masks is None else unpack_mask(masks.slot(a, b, 0), s - a, e - a)
+        merged = native.sce_blend(base, xs, mask, w)  # the same bits in one pass
+        if merged is None:
+            deltas = torch.stack([x - base for x in xs], dim=0)
+            if mask is not None:
+                deltas.mul_(mask.unsqueeze(0))
+            merged = _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+        out[s - a: e - a] = merged
     return out
+
+
+def _piece_variance(job: MergeJob, a: int, b: int, base: Tensor | None = None, xs: list | None = None) -> Tensor:
+    """_sce_variance of elements [a, b)'s task vectors (of `base` and `xs`, when read already), natively where
+    the kernels are built (the same bits)."""
+    from composer import native
+
+    if xs is None:
+        base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    variance = native.sce_variance(base, xs)
+    return _sce_variance(torch.stack([x - base for x in xs], dim=0)) if variance is None else variance
 
 
 _SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare, grid=lambda job: job.block)
@@ -359,11 +376,13 @@ def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
     def piece(a: int, b: int) -> tuple[Tensor, Tensor]:
         base, x = job.read_base(a, b).reshape(-1, width), job.read(other, a, b).reshape(-1, width)
         kl = _fusion_kl(x, base)
-        importance = ((x - base).abs() * kl).reshape(-1)
-        if sample is not None:
-            lo, hi = torch.searchsorted(sample, torch.tensor([a, b])).tolist()
-            importance = importance[sample[lo:hi] - a]
-        return kl.reshape(-1), importance
+        if sample is None:
+            return kl.reshape(-1), ((x - base).abs() * kl).reshape(-1)
+        # the sampled elements only: the same operations on each (|x - base| times its row's KL)
+        lo, hi = torch.searchsorted(sample, torch.tensor([a, b])).tolist()
+        at = sample[lo:hi] - a
+        picked = x.reshape(-1)[at].sub_(base.reshape(-1)[at]).abs_()
+        return kl.reshape(-1), picked.mul_(kl.reshape(-1)[at // width])
 
     def rows(a: int, b: int) -> tuple[Tensor, Tensor]:
         parts = [piece(s, e) for s, e in _fusion_row_steps(job, a, b, job.chunk)]
@@ -377,9 +396,14 @@ def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
 
 def _fusion_blend(job: MergeJob, stats: tuple[int, Tensor, Tensor], a: int, b: int) -> Tensor:
     """Any block: each element's importance from its row's KL, against the tensor's threshold."""
+    from composer import native
+
     width, kl, threshold = stats
     base, x = job.read_base(a, b), job.read(job.inputs[0], a, b)
     first, last = a // width, (b - 1) // width + 1
+    merged = native.fusion_blend(base, x, kl[first:last], a - first * width, width, threshold)
+    if merged is not None:  # the same bits in one pass
+        return merged
     row_kl = kl[first:last].reshape(-1, 1).expand(-1, width).reshape(-1)[a - first * width: b - first * width]
     mask = (((x - base).abs() * row_kl) >= threshold).float()
     return base + (x - base) * mask
