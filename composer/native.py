@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,6 +39,18 @@ SOURCE = r"""
 static inline float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t as_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float tabs(float x) { return as_float(as_bits(x) & 0x7fffffffu); } /* torch.abs: NaN too */
+
+/* The same steps four at a time, in GCC/Clang vector extensions (portable to every target they support):
+   compilers turn the scalar steps into branches, which do not vectorize. A comparison gives -1 (all bits) or 0
+   per lane; masked with 1.0f's bits it is the step. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+static inline v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+static inline v4f vsplat(float x) { v4f v = {x, x, x, x}; return v; }
+static inline v4f vabs(v4f x) { v4i m = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}; return (v4f)((v4i)x & m); }
+static inline v4f v_at_zero(v4f diff) { return (v4f)(~(diff < vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
+static inline v4f v_above_zero(v4f diff) { return (v4f)((diff > vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
 
 
 /* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0) */
@@ -94,7 +106,19 @@ void composer_pack(const float *mask, int64_t n, uint8_t *out) {
 
 /* composer.methods.common.unpack_mask: elements [start, start + n) of a packed mask as float32 0/1 */
 void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out) {
-    for (int64_t j = 0; j < n; j++) {
+    int64_t j = 0;
+    for (; j < n && ((start + j) & 7); j++) {
+        int64_t at = start + j;
+        out[j] = (float)((packed[at >> 3] >> (at & 7)) & 1);
+    }
+    const v4i low = {1, 2, 4, 8}, high = {16, 32, 64, 128}, one = (v4i)vsplat(1.0f);
+    for (; j + 8 <= n; j += 8) {  /* a byte at a time: its bits tested four lanes at a time */
+        int32_t byte = packed[(start + j) >> 3];
+        v4i bits = {byte, byte, byte, byte};
+        vstore(out + j, (v4f)(((bits & low) != 0) & one));
+        vstore(out + j + 4, (v4f)(((bits & high) != 0) & one));
+    }
+    for (; j < n; j++) {
         int64_t at = start + j;
         out[j] = (float)((packed[at >> 3] >> (at & 7)) & 1);
     }
@@ -150,17 +174,6 @@ static inline float at_zero(float diff) { return (float)!(diff < 0.0f); }
 /* _step(diff, False), sign(diff) clamped to >= 0: 1 where diff > 0, else +0 */
 static inline float above_zero(float diff) { return (float)(diff > 0.0f); }
 
-/* The same steps four at a time, in GCC/Clang vector extensions (portable to every target they support):
-   compilers turn the scalar steps into branches, which do not vectorize. A comparison gives -1 (all bits) or 0
-   per lane; masked with 1.0f's bits it is the step. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
-static inline v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, v4f v) { memcpy(p, &v, sizeof v); }
-static inline v4f vsplat(float x) { v4f v = {x, x, x, x}; return v; }
-static inline v4f vabs(v4f x) { v4i m = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}; return (v4f)((v4i)x & m); }
-static inline v4f v_at_zero(v4f diff) { return (v4f)(~(diff < vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
-static inline v4f v_above_zero(v4f diff) { return (v4f)((diff > vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
 
 /* the mask of one task vector over a tile, applied: LOW and HIGH its steps (HIGH 1: no upper end; times 1 is
    exact, as torch's skipped multiplication), vectors then the scalar tail */
@@ -249,16 +262,18 @@ static __attribute__((noinline)) void plain4(const float *restrict d0, const flo
 
 /* composer.methods.taskvectors._task_arithmetic with composer.ranked.apply as its sparsifier.
    mode[i]: 0 keep everything, 1 keep nothing, 2 keep by the steps (lo[i], lowz[i]) and, unless unbounded[i],
-   (hi[i], highz[i]), 3 multiply by masks[i]; factor[i] applied where has_factor[i] (modes 1 to 3).
+   (hi[i], highz[i]), 3 multiply by masks[i] (float32), 4 by packed masks[i]'s elements from bit mask_start[i];
+   factor[i] applied where has_factor[i] (modes 1 to 4).
    consensus: TIES' sign election;
    else `divisor` is the sum of the weights (1 where it is ~0). */
-void composer_ties_blend(const float *base, const float *const *xs, const float *const *masks, int32_t n,
-                         const int32_t *mode,
+void composer_ties_blend(const float *base, const float *const *xs, const void *const *masks,
+                         const int64_t *mask_start, int32_t n, const int32_t *mode,
                          const float *lo, const int32_t *lowz, const float *hi, const int32_t *highz,
                          const int32_t *unbounded, const float *factor, const int32_t *has_factor,
                          const float *w, int32_t consensus, int32_t normalize, float divisor,
                          float lambda_, float *out, int64_t count) {
-    static _Thread_local float d[MAX_INPUTS][TILE];
+    static _Thread_local float scratch[MAX_INPUTS + 1][TILE];
+    float (*d)[TILE] = scratch, *unpacked = scratch[MAX_INPUTS];
     float wp[MAX_INPUTS] = {0.0f, 0.0f, 0.0f, 0.0f};
     int32_t padded = n <= 2 ? 2 : 4;
     for (int32_t i = 0; i < n; i++) wp[i] = w[i];
@@ -276,8 +291,11 @@ void composer_ties_blend(const float *base, const float *const *xs, const float 
             if (m == 1) {
                 for (int64_t j = 0; j < len; j++) di[j] = di[j] * 0.0f;
             } else if (m == 3) {  /* a mask drawn beforehand (DARE, DELLA) */
-                const float *mi = masks[i] + t0;
+                const float *mi = (const float *)masks[i] + t0;
                 for (int64_t j = 0; j < len; j++) di[j] = di[j] * mi[j];
+            } else if (m == 4) {  /* the same, packed (composer.methods.common.pack_mask), from bit mask_start[i] */
+                composer_unpack((const uint8_t *)masks[i], mask_start[i] + t0, len, unpacked);
+                for (int64_t j = 0; j < len; j++) di[j] = di[j] * unpacked[j];
             } else if (m == 2) {  /* one loop per kind of step (a branch inside would stop the vectorizer) */
                 if (unb) {
                     if (lz) MASK_LOOP(at_zero, one) else MASK_LOOP(above_zero, one)
@@ -563,7 +581,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_pack.restype = None
     lib.composer_unpack.argtypes = [p, i64, i64, p]
     lib.composer_unpack.restype = None
-    lib.composer_ties_blend.argtypes = [p, p, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, f32, f32, p, i64]
+    lib.composer_ties_blend.argtypes = [p, p, p, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, f32, f32, p, i64]
     lib.composer_ties_blend.restype = None
 
 
@@ -752,27 +770,40 @@ def unpack(packed: Tensor, start: int, stop: int) -> Tensor | None:
     return out
 
 
+class Packed(NamedTuple):
+    """A ties_blend step: multiply by the packed mask (composer.methods.common.pack_mask) `data`'s elements from
+    `start` on."""
+
+    data: Tensor
+    start: int
+
+
 def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None], factors: Sequence[float | None],
                weights: Tensor, *, consensus: bool, normalize: bool, divisor: float, lambda_: float) -> Tensor | None:
     """The blend of composer.methods.taskvectors._task_arithmetic, its sparsification fused; None: not done (use
     torch). `steps[i]`: None to keep everything, () to keep nothing, a float32 tensor to multiply by (a mask
-    drawn beforehand), else (lo, lo_at_zero, hi or None, hi_at_zero) as composer.ranked.Keep.steps gives them.
-    `weights`: float32, one per task vector."""
+    drawn beforehand), a Packed mask to multiply by, else (lo, lo_at_zero, hi or None, hi_at_zero) as
+    composer.ranked.Keep.steps gives them. `weights`: float32, one per task vector."""
     import torch
 
     lib = library()
     n = len(xs)
     if lib is None or not 0 < n <= MAX_INPUTS or not _usable(base) or not all(
             _usable(x) and x.numel() == base.numel() for x in xs) or not all(
-            _usable(s) and s.numel() == base.numel() for s in steps if isinstance(s, torch.Tensor)):
+            _usable(s) and s.numel() == base.numel() for s in steps if isinstance(s, torch.Tensor)) or not all(
+            s.data.dtype == torch.uint8 and s.data.is_contiguous() and s.data.numel() * 8 >= s.start + base.numel()
+            for s in steps if isinstance(s, Packed)):
         return None
     out = torch.empty_like(base)
     i32 = ctypes.c_int32 * n
     f32 = ctypes.c_float * n
-    drawn = [isinstance(s, torch.Tensor) for s in steps]
-    mode = i32(*[3 if d else 0 if s is None else 1 if s == () else 2 for s, d in zip(steps, drawn)])
-    masks = (ctypes.c_void_p * n)(*[s.data_ptr() if d else None for s, d in zip(steps, drawn)])
-    real = [(0.0, False, None, False) if d or not s else s for s, d in zip(steps, drawn)]
+    kinds = [3 if isinstance(s, torch.Tensor) else 4 if isinstance(s, Packed) else 0 if s is None else 1 if s == ()
+             else 2 for s in steps]
+    mode = i32(*kinds)
+    masks = (ctypes.c_void_p * n)(*[s.data.data_ptr() if k == 4 else s.data_ptr() if k == 3 else None
+                                    for s, k in zip(steps, kinds)])
+    starts = (ctypes.c_int64 * n)(*[s.start if k == 4 else 0 for s, k in zip(steps, kinds)])
+    real = [s if k == 2 else (0.0, False, None, False) for s, k in zip(steps, kinds)]
     lo = f32(*[s[0] for s in real])
     lowz = i32(*[int(bool(s[1])) for s in real])
     hi = f32(*[0.0 if s[2] is None else s[2] for s in real])
@@ -782,7 +813,7 @@ def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None]
     has_factor = i32(*[int(f is not None) for f in factors])
     w = f32(*weights.tolist())
     pointers = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
-    lib.composer_ties_blend(base.data_ptr(), pointers, masks, n, mode, lo, lowz, hi, highz, unbounded, factor,
-                            has_factor, w, int(consensus), int(normalize), divisor, lambda_, out.data_ptr(),
+    lib.composer_ties_blend(base.data_ptr(), pointers, masks, starts, n, mode, lo, lowz, hi, highz, unbounded,
+                            factor, has_factor, w, int(consensus), int(normalize), divisor, lambda_, out.data_ptr(),
                             base.numel())
     return out

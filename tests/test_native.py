@@ -62,7 +62,7 @@ def _drawn(d: torch.Tensor, mask: torch.Tensor, factor) -> torch.Tensor:
     return d if factor is None else d.mul_(factor)
 
 
-@pytest.mark.parametrize("shift", range(9))
+@pytest.mark.parametrize("shift", range(10))
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("consensus", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
@@ -73,10 +73,14 @@ def test_fused_blend_is_the_torch_chain_bit_for_bit(n, consensus, normalize, shi
     for i, x in enumerate(xs):
         x[i::97] = _hostile(len(x[i::97]), 100 + i)
     g = torch.Generator().manual_seed(n)
-    if shift == 8:  # masks drawn beforehand, as DARE's: 0s and 1s, with a rescale factor on some
+    if shift >= 8:  # masks drawn beforehand, as DARE's: 0s and 1s, with a rescale factor on some
         masks = [(torch.rand(size, generator=g) < 0.5).float() for _ in range(n)]
         factors = [torch.tensor(1.7 + i, dtype=torch.float32) if i % 2 else None for i in range(n)]
         sparsify, steps = (lambda i, d: _drawn(d, masks[i], factors[i])), masks
+        if shift == 9:  # kept packed, from an odd bit on (as the blend's steps inside a grid block)
+            from composer.methods.common import pack_mask
+
+            steps = [native.Packed(pack_mask(torch.cat([torch.ones(3 + i), m])), 3 + i) for i, m in enumerate(masks)]
     else:
         keeps = [_keep((shift + 3 * i) % 8, float(torch.rand((), generator=g)) * 0.002) for i in range(n)]
         for i, keep in enumerate(keeps):

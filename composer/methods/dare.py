@@ -222,6 +222,7 @@ def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
 def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int, gb: int) -> Tensor:
     """Grid block [ga, gb): its masks (kept from the rescale pass, or drawn now), then the merge in steps of
     job.chunk elements."""
+    from composer import native
     from composer.methods.taskvectors import _native_blend, merge_deltas
 
     factors, packed = stats
@@ -234,7 +235,7 @@ def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int
     for a in range(ga, gb, job.chunk):
         b = min(gb, a + job.chunk)
         if kept is not None:
-            masks = [None if m is None else unpack_mask(m, a - ga, b - ga) for m in kept]
+            masks = [None if m is None else native.Packed(m, a - ga) for m in kept]  # unpacked if torch blends
         else:
             masks = [None if m is None else m[a - ga: b - ga] for m in drawn]
 
@@ -249,7 +250,11 @@ def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int
         else:
             base, *xs = (job.read(k, a, b) for k in (job.base, *job.inputs))
         fused = _native_blend(job, base, xs, masks, factors)  # the same bits in one pass, where it is built
-        out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify) if fused is None else fused
+        if fused is None:
+            masks[:] = [unpack_mask(m.data, m.start, m.start + b - a) if isinstance(m, native.Packed) else m
+                        for m in masks]
+            fused = merge_deltas(job, base, xs, sparsify)
+        out[a - ga: b - ga] = fused
     return out
 
 
