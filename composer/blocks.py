@@ -32,6 +32,19 @@ def read_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: i
     return x.to(via).to(torch.float32)
 
 
+def raw_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: int | None = None):
+    """read_block's elements [start, stop), left as the file's bfloat16 where read_block would only convert them
+    to float32 (no rounding through another dtype, no re-indexed rows, no computed stand-in); float32 files' are
+    read_block's own result. Anything else: read_block's float32."""
+    import torch
+
+    stop = info.numel if stop is None else stop
+    if not isinstance(info, AlignedRows) and info.file is not None and torch_dtype(t.via or info.dtype) == \
+            torch_dtype(info.dtype) and torch_dtype(info.dtype) in (torch.bfloat16, torch.float32):
+        return sources.tensor(info, start, stop)
+    return read_block(info, t, sources, start, stop)
+
+
 def output_view(t: TensorPlan, view: memoryview, start: int):
     """The chunk's part of a tensor as a typed view, the dtype results are rounded through, and the element
     range [first, last) of the tensor that it holds."""

@@ -52,23 +52,23 @@ static inline v4f vabs(v4f x) { v4i m = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7
 static inline v4f v_at_zero(v4f diff) { return (v4f)(~(diff < vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
 static inline v4f v_above_zero(v4f diff) { return (v4f)((diff > vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
 
+/* Inputs come as float32 or as bfloat16 (kind 1: the mapped file's own elements, whose float32 values are their
+   bits shifted up, exactly torch's conversion): elements [t0, t0 + len) of `p` as float32, its own memory or
+   converted into `buf` (a tile: it stays in the L1 cache, where a float32 copy of the whole block would not) */
+static inline const float *load(const void *p, int32_t kind, int64_t t0, int64_t len, float *buf) {
+    if (!kind) return (const float *)p + t0;
+    const uint16_t *h = (const uint16_t *)p + t0;
+    for (int64_t j = 0; j < len; j++) { uint32_t u = (uint32_t)h[j] << 16; memcpy(buf + j, &u, sizeof u); }
+    return buf;
+}
+#define TILE_BUFFERS static _Thread_local float tile_b[TILE], tile_x[TILE]
+
 
 /* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0) */
 void composer_hist16(const uint32_t *d, int64_t n, int64_t *hist) {
     for (int64_t j = 0; j < n; j++) {
         uint32_t b = d[j] & 0x7fffffffu;
         hist[((b >> 16) << 1) | ((b & 0xffffu) != 0u)] += 1;
-    }
-}
-
-/* composer_hist16 of the deltas x - b, subtracted here (the same float32 subtraction as torch's) */
-void composer_hist16_delta(const float *x, const float *b, int64_t n, int64_t *hist) {
-    for (int64_t j = 0; j < n; j++) {
-        float d = x[j] - b[j];
-        uint32_t k;
-        memcpy(&k, &d, sizeof k);
-        k &= 0x7fffffffu;
-        hist[((k >> 16) << 1) | ((k & 0xffffu) != 0u)] += 1;
     }
 }
 
@@ -266,7 +266,7 @@ static __attribute__((noinline)) void plain4(const float *restrict d0, const flo
    factor[i] applied where has_factor[i] (modes 1 to 4).
    consensus: TIES' sign election;
    else `divisor` is the sum of the weights (1 where it is ~0). */
-void composer_ties_blend(const float *base, const float *const *xs, const void *const *masks,
+void composer_ties_blend(const void *base, const void *const *xs, const int32_t *kinds, const void *const *masks,
                          const int64_t *mask_start, int32_t n, const int32_t *mode,
                          const float *lo, const int32_t *lowz, const float *hi, const int32_t *highz,
                          const int32_t *unbounded, const float *factor, const int32_t *has_factor,
@@ -274,15 +274,16 @@ void composer_ties_blend(const float *base, const float *const *xs, const void *
                          float lambda_, float *out, int64_t count) {
     static _Thread_local float scratch[MAX_INPUTS + 1][TILE];
     float (*d)[TILE] = scratch, *unpacked = scratch[MAX_INPUTS];
+    TILE_BUFFERS;
     float wp[MAX_INPUTS] = {0.0f, 0.0f, 0.0f, 0.0f};
     int32_t padded = n <= 2 ? 2 : 4;
     for (int32_t i = 0; i < n; i++) wp[i] = w[i];
     for (int32_t i = n; i < padded; i++) memset(d[i], 0, sizeof d[i]);  /* +0, weight 0: see elect2 */
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = base + t0;
+        const float *b = load(base, kinds[0], t0, len, tile_b);
         for (int32_t i = 0; i < n; i++) {  /* each task vector over the tile: loops the compiler vectorizes */
-            const float *x = xs[i] + t0;
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
             float *di = d[i];
             const float wi = w[i], li = lo[i], hi_ = hi[i], fi = factor[i];
             const int32_t lz = lowz[i], hz = highz[i], unb = unbounded[i], m = mode[i];
@@ -325,18 +326,19 @@ void composer_ties_blend(const float *base, const float *const *xs, const void *
    counts (when given): counts[2i] += #(nz_i = 1), counts[2i + 1] += #(nz_i = 1 and c = 1).
    out (when given): b + sum over i, from +0 in model order, of ((d_i * nz_i) / max(c, 1)) * scale_i, where
    scale_i = (1 - |sign(c - 1)|) * lambda[i] + clamp(sign(c - 1), min=0) with lambda (RAM+), and no scale (RAM). */
-void composer_ram(const float *base, const float *const *xs, int32_t n, float eps, const float *lambda,
-                  int64_t *counts, float *out, int64_t count) {
+void composer_ram(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, float eps,
+                  const float *lambda, int64_t *counts, float *out, int64_t count) {
+    TILE_BUFFERS;
     static _Thread_local float scratch[2 * MAX_INPUTS + 4][TILE];
     float (*d)[TILE] = scratch, (*nz)[TILE] = scratch + MAX_INPUTS;  /* the thread-local addresses, once */
     float *c = scratch[2 * MAX_INPUTS], *cl = scratch[2 * MAX_INPUTS + 1], *u = scratch[2 * MAX_INPUTS + 2],
           *ov = scratch[2 * MAX_INPUTS + 3];
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = base + t0;
+        const float *b = load(base, kinds[0], t0, len, tile_b);
         for (int64_t j = 0; j < len; j++) c[j] = 0.0f;
         for (int32_t i = 0; i < n; i++) {
-            const float *x = xs[i] + t0;
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
             float *di = d[i], *zi = nz[i];
             for (int64_t j = 0; j < len; j++) {
                 float v = x[j] - b[j];
@@ -405,12 +407,14 @@ void composer_fusion_blend(const float *base, const float *x, const float *kl, i
 }
 /* composer.methods.fusion._sce_variance of the deltas x_i - b (float32 subtractions), Welford's float64 updates
    in torch's order (the first one skipped, as there), m2 / n rounded to float32; n == 1: x0 * (x0 - x0) */
-void composer_sce_var(const float *base, const float *const *xs, int32_t n, float *out, int64_t count) {
+void composer_sce_var(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, float *out,
+                      int64_t count) {
     static _Thread_local double scratch[2][TILE];
+    TILE_BUFFERS;
     double *mean = scratch[0], *m2 = scratch[1];
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = base + t0, *x0 = xs[0] + t0;
+        const float *b = load(base, kinds[0], t0, len, tile_b), *x0 = load(xs[0], kinds[1], t0, len, tile_x);
         float *o = out + t0;
         if (n == 1) {
             for (int64_t j = 0; j < len; j++) { double x = (double)(x0[j] - b[j]); o[j] = (float)(x * (x - x)); }
@@ -420,7 +424,7 @@ void composer_sce_var(const float *base, const float *const *xs, int32_t n, floa
         /* x / 2**p and x * 2**-p are the same correctly rounded number: divisions by 2 and 4 are multiplications
            (one loop per case: a select inside stops the vectorizer) */
         for (int32_t k = 1; k < n; k++) {
-            const float *xk = xs[k] + t0;
+            const float *xk = load(xs[k], kinds[1 + k], t0, len, tile_x);
             const double count_k = (double)(k + 1), inverse = 1.0 / count_k;
             if (k == 1) {  /* m2 starts as the first term */
                 for (int64_t j = 0; j < len; j++) {
@@ -451,15 +455,16 @@ void composer_sce_var(const float *base, const float *const *xs, int32_t n, floa
 /* composer.methods.fusion._sce_erase_mean of the deltas (x_i - b) * mask (no mask: unmasked), weights w:
    the sign election on the unweighted deltas (as elect2's, keep_sign's +0 for torch's -0 changes no bit: the sums
    start at +0), erased_i = w_i * keep_i, b + sum(d_i * erased_i) / max(sum(erased_i), 1e-6) */
-void composer_sce_blend(const float *base, const float *const *xs, const float *mask, int32_t n, const float *w,
-                        float *out, int64_t count) {
+void composer_sce_blend(const void *base, const void *const *xs, const int32_t *kinds, const float *mask,
+                        int32_t n, const float *w, float *out, int64_t count) {
+    TILE_BUFFERS;
     static _Thread_local float scratch[MAX_INPUTS][TILE];
     float (*d)[TILE] = scratch;
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = base + t0;
+        const float *b = load(base, kinds[0], t0, len, tile_b);
         for (int32_t i = 0; i < n; i++) {
-            const float *x = xs[i] + t0;
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
             float *di = d[i];
             for (int64_t j = 0; j < len; j++) di[j] = x[j] - b[j];
             if (mask) for (int64_t j = 0; j < len; j++) di[j] = di[j] * mask[t0 + j];
@@ -500,15 +505,35 @@ void composer_sce_blend(const float *base, const float *const *xs, const float *
 }
 /* SCE's masked squares: out[i * count + j] = ((x_i - b) * mask)^2 (no mask: unmasked), torch's deltas * mask then
    square() (x * x) */
-void composer_sce_squares(const float *base, const float *const *xs, const float *mask, int32_t n, float *out,
-                          int64_t count) {
-    for (int32_t i = 0; i < n; i++) {
-        const float *x = xs[i];
-        float *o = out + (int64_t)i * count;
-        if (mask) {
-            for (int64_t j = 0; j < count; j++) { float d = (x[j] - base[j]) * mask[j]; o[j] = d * d; }
-        } else {
-            for (int64_t j = 0; j < count; j++) { float d = x[j] - base[j]; o[j] = d * d; }
+void composer_sce_squares(const void *base, const void *const *xs, const int32_t *kinds, const float *mask,
+                          int32_t n, float *out, int64_t count) {
+    TILE_BUFFERS;
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = load(base, kinds[0], t0, len, tile_b);
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
+            float *o = out + (int64_t)i * count + t0;
+            if (mask) {
+                for (int64_t j = 0; j < len; j++) { float d = (x[j] - b[j]) * mask[t0 + j]; o[j] = d * d; }
+            } else {
+                for (int64_t j = 0; j < len; j++) { float d = x[j] - b[j]; o[j] = d * d; }
+            }
+        }
+    }
+}
+/* composer_hist16 of the deltas x - b, subtracted here (the same float32 subtraction as torch's); kinds: x's, b's */
+void composer_hist16_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, int64_t *hist) {
+    TILE_BUFFERS;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
+        for (int64_t j = 0; j < len; j++) {
+            float d = xt[j] - bt[j];
+            uint32_t k;
+            memcpy(&k, &d, sizeof k);
+            k &= 0x7fffffffu;
+            hist[((k >> 16) << 1) | ((k & 0xffffu) != 0u)] += 1;
         }
     }
 }
@@ -561,16 +586,16 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.composer_hist16.argtypes = [p, i64, p]
     lib.composer_hist16.restype = None
-    lib.composer_hist16_delta.argtypes = [p, p, i64, p]
+    lib.composer_hist16_delta.argtypes = [p, p, p, i64, p]
     lib.composer_hist16_delta.restype = None
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
-    lib.composer_ram.argtypes = [p, p, i32, f32, p, p, p, i64]
-    lib.composer_sce_var.argtypes = [p, p, i32, p, i64]
+    lib.composer_ram.argtypes = [p, p, p, i32, f32, p, p, p, i64]
+    lib.composer_sce_var.argtypes = [p, p, p, i32, p, i64]
     lib.composer_sce_var.restype = None
-    lib.composer_sce_blend.argtypes = [p, p, p, i32, p, p, i64]
-    lib.composer_sce_squares.argtypes = [p, p, p, i32, p, i64]
+    lib.composer_sce_blend.argtypes = [p, p, p, p, i32, p, p, i64]
+    lib.composer_sce_squares.argtypes = [p, p, p, p, i32, p, i64]
     lib.composer_sce_squares.restype = None
     lib.composer_sce_blend.restype = None
     lib.composer_fusion_blend.argtypes = [p, p, p, i64, i64, f32, p, i64]
@@ -581,7 +606,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_pack.restype = None
     lib.composer_unpack.argtypes = [p, i64, i64, p]
     lib.composer_unpack.restype = None
-    lib.composer_ties_blend.argtypes = [p, p, p, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, f32, f32, p, i64]
+    lib.composer_ties_blend.argtypes = [p, p, p, p, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, f32, f32, p, i64]
     lib.composer_ties_blend.restype = None
 
 
@@ -606,6 +631,32 @@ def _usable(t: Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
 
 
+def _kind(t: Tensor) -> int | None:
+    """An input's kind for the kernels that convert as they load (0 float32, 1 bfloat16), None: not one they take
+    (another dtype, not contiguous, not aligned to its element size, not on the CPU)."""
+    import torch
+
+    kind = {torch.float32: 0, torch.bfloat16: 1}.get(t.dtype)
+    if kind is None or not t.is_contiguous() or t.device.type != "cpu" or t.data_ptr() % t.element_size():
+        return None
+    return kind
+
+
+def _inputs(base: Tensor, xs: Sequence[Tensor]) -> tuple[ctypes.Array, ctypes.Array] | None:
+    """The pointers and kinds (base's first) of inputs the kernels can take: 1..MAX_INPUTS of base's size, float32
+    or bfloat16 (the mapped file's own, composer.methods.method.MergeJob.read_raw); else None."""
+    kinds = [_kind(t) for t in (base, *xs)]
+    if not 0 < len(xs) <= MAX_INPUTS or None in kinds or not all(x.numel() == base.numel() for x in xs):
+        return None
+    return (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs]), (ctypes.c_int32 * len(kinds))(*kinds)
+
+
+def _out(base: Tensor) -> Tensor:
+    import torch
+
+    return torch.empty(base.shape, dtype=torch.float32)
+
+
 def hist16(deltas: Tensor, hist: Tensor) -> bool:
     """Add pass 1's keys of float32 `deltas` to int64 `hist` (2**16 bins); False: not done (use torch)."""
     lib = library()
@@ -616,11 +667,13 @@ def hist16(deltas: Tensor, hist: Tensor) -> bool:
 
 
 def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
-    """hist16 of the deltas x - base, subtracted in the same pass; False: not done (use torch)."""
-    lib = library()
-    if lib is None or not _usable(x) or not _usable(base) or x.numel() != base.numel():
+    """hist16 of the deltas x - base (float32 or bfloat16 inputs, as _inputs), subtracted in the same pass; False:
+    not done (use torch)."""
+    lib, inputs = library(), _inputs(base, [x])
+    if lib is None or inputs is None:
         return False
-    lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), x.numel(), hist.data_ptr())
+    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), hist.data_ptr())
     return True
 
 
@@ -657,20 +710,19 @@ def della_probs(rows: Tensor, density: float, epsilon: float) -> Tensor | None:
 
 def ram(base: Tensor, xs: Sequence[Tensor], epsilon: float, lambdas: Sequence[float] | None = None, *,
         counts: Tensor | None = None, merge: bool = True) -> Tensor | None | bool:
-    """composer.methods.fusion's RAM merge (RAM+ with `lambdas`, float32 values) of float32 elements, and/or
-    (`counts`: int64 [n, 2], added to) each model's counts of changed and of uniquely changed elements; the
-    merge, True when counting only, or None: not done (use torch)."""
+    """composer.methods.fusion's RAM merge (RAM+ with `lambdas`, float32 values) of float32 or bfloat16 elements
+    (as _inputs), and/or (`counts`: int64 [n, 2], added to) each model's counts of changed and of uniquely changed
+    elements; the merge (float32), True when counting only, or None: not done (use torch)."""
     import torch
 
-    lib = library()
+    lib, inputs = library(), _inputs(base, xs)
     n = len(xs)
-    if lib is None or not 0 < n <= MAX_INPUTS or not _usable(base) or not all(
-            _usable(x) and x.numel() == base.numel() for x in xs) or counts is not None and not (
+    if lib is None or inputs is None or counts is not None and not (
             counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == 2 * n):
         return None
-    out = torch.empty_like(base) if merge else None
+    out = _out(base) if merge else None
     scale = None if lambdas is None else (ctypes.c_float * n)(*lambdas)
-    lib.composer_ram(base.data_ptr(), (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs]), n, epsilon, scale,
+    lib.composer_ram(base.data_ptr(), inputs[0], inputs[1], n, epsilon, scale,
                      None if counts is None else counts.data_ptr(), None if out is None else out.data_ptr(),
                      base.numel())
     return out if merge else True
@@ -692,24 +744,16 @@ def fusion_blend(base: Tensor, x: Tensor, kl: Tensor, offset: int, width: int, t
     return out
 
 
-def _inputs(base: Tensor, xs: Sequence[Tensor]) -> ctypes.Array | None:
-    """The pointers of float32 inputs the kernels can take (1..MAX_INPUTS of base's size), else None."""
-    if not 0 < len(xs) <= MAX_INPUTS or not _usable(base) or not all(
-            _usable(x) and x.numel() == base.numel() for x in xs):
-        return None
-    return (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
-
-
 def sce_variance(base: Tensor, xs: Sequence[Tensor], out: Tensor | None = None) -> Tensor | None:
     """composer.methods.fusion._sce_variance of the task vectors x_i - base (into `out` when given); None: not
     done (use torch)."""
     import torch
 
-    lib, pointers = library(), _inputs(base, xs)
-    if lib is None or pointers is None or out is not None and not (_usable(out) and out.numel() == base.numel()):
+    lib, inputs = library(), _inputs(base, xs)
+    if lib is None or inputs is None or out is not None and not (_usable(out) and out.numel() == base.numel()):
         return None
-    out = torch.empty_like(base) if out is None else out
-    lib.composer_sce_var(base.data_ptr(), pointers, len(xs), out.data_ptr(), base.numel())
+    out = _out(base) if out is None else out
+    lib.composer_sce_var(base.data_ptr(), *inputs, len(xs), out.data_ptr(), base.numel())
     return out
 
 
@@ -718,11 +762,11 @@ def sce_squares(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None) -> Tens
     torch)."""
     import torch
 
-    lib, pointers = library(), _inputs(base, xs)
-    if lib is None or pointers is None or mask is not None and not (_usable(mask) and mask.numel() == base.numel()):
+    lib, inputs = library(), _inputs(base, xs)
+    if lib is None or inputs is None or mask is not None and not (_usable(mask) and mask.numel() == base.numel()):
         return None
     out = torch.empty((len(xs), base.numel()))
-    lib.composer_sce_squares(base.data_ptr(), pointers, None if mask is None else mask.data_ptr(), len(xs),
+    lib.composer_sce_squares(base.data_ptr(), *inputs, None if mask is None else mask.data_ptr(), len(xs),
                              out.data_ptr(), base.numel())
     return out
 
@@ -732,13 +776,13 @@ def sce_blend(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None, weights: 
     the float32 weights; None: not done (use torch)."""
     import torch
 
-    lib, pointers = library(), _inputs(base, xs)
-    if lib is None or pointers is None or mask is not None and not (
+    lib, inputs = library(), _inputs(base, xs)
+    if lib is None or inputs is None or mask is not None and not (
             _usable(mask) and mask.numel() == base.numel()) or weights.numel() != len(xs):
         return None
-    out = torch.empty_like(base)
+    out = _out(base)
     w = (ctypes.c_float * len(xs))(*weights.to(torch.float32).tolist())
-    lib.composer_sce_blend(base.data_ptr(), pointers, None if mask is None else mask.data_ptr(), len(xs), w,
+    lib.composer_sce_blend(base.data_ptr(), *inputs, None if mask is None else mask.data_ptr(), len(xs), w,
                            out.data_ptr(), base.numel())
     return out
 
@@ -786,15 +830,14 @@ def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None]
     composer.ranked.Keep.steps gives them. `weights`: float32, one per task vector."""
     import torch
 
-    lib = library()
+    lib, inputs = library(), _inputs(base, xs)
     n = len(xs)
-    if lib is None or not 0 < n <= MAX_INPUTS or not _usable(base) or not all(
-            _usable(x) and x.numel() == base.numel() for x in xs) or not all(
+    if lib is None or inputs is None or not all(
             _usable(s) and s.numel() == base.numel() for s in steps if isinstance(s, torch.Tensor)) or not all(
             s.data.dtype == torch.uint8 and s.data.is_contiguous() and s.data.numel() * 8 >= s.start + base.numel()
             for s in steps if isinstance(s, Packed)):
         return None
-    out = torch.empty_like(base)
+    out = _out(base)
     i32 = ctypes.c_int32 * n
     f32 = ctypes.c_float * n
     kinds = [3 if isinstance(s, torch.Tensor) else 4 if isinstance(s, Packed) else 0 if s is None else 1 if s == ()
@@ -812,8 +855,7 @@ def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None]
     factor = f32(*[0.0 if f is None else f for f in factors])
     has_factor = i32(*[int(f is not None) for f in factors])
     w = f32(*weights.tolist())
-    pointers = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
-    lib.composer_ties_blend(base.data_ptr(), pointers, masks, starts, n, mode, lo, lowz, hi, highz, unbounded,
+    lib.composer_ties_blend(base.data_ptr(), *inputs, masks, starts, n, mode, lo, lowz, hi, highz, unbounded,
                             factor, has_factor, w, int(consensus), int(normalize), divisor, lambda_, out.data_ptr(),
                             base.numel())
     return out

@@ -205,8 +205,8 @@ def select(
     may be anything: they are not looked at). `ranges` may instead be a function of how many elements of each of
     the `vectors` vectors are exactly 0 (+0.0 or -0.0), called after the first pass, which counts them: SCE's k
     counts the nonzero variances, which would otherwise take a pass of its own. `raw(a, b)`, where given, returns
-    the (base, inputs) whose differences the deltas are: pass 1 then takes them to the native kernel, which
-    subtracts and counts in one pass."""
+    the (base, inputs) whose differences the deltas are (float32, or bfloat16 whose float32 values they are:
+    MergeJob.read_raw): pass 1 then takes them to the native kernel, which subtracts and counts in one pass."""
     later = ranges if callable(ranges) else None
     if later is not None:
         ranges = [(0, 1)] * vectors  # every vector is read in the first pass
@@ -228,7 +228,7 @@ def select(
                     acc[0] = torch.zeros(1 << 16, dtype=torch.int64)
                 if fused and native.hist16_delta(xs[i], base, acc[0]):
                     continue
-                delta = xs[i] - base if fused else deltas[i]
+                delta = xs[i].float() - base.float() if fused else deltas[i]  # raw: maybe bfloat16
                 if rescale:
                     acc[1] += delta.abs().sum(dtype=torch.float64)
                 if native.hist16(delta, acc[0]):

@@ -171,6 +171,25 @@ def test_built_once_into_the_cache(monkeypatch, tmp_path):
         native.reset()
 
 
+@pytest.fixture(scope="module")
+def all_models(models, tmp_path_factory):
+    """The test models, plus bfloat16 copies of the three llamas ("-bf16"): bfloat16 files merged with `dtype:
+    bfloat16` reach the kernels as the files' own elements (MergeJob.read_raw)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    made = dict(models)
+    root = tmp_path_factory.mktemp("bf16")
+    for name in ("llama", "llama-b", "llama-c"):
+        dest = root / name
+        shutil.copytree(models[name], dest)
+        for shard in dest.glob("*.safetensors"):
+            save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+        made[name + "-bf16"] = dest
+    return made
+
+
 def _without_native(fn):
     """fn() on the torch path."""
     import os
@@ -255,9 +274,11 @@ def test_della_masks_are_the_torch_paths(shape):
     ("ram", "{}"),
     ("ramplus_tl", "{}"),
 ])
-@pytest.mark.parametrize("suffix", ["", "-q"])  # -q: values on a 1/64 grid, so the cuts fall in runs of ties
-def test_compose_writes_the_same_model_without_the_kernels(models, write_recipe, tmp_path, method, params, suffix,
+@pytest.mark.parametrize("suffix", ["", "-q", "-bf16"])  # -q: values on a 1/64 grid, so the cuts fall in runs of
+# ties; -bf16: bfloat16 files, which the kernels read as they are
+def test_compose_writes_the_same_model_without_the_kernels(all_models, write_recipe, tmp_path, method, params, suffix,
                                                            monkeypatch):
+    models = all_models
     from click.testing import CliRunner
 
     from composer.cli import main
@@ -279,6 +300,10 @@ models:
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
     calls = {"ties_blend": 0, "hist16_delta": 0, "bernoulli": 0, "della_probs": 0, "ram": 0}
+    kinds = set()
+    real_inputs = native._inputs
+    monkeypatch.setattr(native, "_inputs", lambda base, xs: kinds.update(str(t.dtype) for t in (base, *xs)) or
+                        real_inputs(base, xs))
     for name in calls:
         def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
             done = _fn(*args, **kwargs)
@@ -292,6 +317,7 @@ models:
         drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
         # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
         assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
+    assert ("torch.bfloat16" in kinds) == (suffix == "-bf16"), kinds  # the files' own elements, where bfloat16
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))
 
 
@@ -346,9 +372,10 @@ def test_fusion_gate_is_the_torch_chain_bit_for_bit(width, offset, count):
     ("sce", "parameters: {select_topk: 0.5}", 2, ("sce_variance", "sce_squares", "sce_blend")),
     ("sce", "parameters: {select_topk: 1.0}", 2, ("sce_squares", "sce_blend")),
 ])
-@pytest.mark.parametrize("suffix", ["", "-q"])
-def test_compose_writes_the_same_fusion_merges_without_the_kernels(models, write_recipe, tmp_path, monkeypatch,
+@pytest.mark.parametrize("suffix", ["", "-q", "-bf16"])
+def test_compose_writes_the_same_fusion_merges_without_the_kernels(all_models, write_recipe, tmp_path, monkeypatch,
                                                                    method, top, others, kernels, suffix):
+    models = all_models
     from click.testing import CliRunner
 
     from composer.cli import main
@@ -405,3 +432,36 @@ def test_sce_kernels_are_the_torch_chain_bit_for_bit(n, masked):
     got = native.sce_blend(base, xs, mask, w)
     for int8 in (False, True):
         assert _same(got, fusion._sce_erase_mean(base, deltas, w, int8))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_kernels_take_bfloat16_inputs_as_their_float32_values(n):
+    """The kernels that load inputs (composer.methods.method.MergeJob.read_raw: the files' bfloat16) give the bits
+    they give for those inputs converted to float32, which is what the torch path computes on; unaligned or
+    other-dtype inputs are refused (the caller then takes the torch path)."""
+    from composer.methods import fusion
+
+    size = 20_000 + 7
+    base16 = _hostile(size, 1).bfloat16()
+    xs16 = [_hostile(size, 2 + i).bfloat16() for i in range(n)]
+    for i, x in enumerate(xs16):
+        x[i::5] = base16[i::5]
+    base, xs = base16.float(), [x.float() for x in xs16]
+    mixed = [x if i % 2 else x.float() for i, x in enumerate(xs16)]  # float32 and bfloat16 in one call
+    hist16, hist32 = torch.zeros(1 << 16, dtype=torch.int64), torch.zeros(1 << 16, dtype=torch.int64)
+    assert native.hist16_delta(xs16[0], base16, hist16) and native.hist16_delta(xs[0], base, hist32)
+    assert torch.equal(hist16, hist32)
+    steps = [ranked.Keep(_end(0.001, True), _end(3e38, True, top=True)).steps(0, size) for _ in range(n)]
+    w = torch.tensor([0.3 + 0.2 * i for i in range(n)])
+    blend = dict(consensus=True, normalize=True, divisor=1.0, lambda_=1.0)
+    assert _same(native.ties_blend(base16, mixed, steps, [None] * n, w, **blend),
+                 native.ties_blend(base, xs, steps, [None] * n, w, **blend))
+    assert _same(native.ram(base16, mixed, 1e-5, [1.02] * n), native.ram(base, xs, 1e-5, [1.02] * n))
+    assert _same(native.sce_variance(base16, mixed), fusion._sce_variance(torch.stack([x - base for x in xs])))
+    assert _same(native.sce_squares(base16, mixed, None), torch.stack([x - base for x in xs]).square())
+    assert _same(native.sce_blend(base16, mixed, None, w), native.sce_blend(base, xs, None, w))
+    assert native.ram(base16.half(), xs16, 1e-5) is None  # float16: not taken
+    odd = torch.empty(size + 1, dtype=torch.bfloat16)[1:]  # storage offset of one element: aligned to 2 bytes
+    assert native.ram(odd, xs16, 1e-5) is not None
+    unaligned = torch.frombuffer(bytearray(2 * size + 1), dtype=torch.bfloat16, offset=1, count=size)
+    assert native.ram(unaligned, xs16, 1e-5) is None  # an odd address: refused

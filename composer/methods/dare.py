@@ -247,13 +247,13 @@ def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int
 
         if held:
             base, *xs = (x[a - ga: b - ga] for x in held)
-        else:
-            base, *xs = (job.read(k, a, b) for k in (job.base, *job.inputs))
+        else:  # the files' bfloat16, which the kernel converts as it loads
+            base, xs = job.read_raw_all(a, b)
         fused = _native_blend(job, base, xs, masks, factors)  # the same bits in one pass, where it is built
         if fused is None:
             masks[:] = [unpack_mask(m.data, m.start, m.start + b - a) if isinstance(m, native.Packed) else m
                         for m in masks]
-            fused = merge_deltas(job, base, xs, sparsify)
+            fused = merge_deltas(job, base.float(), [x.float() for x in xs], sparsify)
         out[a - ga: b - ga] = fused
     return out
 

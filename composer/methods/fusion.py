@@ -191,14 +191,14 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
     def squares(a: int, b: int) -> list[float]:
         total, masks = 0, []
         for s, e in _pieces(job, a, b):
-            base, xs = job.read_base(s, e), job.read_inputs(s, e)
+            base, xs = job.read_raw_all(s, e)
             mask = None
             if keep is not None:
                 mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
                 masks.append(mask)
             squares = native.sce_squares(base, xs, mask)  # the same bits
             if squares is None:
-                deltas = torch.stack([x - base for x in xs], dim=0)
+                deltas = torch.stack([x.float() - base.float() for x in xs], dim=0)
                 squares = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
             total = total + squares.sum(dim=1, dtype=torch.float64)
         if packed is not None:
@@ -221,10 +221,11 @@ def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
     masks, w = stats
     out = torch.empty(b - a)
     for s, e in _pieces(job, a, b):
-        base, xs = job.read_base(s, e), job.read_inputs(s, e)
+        base, xs = job.read_raw_all(s, e)
         mask = None if masks is None else unpack_mask(masks.slot(a, b, 0), s - a, e - a)
         merged = native.sce_blend(base, xs, mask, w)  # the same bits in one pass
         if merged is None:
+            base, xs = base.float(), [x.float() for x in xs]
             deltas = torch.stack([x - base for x in xs], dim=0)
             if mask is not None:
                 deltas.mul_(mask.unsqueeze(0))
@@ -239,9 +240,11 @@ def _piece_variance(job: MergeJob, a: int, b: int, base: Tensor | None = None, x
     from composer import native
 
     if xs is None:
-        base, xs = job.read_base(a, b), job.read_inputs(a, b)
+        base, xs = job.read_raw_all(a, b)
     variance = native.sce_variance(base, xs)
-    return _sce_variance(torch.stack([x - base for x in xs], dim=0)) if variance is None else variance
+    if variance is not None:
+        return variance
+    return _sce_variance(torch.stack([x.float() - base.float() for x in xs], dim=0))
 
 
 _SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare, grid=lambda job: job.block)
@@ -488,12 +491,12 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
 
         total = 0
         for start, stop in _pieces(job, a, b):
-            base, xs = job.read_base(start, stop), job.read_inputs(start, stop)
+            base, xs = job.read_raw_all(start, stop)
             native_counts = torch.zeros((len(xs), 2), dtype=torch.int64)  # (changed, alone) per model
             if native.ram(base, xs, s["epsilon"], counts=native_counts, merge=False):  # the same integers
                 changed, alone = native_counts.t()
             else:
-                _, _, nonzero, _, overlap, unique = _ram_parts(base, xs, s["epsilon"])
+                _, _, nonzero, _, overlap, unique = _ram_parts(base.float(), [x.float() for x in xs], s["epsilon"])
                 # S_i + U_i = sum nz_i; float32 sums of a piece's 0/1 values (< 2**24 of them) are exact
                 changed, alone = nonzero.sum(dim=1), (nonzero * unique).sum(dim=1)
             total = total + torch.stack([changed - alone, alone]).to(torch.int64)
@@ -506,11 +509,12 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
 def _ramplus_blend(job: MergeJob, lambda_: Tensor | None, a: int, b: int) -> Tensor:
     from composer import native
 
-    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    base, xs = job.read_raw_all(a, b)
     lambdas = None if lambda_ is None else lambda_.tolist()  # float32 values, exactly
     merged = native.ram(base, xs, job.shared["epsilon"], lambdas) if xs else None  # the same bits in one pass
     if merged is not None:
         return merged
+    base, xs = base.float(), [x.float() for x in xs]
     base, deltas, nonzero, counts, overlap, unique = _ram_parts(base, xs, job.shared["epsilon"])
     if deltas is None:
         return base
@@ -521,9 +525,9 @@ def _ram_blend(job: MergeJob, stats: None, a: int, b: int) -> Tensor:
     """Any block of ram: the formula, in one native pass where the kernels are built (the same bits)."""
     from composer import native
 
-    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    base, xs = job.read_raw_all(a, b)
     merged = native.ram(base, xs, job.shared["epsilon"]) if xs else None
-    return merged if merged is not None else ram(base, xs, epsilon=job.shared["epsilon"])
+    return merged if merged is not None else ram(base.float(), [x.float() for x in xs], epsilon=job.shared["epsilon"])
 
 
 RAMPLUS_STREAMING = Streaming("statistics", _ramplus_blend, _ramplus_prepare)

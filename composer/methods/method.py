@@ -264,6 +264,20 @@ class MergeJob:
     def read_base(self, a: int = 0, b: int | None = None, out=None) -> Tensor | None:
         return None if self.base is None else self.read(self.base, a, b, out)
 
+    def read_raw(self, k: int, a: int = 0, b: int | None = None) -> Tensor:
+        """Elements [a, b) of input k for the native kernels: where `read` would only convert them to float32 (a
+        file's bfloat16 or float32 tensor, read in its own dtype), the mapped file's elements themselves, which
+        the kernels convert as they load them (the same values; float32 ones are `read`'s own result); else
+        `read`'s float32. `.float()` of it is `read`'s result either way."""
+        from composer.blocks import raw_block
+
+        return raw_block(self.tensor.inputs[k], self.tensor, self.sources, a, b)
+
+    def read_raw_all(self, a: int, b: int) -> tuple[Tensor | None, list[Tensor]]:
+        """(base, inputs) of elements [a, b), as read_raw gives them."""
+        base = None if self.base is None else self.read_raw(self.base, a, b)
+        return base, [self.read_raw(k, a, b) for k in self.inputs]
+
     def read_inputs(self, a: int = 0, b: int | None = None) -> list[Tensor]:
         return [self.read(k, a, b) for k in self.inputs]
 

@@ -232,19 +232,19 @@ def _ranked_prepare(job: MergeJob):
     ranges = [kept_range(job.numel, float(d), None if g is None else float(g))
               for d, g in zip(job.per_input["density"], gammas)]
     return ranked.select(job.deltas, job.numel, ranges, bool(job.shared["rescale"]),
-                         raw=lambda a, b: (job.read_base(a, b), job.read_inputs(a, b)))
+                         raw=job.read_raw_all)
 
 
 def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
     from composer import ranked
 
-    base, xs = job.read_base(a, b), job.read_inputs(a, b)
+    base, xs = job.read_raw_all(a, b)  # the files' bfloat16, which the kernel converts as it loads
     steps = [None if k is None else k.steps(a, b) for k in keeps]
     if all(s is not None or k is None for s, k in zip(steps, keeps)):  # every mask a step or two: fused, natively
         fused = _native_blend(job, base, xs, steps, [None if k is None else k.factor for k in keeps])
         if fused is not None:
             return fused
-    return merge_deltas(job, base, xs, lambda i, d: ranked.apply(keeps[i], d, a))
+    return merge_deltas(job, base.float(), [x.float() for x in xs], lambda i, d: ranked.apply(keeps[i], d, a))
 
 
 def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list) -> Tensor | None:
