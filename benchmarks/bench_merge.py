@@ -34,7 +34,8 @@ Steps
    model's shards (as many bytes as the merged output, within its header)
    while ``cat`` reads the other inputs to ``/dev/null``, so every input is
    read once and the output's bytes written once (``--skip-io`` leaves it
-   out).  Measurement is ``bench_solar``'s: before each
+   out); it runs ``--floor-runs`` times (3) and the table takes the median
+   run, as the disk's speed varies from run to run.  Measurement is ``bench_solar``'s: before each
    run the disk settles and the page cache is dropped (or, if that is not
    permitted, the inputs are pre-read), the process tree's summed ``VmRSS``
    and ``RssAnon`` are sampled every 20 ms, and the wall time includes a final
@@ -355,6 +356,13 @@ def compare_outputs(a: dict, b: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
+def median_run(runs: list[Result]) -> Result | None:
+    """The run of median wall time (the lower middle one of an even count): the floor is the disk's, measured
+    --floor-runs times per method because it varies from run to run (2.7-7.0 s within one run of 2026-12-06)."""
+    runs = sorted(runs, key=lambda r: r.wall_sync_s)
+    return runs[(len(runs) - 1) // 2] if runs else None
+
+
 def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict[str, dict[str, float]],
            gen: dict, machine: dict,
            argv: list[str], cache_mode: str) -> tuple[list[str], bool]:
@@ -371,8 +379,8 @@ def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict
 
     for method, rs in results.items():
         runs = {r.tool: r for r in rs}
-        comp, mk, io = (next((r for r in rs if r.tool == t and r.returncode == 0), None)
-                        for t in ("composer", "mergekit", IO_FLOOR))
+        comp, mk = (next((r for r in rs if r.tool == t and r.returncode == 0), None) for t in ("composer", "mergekit"))
+        io = median_run([r for r in rs if r.tool == IO_FLOOR and r.returncode == 0])
         ratio = comp.wall_sync_s / mk.wall_sync_s if comp and mk else None
         floor = comp.wall_sync_s / io.wall_sync_s if comp and io else None
         mk_floor = mk.wall_sync_s / io.wall_sync_s if mk and io else None
@@ -426,7 +434,11 @@ def report(results: dict[str, list[Result]], checks: dict[str, dict], load: dict
               + (" (dropped: every run starts cold)" if cache_mode == "drop" else
                  " (drop_caches not permitted: inputs pre-read with cat, every run starts warm)")]
     lines += ["", "Command lines:", "", "```", shlex.join(argv)]
-    lines += [f"{m} {r.tool}: {r.cmd}" for m, rs in results.items() for r in rs] + ["```"]
+    lines += list(dict.fromkeys(f"{m} {r.tool}: {r.cmd}" for m, rs in results.items() for r in rs)) + ["```"]
+    floors = [f"{m} " + "/".join(f"{r.wall_sync_s:.1f}" for r in rs if r.tool == IO_FLOOR) for m, rs in results.items()
+              if any(r.tool == IO_FLOOR for r in rs)]
+    if floors:
+        lines += ["", "I/O floor runs, s (the table takes the median): " + ", ".join(floors) + "."]
     lines += ["", f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), "
               f"{machine['mem_total_bytes'] / 2**30:.1f} GiB RAM, {machine['filesystem']} on the workdir, "
               f"Linux {machine['kernel']}, Python {machine['python']}"]
@@ -449,6 +461,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="smoke test: 4 layers, hidden 512, intermediate 1408, 8/2 heads (~90 MB per model)")
     p.add_argument("--skip-io", action="store_true",
                    help="do not measure the I/O floor (cp of one input model while cat reads the others)")
+    p.add_argument("--floor-runs", type=int, default=3,
+                   help="I/O floor runs per method, after composer's and mergekit's; the table takes the median "
+                        "(default: %(default)s)")
     add_run_options(p, seed_help="seed of the base weights (fine-tune deltas: +1, +2)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -472,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample_names(spec)
 
     tools = [(t, c) for t, c, skip in (("composer", args.composer_cmd, args.skip_composer),
-                                       ("mergekit", args.mergekit_cmd, args.skip_mergekit),
-                                       (IO_FLOOR, None, args.skip_io)) if not skip]
+                                       ("mergekit", args.mergekit_cmd, args.skip_mergekit)) if not skip]
+    tools += [] if args.skip_io else [(IO_FLOOR, None)] * args.floor_runs
     results: dict[str, list[Result]] = {}
     outputs: dict[str, dict[str, dict]] = {}
     checks: dict[str, dict] = {}
