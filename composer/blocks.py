@@ -39,8 +39,9 @@ def raw_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: in
     import torch
 
     stop = info.numel if stop is None else stop
-    if not isinstance(info, AlignedRows) and info.file is not None and torch_dtype(t.via or info.dtype) == \
-            torch_dtype(info.dtype) and torch_dtype(info.dtype) in (torch.bfloat16, torch.float32):
+    own = torch_dtype(info.dtype)
+    if not isinstance(info, AlignedRows) and info.file is not None and torch_dtype(t.via or info.dtype) == own and \
+            own in (torch.bfloat16, torch.float32):
         return sources.tensor(info, start, stop)
     return read_block(info, t, sources, start, stop)
 

@@ -253,7 +253,7 @@ def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int
         if fused is None:
             masks[:] = [unpack_mask(m.data, m.start, m.start + b - a) if isinstance(m, native.Packed) else m
                         for m in masks]
-            fused = merge_deltas(job, base.float(), [x.float() for x in xs], sparsify)
+            fused = merge_deltas(job, base, xs, sparsify)  # which converts raw bfloat16 to float32 first
         out[a - ga: b - ga] = fused
     return out
 

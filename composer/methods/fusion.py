@@ -196,11 +196,11 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             if keep is not None:
                 mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
                 masks.append(mask)
-            squares = native.sce_squares(base, xs, mask)  # the same bits
-            if squares is None:
-                deltas = torch.stack([x.float() - base.float() for x in xs], dim=0)
-                squares = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
-            total = total + squares.sum(dim=1, dtype=torch.float64)
+            squared = native.sce_squares(base, xs, mask)  # the same bits
+            if squared is None:
+                deltas = _task_vectors(base, xs)
+                squared = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
+            total = total + squared.sum(dim=1, dtype=torch.float64)
         if packed is not None:
             packed.put(a, b, 0, torch.cat(masks))
         return total.tolist()  # Python floats: nothing this block made outlives it (see PackedMasks)
@@ -225,11 +225,10 @@ def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
         mask = None if masks is None else unpack_mask(masks.slot(a, b, 0), s - a, e - a)
         merged = native.sce_blend(base, xs, mask, w)  # the same bits in one pass
         if merged is None:
-            base, xs = base.float(), [x.float() for x in xs]
-            deltas = torch.stack([x - base for x in xs], dim=0)
+            deltas = _task_vectors(base, xs)
             if mask is not None:
                 deltas.mul_(mask.unsqueeze(0))
-            merged = _sce_erase_mean(base, deltas, w, job.shared["int8_mask"])
+            merged = _sce_erase_mean(_float32([base])[0], deltas, w, job.shared["int8_mask"])
         out[s - a: e - a] = merged
     return out
 
@@ -244,7 +243,13 @@ def _piece_variance(job: MergeJob, a: int, b: int, base: Tensor | None = None, x
     variance = native.sce_variance(base, xs)
     if variance is not None:
         return variance
-    return _sce_variance(torch.stack([x.float() - base.float() for x in xs], dim=0))
+    return _sce_variance(_task_vectors(base, xs))
+
+
+def _task_vectors(base: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """The float32 task vectors [n, numel] of inputs as MergeJob.read_raw gives them (bfloat16 or float32)."""
+    b, *converted = _float32([base, *xs])
+    return torch.stack([x - b for x in converted], dim=0)
 
 
 _SCE_STATISTICS = Streaming("statistics", _sce_blend, _sce_prepare, grid=lambda job: job.block)
@@ -496,7 +501,7 @@ def _ramplus_prepare(job: MergeJob) -> Tensor | None:
             if native.ram(base, xs, s["epsilon"], counts=native_counts, merge=False):  # the same integers
                 changed, alone = native_counts.t()
             else:
-                _, _, nonzero, _, overlap, unique = _ram_parts(base.float(), [x.float() for x in xs], s["epsilon"])
+                _, _, nonzero, _, overlap, unique = _ram_parts(base, xs, s["epsilon"])  # converts to float32
                 # S_i + U_i = sum nz_i; float32 sums of a piece's 0/1 values (< 2**24 of them) are exact
                 changed, alone = nonzero.sum(dim=1), (nonzero * unique).sum(dim=1)
             total = total + torch.stack([changed - alone, alone]).to(torch.int64)
@@ -514,7 +519,6 @@ def _ramplus_blend(job: MergeJob, lambda_: Tensor | None, a: int, b: int) -> Ten
     merged = native.ram(base, xs, job.shared["epsilon"], lambdas) if xs else None  # the same bits in one pass
     if merged is not None:
         return merged
-    base, xs = base.float(), [x.float() for x in xs]
     base, deltas, nonzero, counts, overlap, unique = _ram_parts(base, xs, job.shared["epsilon"])
     if deltas is None:
         return base
@@ -527,7 +531,7 @@ def _ram_blend(job: MergeJob, stats: None, a: int, b: int) -> Tensor:
 
     base, xs = job.read_raw_all(a, b)
     merged = native.ram(base, xs, job.shared["epsilon"]) if xs else None
-    return merged if merged is not None else ram(base.float(), [x.float() for x in xs], epsilon=job.shared["epsilon"])
+    return merged if merged is not None else ram(base, xs, epsilon=job.shared["epsilon"])  # converts to float32
 
 
 RAMPLUS_STREAMING = Streaming("statistics", _ramplus_blend, _ramplus_prepare)

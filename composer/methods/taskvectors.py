@@ -244,7 +244,7 @@ def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
         fused = _native_blend(job, base, xs, steps, [None if k is None else k.factor for k in keeps])
         if fused is not None:
             return fused
-    return merge_deltas(job, base.float(), [x.float() for x in xs], lambda i, d: ranked.apply(keeps[i], d, a))
+    return merge_deltas(job, base, xs, lambda i, d: ranked.apply(keeps[i], d, a))  # converts to float32 first
 
 
 def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list) -> Tensor | None:
