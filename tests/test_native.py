@@ -243,14 +243,38 @@ def test_packed_masks_are_the_torch_paths(n):
     assert torch.equal(got[1], mask)
 
 
+def _bf16_deltas(shape: tuple[int, int], seed: int, small: float) -> torch.Tensor:
+    """Task vectors of bfloat16 weights, as the kernel's fast sort sees them: differences of two bfloat16 values,
+    mostly of one binade (lower 16 bits 0, long runs of equal magnitudes), a `small` fraction of weights near 0
+    whose differences are not."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    base = base.sign() * (0.005 + base.abs() * 0.02)  # away from 0: a weight and its tuned value share a binade
+    near = torch.rand(shape, generator=g) < small
+    base[near] *= 1e-3
+    tuned = (base + torch.randn(shape, generator=g) * 2e-4).to(torch.bfloat16)
+    return tuned.float() - base.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2048), (3, 5632), (7, 33)])
-def test_della_masks_are_the_torch_paths(shape):
-    """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask."""
+def test_della_masks_are_the_torch_paths(shape, kind):
+    """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask: on float32
+    values, and on bfloat16 weights' task vectors whose lower 16 bits are all 0, or few or many not (the kernel's
+    three sorts)."""
     from composer.methods.sparsify import della_mask
 
-    rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
-    rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
-    rows[:, 1::10] = -0.001
+    if kind == "float32":
+        rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
+        rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
+        rows[:, 1::10] = -0.001
+    else:
+        rows = _bf16_deltas(shape, 12, {"bf16 exact": 0.0, "bf16 few loose": 0.03, "bf16 many loose": 0.3}[kind])
+        loose = (rows.abs().view(torch.int32) & 0xFFFF) != 0
+        if kind == "bf16 exact":
+            assert not bool(loose.any())
+        elif shape[1] >= 2048:
+            assert 0 < float(loose.float().mean()) < 1 / 16 if kind == "bf16 few loose" else float(loose.float().mean()) > 1 / 16
     got = native.della_probs(rows, 0.5, 0.1)
     mask = della_mask(rows, 0.5, 0.1, torch.Generator().manual_seed(3))
     assert torch.equal(mask, _without_native(lambda: della_mask(rows, 0.5, 0.1, torch.Generator().manual_seed(3))))
@@ -465,3 +489,44 @@ def test_kernels_take_bfloat16_inputs_as_their_float32_values(n):
     assert native.ram(odd, xs16, 1e-5) is not None
     unaligned = torch.frombuffer(bytearray(2 * size + 1), dtype=torch.bfloat16, offset=1, count=size)
     assert native.ram(unaligned, xs16, 1e-5) is None  # an odd address: refused
+
+
+def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
+    """Where the CPU has AVX2 the kernels are built with -mavx2 (wider loops); the portable build (SSE2 on
+    x86-64) must give the same bits, kernel by kernel, on hostile values and on bfloat16 inputs."""
+    if not native.isa_flags():
+        pytest.skip("no AVX2 here: only the portable build exists")
+    size = 50_000 + 3
+    base = _hostile(size, 21)
+    xs = [base + torch.randn(size, generator=torch.Generator().manual_seed(30 + i)) * 0.002 for i in range(3)]
+    halves = [t.to(torch.bfloat16) for t in (base, *xs)]
+    rows = _bf16_deltas((5, 2048), 22, 0.03)
+    steps = [(0.001, True, None, False), (0.001, False, 0.004, True), None]
+
+    def outputs() -> list[torch.Tensor]:
+        got = []
+        for b, x in ((base, xs), (halves[0], halves[1:])):
+            for consensus in (True, False):
+                got.append(native.ties_blend(b, x, steps, [None, 1.5, None], torch.tensor([0.3, 0.5, 0.2]),
+                                             consensus=consensus, normalize=True, divisor=1.0, lambda_=0.9))
+            got.append(native.ram(b, x, 1e-3, [0.4, 0.6, 0.5]))
+            got.append(native.sce_variance(b, x))
+            hist = torch.zeros(1 << 16, dtype=torch.int64)
+            assert native.hist16_delta(x[0], b, hist)
+            got.append(hist)
+        got.append(native.della_probs(rows, 0.5, 0.1))
+        got.append(native.della_probs(_hostile(3 * 999, 23).reshape(3, 999), 0.4, 0.2))
+        assert all(g is not None for g in got)
+        return got
+
+    wide = outputs()
+    wide_lib = native.library()._name
+    monkeypatch.setenv("COMPOSER_NATIVE_AVX2", "0")
+    native.reset()
+    try:
+        narrow = outputs()
+        assert native.library()._name != wide_lib  # another build, not the cached one
+    finally:
+        monkeypatch.delenv("COMPOSER_NATIVE_AVX2")
+        native.reset()
+    assert all(_same(a, b) if a.is_floating_point() else torch.equal(a, b) for a, b in zip(wide, narrow))
