@@ -3,8 +3,9 @@ and their mixes): pass 1's histogram of |delta|, the fused sparsify-and-blend of
 Bernoulli masks from their random draws, DELLA's per-row ranks, the packed masks, RAM's / RAM+'s counts and
 merge, Arcee Fusion's gate, and SCE's variance and blend. Each replaces a chain of
 torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
-float32 operations in the same order, compiled without FMA contraction, fast-math or -march
-(tests/test_native.py holds both paths to that, and the CLI's outputs to the same bytes).
+float32 operations in the same order, compiled without FMA contraction, fast-math or -march (-mavx2 only where
+the CPU has it: isa_flags) (tests/test_native.py holds both paths to that, and the CLI's outputs to the same
+bytes).
 
 The C source below is compiled once per source and compiler with the system C compiler (`$CC`, else `cc`),
 cached atomically under `$COMPOSER_CACHE` (default `$XDG_CACHE_HOME/composer`, else `~/.cache/composer`) and
