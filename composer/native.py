@@ -637,6 +637,33 @@ void composer_hist16_delta(const void *x, const void *b, const int32_t *kinds, i
         }
     }
 }
+
+/* composer.ranked._nth_equal's step: the index of the rank-th (from 0, index order) of the n deltas x - b (as
+   hist16_delta's) whose magnitude has the float32 bits `bits`; -1 - (how many there are) when fewer than rank + 1 */
+int64_t composer_nth_equal_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, uint32_t bits,
+                                 int64_t rank) {
+    TILE_BUFFERS;
+    int64_t seen = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE, here = 0;
+        const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
+        for (int64_t j = 0; j < len; j++) {
+            float d = xt[j] - bt[j];
+            uint32_t k;
+            memcpy(&k, &d, sizeof k);
+            here += (k & 0x7fffffffu) == bits;
+        }
+        if (rank < seen + here)
+            for (int64_t j = 0; j < len; j++) {
+                float d = xt[j] - bt[j];
+                uint32_t k;
+                memcpy(&k, &d, sizeof k);
+                if ((k & 0x7fffffffu) == bits && seen++ == rank) return t0 + j;
+            }
+        seen += here;
+    }
+    return -1 - seen;
+}
 """
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-std=c11"]
@@ -719,6 +746,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_hist16.restype = None
     lib.composer_hist16_delta.argtypes = [p, p, p, i64, p]
     lib.composer_hist16_delta.restype = None
+    lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
+    lib.composer_nth_equal_delta.restype = i64
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
@@ -806,6 +835,16 @@ def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
     kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
     lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), hist.data_ptr())
     return True
+
+
+def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None:
+    """The index of the rank-th (from 0) of the deltas x - base (as hist16_delta's) whose |delta| has these float32
+    bits; -1 - their count when there are not that many; None: not done (use torch)."""
+    lib, inputs = library(), _inputs(base, [x])
+    if lib is None or inputs is None:
+        return None
+    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    return int(lib.composer_nth_equal_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), bits, rank))
 
 
 def bernoulli(draws: Tensor, p: float | Tensor) -> Tensor | None:

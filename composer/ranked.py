@@ -220,7 +220,9 @@ def select(
 
     def upper(a: int, b: int) -> list:
         out = [[None, torch.zeros((), dtype=torch.float64)] for _ in active]
-        for pa, pb in pieces(a, b):
+        # the fused kernel makes no temporaries (raw's are views of the mapped files, but for the rare inputs read
+        # through another dtype): the whole block in one call per vector
+        for pa, pb in [(a, b)] if fused else pieces(a, b):
             base, xs = raw(pa, pb) if fused else (None, None)
             deltas = None if fused else read(pa, pb)
             for acc, i in zip(out, active):
@@ -310,8 +312,12 @@ def select(
             ends.append(e)
         keeps[i] = Keep(*ends)
     for i, e, counts in exact_runs:  # the run is the whole bin: read only the blocks holding its kept part's ends
-        e.indices = (_nth_equal(read, grid, i, e.bits, counts, e.ranks[0]),
-                     _nth_equal(read, grid, i, e.bits, counts, e.ranks[1] - 1) + 1)
+        # a kept part that starts at the run's first element or ends at its last needs no index there: no equal
+        # element lies before the first or after the last
+        source = (lambda a, b, i=i: (lambda base, xs: (xs[i], base))(*raw(a, b))) if fused else None
+        e.indices = (0 if e.ranks[0] == 0 else _nth_equal(read, grid, i, e.bits, counts, e.ranks[0], source),
+                     numel if e.ranks[1] == e.total else
+                     _nth_equal(read, grid, i, e.bits, counts, e.ranks[1] - 1, source) + 1)
     if cut:  # pass 3, only after histograms: where the kept elements of each cut run of equal values lie
         _find_indices(read, numel, cut)
     if rescale:  # the last pass: L1 norm kept; the factor as methods.sparsify._rescaled computes it
@@ -369,12 +375,18 @@ def _low_histograms(read: Callable[[int, int], Sequence[Tensor]], grid: list[tup
 
 
 def _nth_equal(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, int]], i: int, bits: int,
-               counts: list[int], rank: int) -> int:
+               counts: list[int], rank: int, raw: Callable[[int, int], tuple[Tensor, Tensor]] | None = None) -> int:
     """The index of the rank-th element (index order) of task vector i whose |delta| has these bits, given how many
-    each block holds: one block read."""
+    each block holds: one block read (by the native kernel where `raw` gives the block's (input, base))."""
     seen = 0
     for (a, b), count in zip(grid, counts):
         if rank < seen + count:
+            if raw is not None:
+                at = native.nth_equal_delta(*raw(a, b), bits, rank - seen)
+                if at is not None:
+                    if at < 0:
+                        raise AssertionError("rank beyond the block's equal elements")  # counted from the same
+                    return a + at
             for pa, pb in pieces(a, b):  # the block's pieces up to the one holding it
                 equal = read(pa, pb)[i].abs().view(torch.int32) == bits
                 count = int(equal.sum())

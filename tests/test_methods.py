@@ -550,6 +550,37 @@ def test_streamed_ranking_equals_sorting_the_whole_tensor(monkeypatch, gather, b
             assert sum(int(keep.mask(flat[a:b], a).sum()) for a, b in ranked.blocks(0, n)) == kept[1] - kept[0]
 
 
+@pytest.mark.parametrize("block", [64, 1000])
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, None), (0.3, None), (0.01, None), (0.6, 0.1), (0.7, 0.5)])
+def test_streamed_ranking_of_bfloat16_inputs_equals_sorting_the_whole_tensor(monkeypatch, block, density, gamma):
+    """The fused path: `raw` hands the mapped files' bfloat16 elements to the native kernels, which subtract and
+    count in one pass and find where a cut run of equal values starts (composer.native.nth_equal_delta); the
+    same kept elements as a stable sort of the float32 deltas."""
+    from composer import native, ranked
+
+    if native.library() is None:
+        pytest.skip("no native kernels: no fused path")
+    monkeypatch.setattr(ranked, "BLOCK", block)
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randint(-6, 7, (41, 31), generator=g).float() / 8).to(torch.bfloat16)
+    inputs = [(base.float() + torch.randint(-6, 7, (41, 31), generator=g).float() / 4).to(torch.bfloat16),
+              (base.float() + torch.randn(41, 31, generator=g) * 0.1).to(torch.bfloat16)]
+    deltas = [x.float() - base.float() for x in inputs]
+    n = base.numel()
+    kept = sparsify.kept_range(n, density, gamma)
+    calls = []
+    original = native.nth_equal_delta
+    monkeypatch.setattr(native, "nth_equal_delta", lambda *a: calls.append(a) or original(*a))
+    keeps = ranked.select(lambda a, b: [d.reshape(-1)[a:b] for d in deltas], n, [kept] * 2, False,
+                          raw=lambda a, b: (base.reshape(-1)[a:b], [x.reshape(-1)[a:b] for x in inputs]))
+    for d, keep in zip(deltas, keeps):
+        expected = sparsify._keep_range(d, kept, False).reshape(-1)
+        got = torch.cat([ranked.apply(keep, d.reshape(-1)[a:b].clone(), a) for a, b in ranked.blocks(0, n)])
+        assert torch.equal(got, expected)
+    if density == 0.5:  # the first vector's 13 values: its cut runs through a run of ties, found natively
+        assert calls
+
+
 def test_kept_range_keeps_mergekit_counts():
     assert sparsify.kept_range(100, 1.0) is None
     assert sparsify.kept_range(100, 0.25) == (0, 25)
