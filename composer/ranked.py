@@ -101,6 +101,13 @@ class Keep:
             return self.lo.value, low, None if unbounded else self.hi.value, high
         return None
 
+    def cuts(self, start: int, stop: int) -> list[int]:
+        """The indices inside (start, stop) where the kept part of a cut run of equal values starts or ends: split
+        there, every part takes steps() (composer.methods.taskvectors._ranked_blend)."""
+        if self.lo is None:
+            return []
+        return [i for end in (self.lo, self.hi) if end.cut for i in end.indices if start < i < stop]
+
     def mask(self, magnitudes: Tensor, start: int) -> Tensor:
         """The float32 mask for |delta| of elements [start, start + len)."""
         stop = start + magnitudes.numel()

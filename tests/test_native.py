@@ -339,7 +339,7 @@ models:
         assert calls["ram"] > 0, calls
     else:
         drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
-        # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks take the torch path
+        # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks are split at the cut
         assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
     assert ("torch.bfloat16" in kinds) == (suffix == "-bf16"), kinds  # the files' own elements, where bfloat16
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))

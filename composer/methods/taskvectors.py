@@ -239,11 +239,21 @@ def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
     from composer import ranked
 
     base, xs = job.read_raw_all(a, b)  # the files' bfloat16, which the kernel converts as it loads
-    steps = [None if k is None else k.steps(a, b) for k in keeps]
-    if all(s is not None or k is None for s, k in zip(steps, keeps)):  # every mask a step or two: fused, natively
-        fused = _native_blend(job, base, xs, steps, [None if k is None else k.factor for k in keeps])
-        if fused is not None:
-            return fused
+    # split where a kept part of a run of equal values starts or ends: each part's masks are a step or two, and
+    # the blend is elementwise, so the parts' results are the whole block's
+    bounds = [a, *sorted({i for k in keeps if k is not None for i in k.cuts(a, b)}), b]
+    parts = []
+    for pa, pb in zip(bounds, bounds[1:]):
+        steps = [None if k is None else k.steps(pa, pb) for k in keeps]
+        if not all(s is not None or k is None for s, k in zip(steps, keeps)):  # an end at inf or NaN
+            break
+        fused = _native_blend(job, base[pa - a: pb - a], [x[pa - a: pb - a] for x in xs], steps,
+                              [None if k is None else k.factor for k in keeps])
+        if fused is None:
+            break
+        parts.append(fused)
+    else:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     return merge_deltas(job, base, xs, lambda i, d: ranked.apply(keeps[i], d, a))  # converts to float32 first
 
 
