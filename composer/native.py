@@ -638,6 +638,41 @@ void composer_hist16_delta(const void *x, const void *b, const int32_t *kinds, i
     }
 }
 
+/* composer.methods.geometric.combination_blend (karcher, multislerp): acc = (x_0 - b) * c_0, then
+   acc = acc + (x_i - b) * c_i in input order, then acc + b (without a base: x_i * c_i, no b); and
+   composer.methods.averaging.model_stock_blend (stock, `c` its [t, 1 - t]): s = (x_0 + 0) + x_1 + ... (Python's
+   sum from 0), then t * (s / n) + (1 - t) * b. One float32 rounding per operation, in that order. */
+void composer_combination(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
+                          const float *c, int32_t with_base, int32_t stock, float *out, int64_t count) {
+    TILE_BUFFERS;
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        const float *b = with_base ? load(base, kinds[0], t0, len, tile_b) : 0;
+        float *o = out + t0;
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
+            if (stock) {
+                if (i == 0) for (int64_t j = 0; j < len; j++) o[j] = x[j] + 0.0f;
+                else for (int64_t j = 0; j < len; j++) o[j] = o[j] + x[j];
+            } else if (with_base) {
+                const float ci = c[i];
+                if (i == 0) for (int64_t j = 0; j < len; j++) o[j] = (x[j] - b[j]) * ci;
+                else for (int64_t j = 0; j < len; j++) o[j] = o[j] + (x[j] - b[j]) * ci;
+            } else {
+                const float ci = c[i];
+                if (i == 0) for (int64_t j = 0; j < len; j++) o[j] = x[j] * ci;
+                else for (int64_t j = 0; j < len; j++) o[j] = o[j] + x[j] * ci;
+            }
+        }
+        if (stock) {
+            const float t = c[0], rest = c[1], nf = (float)n;
+            for (int64_t j = 0; j < len; j++) o[j] = t * (o[j] / nf) + rest * b[j];
+        } else if (with_base) {
+            for (int64_t j = 0; j < len; j++) o[j] = o[j] + b[j];
+        }
+    }
+}
+
 /* composer.ranked._nth_equal's step: the index of the rank-th (from 0, index order) of the n deltas x - b (as
    hist16_delta's) whose magnitude has the float32 bits `bits`; -1 - (how many there are) when fewer than rank + 1 */
 int64_t composer_nth_equal_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, uint32_t bits,
@@ -746,6 +781,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_hist16.restype = None
     lib.composer_hist16_delta.argtypes = [p, p, p, i64, p]
     lib.composer_hist16_delta.restype = None
+    lib.composer_combination.argtypes = [p, p, p, i32, p, i32, i32, p, i64]
+    lib.composer_combination.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
     lib.composer_nth_equal_delta.restype = i64
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
@@ -835,6 +872,25 @@ def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
     kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
     lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), hist.data_ptr())
     return True
+
+
+def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequence[float], *,
+                stock: bool = False) -> Tensor | None:
+    """composer.methods.geometric.combination_blend's sum of (x_i - base) * c_i (+ base), or with `stock`
+    model_stock_blend's t * mean(x_i) + (1 - t) * base (coefficients [t, 1 - t], float32 values), of float32 or
+    bfloat16 elements (as _inputs); None: not done (use torch)."""
+    lib = library()
+    if lib is None or (stock and base is None):
+        return None
+    inputs = _inputs(xs[0] if base is None else base, xs)
+    if inputs is None:
+        return None
+    out = _out(xs[0])
+    kinds = inputs[1] if base is not None else (ctypes.c_int32 * (len(xs) + 1))(0, *list(inputs[1])[1:])
+    c = (ctypes.c_float * max(2, len(coefficients)))(*coefficients)
+    lib.composer_combination(None if base is None else base.data_ptr(), inputs[0], kinds, len(xs), c,
+                             int(base is not None), int(stock), out.data_ptr(), out.numel())
+    return out
 
 
 def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None:

@@ -530,3 +530,46 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
         monkeypatch.delenv("COMPOSER_NATIVE_AVX2")
         native.reset()
     assert all(_same(a, b) if a.is_floating_point() else torch.equal(a, b) for a, b in zip(wide, narrow))
+
+
+@pytest.mark.parametrize("method,params,base", [
+    ("model_stock", "{}", True),
+    ("karcher", "{}", False),
+    ("multislerp", "{weight: 0.7}", True),
+    ("multislerp", "{weight: 0.7}", False),
+])
+@pytest.mark.parametrize("suffix", ["", "-bf16"])
+def test_compose_writes_the_same_combinations_without_the_kernels(all_models, write_recipe, tmp_path, monkeypatch,
+                                                                  method, params, base, suffix):
+    """model_stock's, karcher's and multislerp's streamed blends (composer.native.combination) on blocks of 1024
+    elements, so every tensor streams: the same bytes with and without the kernels."""
+    from click.testing import CliRunner
+
+    from composer import ranked
+    from composer.cli import main
+
+    monkeypatch.setattr(ranked, "BLOCK", 1024)
+    models = all_models
+    head = f"base_model: {models['llama' + suffix]}\n" if base else ""
+    recipe = write_recipe(f"""merge_method: {method}
+{head}dtype: bfloat16
+models:
+  - model: {models['llama' + suffix]}
+    parameters: {params}
+  - model: {models['llama-b' + suffix]}
+    parameters: {params}
+  - model: {models['llama-c' + suffix]}
+    parameters: {params}
+""")
+    calls = []
+    real = native.combination
+    monkeypatch.setattr(native, "combination", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def compose(out):
+        result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
+
+    fast = compose(tmp_path / "fast")
+    assert calls
+    assert fast == _without_native(lambda: compose(tmp_path / "torch"))

@@ -148,7 +148,11 @@ def _stock_prepare(job: MergeJob) -> Tensor:
 
 
 def _stock_blend(job: MergeJob, t: Tensor, a: int, b: int) -> Tensor:
-    return model_stock_blend(job.read_base(a, b), job.read_inputs(a, b), t)
+    from composer import native
+
+    base, xs = job.read_raw_all(a, b)
+    fused = native.combination(base, xs, [float(t), float(1 - t)], stock=True)  # the same bits in one pass
+    return model_stock_blend(base.float(), [x.float() for x in xs], t) if fused is None else fused
 
 
 _STOCK = Streaming("statistics", _stock_blend, _stock_prepare)

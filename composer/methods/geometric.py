@@ -336,6 +336,14 @@ def combination_blend(job: MergeJob, stats: Combination, a: int, b: int) -> Tens
     float32 rounding per operation, in input order, into buffers kept by the calling thread."""
     if stats.whole is not None:
         return stats.whole[a:b]
+    if stats.terms:
+        from composer import native
+
+        fused = native.combination(job.read_raw(job.base, a, b) if stats.base else None,
+                                   [job.read_raw(k, a, b) for k, _ in stats.terms],
+                                   [float(c) for _, c in stats.terms])  # the same bits in one pass
+        if fused is not None:
+            return fused
     rows = scratch("geometric-blend", 3, b - a)
     acc, term, base = rows[0], rows[1], rows[2]
     if not stats.terms:
