@@ -640,10 +640,12 @@ void composer_hist16_delta(const void *x, const void *b, const int32_t *kinds, i
 
 /* composer.methods.geometric.combination_blend (karcher, multislerp): acc = (x_0 - b) * c_0, then
    acc = acc + (x_i - b) * c_i in input order, then acc + b (without a base: x_i * c_i, no b); and
-   composer.methods.averaging.model_stock_blend (stock, `c` its [t, 1 - t]): s = (x_0 + 0) + x_1 + ... (Python's
-   sum from 0), then t * (s / n) + (1 - t) * b. One float32 rounding per operation, in that order. */
+   composer.methods.averaging.model_stock_blend (mode 1, `c` its [t, 1 - t]): s = (x_0 + 0) + x_1 + ... (Python's
+   sum from 0), then t * (s / n) + (1 - t) * b; mode 2 (nuslerp's flattened blend): the combination's sum, divided
+   by c[n], then + b. One float32 rounding per operation, in that order. */
 void composer_combination(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
-                          const float *c, int32_t with_base, int32_t stock, float *out, int64_t count) {
+                          const float *c, int32_t with_base, int32_t mode, float *out, int64_t count) {
+    const int32_t stock = mode == 1;
     TILE_BUFFERS;
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
@@ -667,8 +669,9 @@ void composer_combination(const void *base, const void *const *xs, const int32_t
         if (stock) {
             const float t = c[0], rest = c[1], nf = (float)n;
             for (int64_t j = 0; j < len; j++) o[j] = t * (o[j] / nf) + rest * b[j];
-        } else if (with_base) {
-            for (int64_t j = 0; j < len; j++) o[j] = o[j] + b[j];
+        } else {
+            if (mode == 2) { const float d = c[n]; for (int64_t j = 0; j < len; j++) o[j] = o[j] / d; }
+            if (with_base) for (int64_t j = 0; j < len; j++) o[j] = o[j] + b[j];
         }
     }
 }
@@ -875,10 +878,11 @@ def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
 
 
 def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequence[float], *,
-                stock: bool = False) -> Tensor | None:
-    """composer.methods.geometric.combination_blend's sum of (x_i - base) * c_i (+ base), or with `stock`
-    model_stock_blend's t * mean(x_i) + (1 - t) * base (coefficients [t, 1 - t], float32 values), of float32 or
-    bfloat16 elements (as _inputs); None: not done (use torch)."""
+                stock: bool = False, divisor: float | None = None) -> Tensor | None:
+    """composer.methods.geometric.combination_blend's sum of (x_i - base) * c_i (+ base; divided by `divisor`
+    before adding the base, where given), or with `stock` model_stock_blend's t * mean(x_i) + (1 - t) * base
+    (coefficients [t, 1 - t]); float32 values, of float32 or bfloat16 elements (as _inputs); None: not done (use
+    torch)."""
     lib = library()
     if lib is None or (stock and base is None):
         return None
@@ -887,9 +891,11 @@ def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequenc
         return None
     out = _out(xs[0])
     kinds = inputs[1] if base is not None else (ctypes.c_int32 * (len(xs) + 1))(0, *list(inputs[1])[1:])
-    c = (ctypes.c_float * max(2, len(coefficients)))(*coefficients)
+    values = [*coefficients, *([] if divisor is None else [divisor])]
+    c = (ctypes.c_float * max(2, len(values)))(*values)
     lib.composer_combination(None if base is None else base.data_ptr(), inputs[0], kinds, len(xs), c,
-                             int(base is not None), int(stock), out.data_ptr(), out.numel())
+                             int(base is not None), 1 if stock else 0 if divisor is None else 2, out.data_ptr(),
+                             out.numel())
     return out
 
 

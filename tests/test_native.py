@@ -537,12 +537,15 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
     ("karcher", "{}", False),
     ("multislerp", "{weight: 0.7}", True),
     ("multislerp", "{weight: 0.7}", False),
+    ("slerp", "{t: 0.3}", True),
+    ("nuslerp", "{weight: 0.7}", True),
+    ("nuslerp", "{weight: 0.7}", False),
 ])
 @pytest.mark.parametrize("suffix", ["", "-bf16"])
 def test_compose_writes_the_same_combinations_without_the_kernels(all_models, write_recipe, tmp_path, monkeypatch,
                                                                   method, params, base, suffix):
-    """model_stock's, karcher's and multislerp's streamed blends (composer.native.combination) on blocks of 1024
-    elements, so every tensor streams: the same bytes with and without the kernels."""
+    """model_stock's, karcher's, multislerp's, slerp's and nuslerp's streamed blends (composer.native.combination)
+    on blocks of 1024 elements, so every tensor streams: the same bytes with and without the kernels."""
     from click.testing import CliRunner
 
     from composer import ranked
@@ -551,16 +554,16 @@ def test_compose_writes_the_same_combinations_without_the_kernels(all_models, wr
     monkeypatch.setattr(ranked, "BLOCK", 1024)
     models = all_models
     head = f"base_model: {models['llama' + suffix]}\n" if base else ""
+    if method == "slerp":  # a base and one other model
+        head += f"parameters: {params}\n"
+        params = "{}"
+    names = ["llama", "llama-b"] if method == "slerp" or method == "nuslerp" and not base else \
+        ["llama", "llama-b", "llama-c"]
+    listed = "".join(f"  - model: {models[name + suffix]}\n    parameters: {params}\n" for name in names)
     recipe = write_recipe(f"""merge_method: {method}
 {head}dtype: bfloat16
 models:
-  - model: {models['llama' + suffix]}
-    parameters: {params}
-  - model: {models['llama-b' + suffix]}
-    parameters: {params}
-  - model: {models['llama-c' + suffix]}
-    parameters: {params}
-""")
+{listed}""")
     calls = []
     real = native.combination
     monkeypatch.setattr(native, "combination", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -573,3 +576,40 @@ models:
     fast = compose(tmp_path / "fast")
     assert calls
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_combination_kernel_is_the_torch_chains_bit_for_bit(n, with_base):
+    """composer.native.combination against the torch chains it replaces, on values with NaN, +-inf and signed
+    zeros: the combination (karcher, multislerp, slerp, nuslerp colinear), divided (nuslerp), model_stock's."""
+    from composer.methods.averaging import model_stock_blend
+    from composer.methods.spherical import nuslerp_blend
+
+    size = 20_000 + 7
+    base = _hostile(size, 40)
+    xs = [base + torch.randn(size, generator=torch.Generator().manual_seed(41 + i)) * 0.002 for i in range(n)]
+    for i, x in enumerate(xs):
+        x[i::89] = _hostile(len(x[i::89]), 50 + i)
+    c = [torch.tensor(0.37 - 0.2 * i) for i in range(n)]
+
+    want = None
+    for i, x in enumerate(xs):  # combination_blend's steps
+        term = (x - base if with_base else x.clone()).mul_(c[i])
+        want = term if want is None else want.add_(term)
+    want = want + base if with_base else want
+    assert _same(native.combination(base if with_base else None, xs, [float(v) for v in c]), want)
+    if n == 2:
+        s0, s1, sin = torch.tensor(0.61), torch.tensor(0.43), torch.tensor(0.97)
+        v0, v1 = (x - base for x in xs) if with_base else xs
+        merged = nuslerp_blend(v0, v1, 0.3, (s0, s1, sin))
+        got = native.combination(base if with_base else None, xs, [float(s0), float(s1)], divisor=float(sin))
+        assert _same(got, base + merged if with_base else merged)
+        # colinear: (1 - t) v0 + t v1, the Python floats rounded to float32 as torch's scalar multiply rounds them
+        t32 = [float(torch.tensor(v, dtype=torch.float32)) for v in (1 - 0.3, 0.3)]
+        merged = nuslerp_blend(v0, v1, 0.3, None)
+        assert _same(native.combination(base if with_base else None, xs, t32), base + merged if with_base else merged)
+    if with_base:
+        t = torch.tensor(0.71)
+        assert _same(native.combination(base, xs, [float(t), float(1 - t)], stock=True),
+                     model_stock_blend(base, xs, t))
