@@ -676,6 +676,24 @@ void composer_combination(const void *base, const void *const *xs, const int32_t
     }
 }
 
+/* composer.methods.dare's rescale pass: |x - b| into `mag` and |x - b| * mask into `kept` (float32 each, for torch's
+   float64 sums), as its torch chain computes them */
+void composer_masked_magnitudes(const void *x, const void *b, const int32_t *kinds, const float *mask, int64_t n,
+                                float *mag, float *kept) {
+    TILE_BUFFERS;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
+        float *mo = mag + t0, *ko = kept + t0;
+        const float *mi = mask + t0;
+        for (int64_t j = 0; j < len; j++) {
+            float v = tabs(xt[j] - bt[j]);
+            mo[j] = v;
+            ko[j] = v * mi[j];
+        }
+    }
+}
+
 /* composer.ranked._nth_equal's step: the index of the rank-th (from 0, index order) of the n deltas x - b (as
    hist16_delta's) whose magnitude has the float32 bits `bits`; -1 - (how many there are) when fewer than rank + 1 */
 int64_t composer_nth_equal_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, uint32_t bits,
@@ -786,6 +804,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_hist16_delta.restype = None
     lib.composer_combination.argtypes = [p, p, p, i32, p, i32, i32, p, i64]
     lib.composer_combination.restype = None
+    lib.composer_masked_magnitudes.argtypes = [p, p, p, p, i64, p, p]
+    lib.composer_masked_magnitudes.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
     lib.composer_nth_equal_delta.restype = i64
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
@@ -897,6 +917,23 @@ def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequenc
                              int(base is not None), 1 if stock else 0 if divisor is None else 2, out.data_ptr(),
                              out.numel())
     return out
+
+
+def masked_magnitudes(x: Tensor, base: Tensor, mask: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(|x - base|, |x - base| * mask), float32, into the two rows of `out` (float32 [2, >= n]); x and base as
+    _inputs takes them, mask float32; None: not done (use torch)."""
+    lib, inputs = library(), _inputs(base, [x])
+    n = x.numel()
+    if lib is None or inputs is None or not (_usable(mask) and mask.numel() == n) or not (
+            out.dim() == 2 and out.shape[0] == 2 and out.shape[1] >= n):
+        return None
+    mag, kept = out[0, :n], out[1, :n]
+    if not (_usable(mag) and _usable(kept)):
+        return None
+    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    lib.composer_masked_magnitudes(x.data_ptr(), base.data_ptr(), kinds, mask.data_ptr(), n, mag.data_ptr(),
+                                   kept.data_ptr())
+    return mag, kept
 
 
 def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None:

@@ -613,3 +613,19 @@ def test_combination_kernel_is_the_torch_chains_bit_for_bit(n, with_base):
         t = torch.tensor(0.71)
         assert _same(native.combination(base, xs, [float(t), float(1 - t)], stock=True),
                      model_stock_blend(base, xs, t))
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_masked_magnitudes_are_the_torch_chains(half):
+    """DARE's rescale pass: |x - base| and |x - base| * mask, on hostile values and on bfloat16 inputs."""
+    size = 20_000 + 7
+    base = _hostile(size, 60)
+    x = base + torch.randn(size, generator=torch.Generator().manual_seed(61)) * 0.002
+    x[::53] = _hostile(len(x[::53]), 62)
+    if half:
+        base, x = base.to(torch.bfloat16), x.to(torch.bfloat16)
+    mask = (torch.rand(size, generator=torch.Generator().manual_seed(63)) < 0.5).float()
+    out = torch.empty(2, size + 100)
+    got = native.masked_magnitudes(x, base, mask, out)
+    magnitude = (x.float() - base.float()).abs_()
+    assert _same(got[0], magnitude) and _same(got[1], magnitude * mask)

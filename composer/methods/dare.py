@@ -189,16 +189,24 @@ def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
             sums = [None if m is None else [d.abs_().sum(dtype=torch.float64), d.mul_(m).sum(dtype=torch.float64)]
                     for d, m in zip(ds, masks)]
         else:
-            from composer import ranked  # imports torch: not at planning time
+            from composer import native, ranked  # imports torch: not at planning time
 
             masks = _masks(job, a, b)
             sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
             for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
-                for acc, d, m in zip(sums, job.deltas(pa, pb), masks):
-                    if acc is not None:  # |d * m| = |d| * m for a 0/1 mask
-                        magnitude = d.abs_()
-                        acc[0] = acc[0] + magnitude.sum(dtype=torch.float64)
-                        acc[1] = acc[1] + magnitude.mul_(m[pa - a: pb - a]).sum(dtype=torch.float64)
+                base, xs = job.read_raw_all(pa, pb)
+                for acc, x, m in zip(sums, xs, masks):
+                    if acc is None:
+                        continue
+                    # |d * m| = |d| * m for a 0/1 mask: both float32 arrays in one native pass where built (the
+                    # same values, so torch's sums of them are the same bits)
+                    both = native.masked_magnitudes(x, base, m[pa - a: pb - a],
+                                                    scratch("dare-norms", 2, ranked.PIECE))
+                    if both is None:
+                        magnitude = (x.float() - base.float()).abs_()
+                        both = magnitude, magnitude * m[pa - a: pb - a]
+                    acc[0] = acc[0] + both[0].sum(dtype=torch.float64)
+                    acc[1] = acc[1] + both[1].sum(dtype=torch.float64)
         for i, m in enumerate(masks):
             if m is not None:
                 packed.put(a, b, i, m)
