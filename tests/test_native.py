@@ -256,7 +256,7 @@ def _bf16_deltas(shape: tuple[int, int], seed: int, small: float) -> torch.Tenso
     return tuned.float() - base.to(torch.bfloat16).float()
 
 
-@pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose"])
+@pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose", "bf16 wide"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2048), (3, 5632), (7, 33)])
 def test_della_masks_are_the_torch_paths(shape, kind):
     """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask: on float32
@@ -268,6 +268,11 @@ def test_della_masks_are_the_torch_paths(shape, kind):
         rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
         rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
         rows[:, 1::10] = -0.001
+    elif kind == "bf16 wide":  # bfloat16 values over 120 binades: the counts walked through their bitmap
+        g = torch.Generator().manual_seed(13)
+        scale = torch.pow(2.0, torch.randint(-120, 1, shape, generator=g).float())
+        rows = (torch.randn(shape, generator=g) * scale).to(torch.bfloat16).float()
+        rows[:, ::7] = 2.0**-100  # a run of equal values
     else:
         rows = _bf16_deltas(shape, 12, {"bf16 exact": 0.0, "bf16 few loose": 0.03, "bf16 many loose": 0.3}[kind])
         loose = (rows.abs().view(torch.int32) & 0xFFFF) != 0
