@@ -1,7 +1,8 @@
 """Optional native kernels for the hottest loops of the ranked and random methods (TIES, Breadcrumbs, DARE, DELLA
 and their mixes): pass 1's histogram of |delta|, the fused sparsify-and-blend of the task-vector family, the
 Bernoulli masks from their random draws, DELLA's per-row ranks, the packed masks, RAM's / RAM+'s counts and
-merge, Arcee Fusion's gate, and SCE's variance and blend. Each replaces a chain of
+merge, Arcee Fusion's gate, SCE's variance and blend, DARE's masked magnitudes, and the blends of model_stock,
+karcher, multislerp, slerp and nuslerp (`combination`). Each replaces a chain of
 torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
 float32 operations in the same order, compiled without FMA contraction, fast-math or -march (-mavx2 only where
 the CPU has it: isa_flags) (tests/test_native.py holds both paths to that, and the CLI's outputs to the same
