@@ -128,14 +128,14 @@ void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out
 
 /* composer.methods.sparsify.della_mask's keep probabilities: each element's rank (1..n) by |x| within its row, in
    a stable order (equal magnitudes in index order), then (density - epsilon) + (rank - 1) / (n - 1) * 2 * epsilon
-   in float32, in torch's order of operations. The ranks come from an LSD radix sort of |x|'s 31 bits (which order
-   as |x| does, NaN above inf), each entry the key above its index (< 2**32), in passes of 8 bits, each one
-   stable (a stable sort's order is unique: any gives the same ranks); a pass whose digit all keys share (their OR
-   and AND agree there) is skipped: bfloat16 task vectors' lower 16 bits are 0, two passes. Each pass splits the
-   entries into SORT_STREAMS consecutive segments, each with its own counts and offsets, and steps through them
-   side by side: equal digits follow one another in a row of similar magnitudes, and one counter's increments,
-   each waiting on the last through memory, bound the sort. Segment s's entries of a digit go after those of
-   segments < s: the pass stays stable. Where every key's lower 16 bits are 0, the entries are 32 bits wide.
+   in float32, in torch's order of operations. A row of bfloat16 weights' task vector is ranked by counting
+   (della_count_ranks); any other by an LSD radix sort of |x|'s 31 bits (which order as |x| does, NaN above inf),
+   each entry the key above its index (< 2**32), in passes of 8 bits, each one stable (a stable sort's order is
+   unique: any gives the same ranks); a pass whose digit all keys share (their OR and AND agree there) is skipped.
+   Each pass splits the entries into SORT_STREAMS consecutive segments, each with its own counts and offsets, and
+   steps through them side by side: equal digits follow one another in a row of similar magnitudes, and one
+   counter's increments, each waiting on the last through memory, bound the sort. Segment s's entries of a digit
+   go after those of segments < s: the pass stays stable.
    `scratch`: 2 * n uint64, n floats, then della_count_ranks' counts and bitmap, 0. */
 #define SORT_STREAMS 4
 /* one stable pass of 8 bits at `shift` over n entries (of type T: uint64_t, or uint32_t) from cur to next */
@@ -154,42 +154,7 @@ void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out
     for (int64_t j = tail_; j < (n); j++) { T e = cur[j]; next[count[SORT_STREAMS - 1][(e >> (shift)) & 255u]++] = e; } \
 }
 
-/* A row's stable order by |x| (its entries, the key above the index, into entries[0, n); entries[n, 2n) the other
-   buffer) where few keys' lower 16 bits are not 0 (task vectors of bfloat16 weights: the difference of two
-   bfloat16 values of one binade fits 8 bits; 5% of the benchmark's are not): 8-bit passes over the upper bits
-   only, then each run of equal upper bits holding a key whose lower bits are not 0 is insertion-sorted (stable;
-   its exact entries are in order already, so only those few move). 0: too many such keys (float32 weights), for
-   the full sort. */
-static int della_sort_upper(const uint32_t *row, int64_t n, uint32_t any, uint32_t all, int64_t loose,
-                            uint64_t *entries) {
-    if (loose > n / 16) return 0;
-    uint64_t *cur = entries, *next = entries + n;
-    for (int64_t j = 0; j < n; j++) cur[j] = (uint64_t)(row[j] & 0x7fffffffu) << 32 | (uint64_t)j;
-    for (int shift = 16; shift < 32; shift += 8) {
-        if ((((any ^ all) >> shift) & 255u) == 0) continue;  /* every key has this digit */
-        RADIX_PASS(uint64_t, cur, next, n, 32 + shift)
-        uint64_t *t = cur; cur = next; next = t;
-    }
-    if (cur != entries) memcpy(entries, cur, (size_t)n * sizeof *cur);
-    if (!loose) return 1;
-    for (int64_t p = 0; p < n;) {
-        uint64_t upper = entries[p] >> 48;
-        int64_t q = p + 1;
-        uint64_t lows = entries[p] & 0x0000ffff00000000ull;
-        for (; q < n && entries[q] >> 48 == upper; q++) lows |= entries[q] & 0x0000ffff00000000ull;
-        if (lows)
-            for (int64_t i = p + 1; i < q; i++) {
-                uint64_t e = entries[i];
-                int64_t k = i;
-                for (; k > p && entries[k - 1] > e; k--) entries[k] = entries[k - 1];
-                entries[k] = e;
-            }
-        p = q;
-    }
-    return 1;
-}
-
-/* A row's ranks by counting, where few keys' lower 16 bits are not 0 (as della_sort_upper) and n < 2**16: exact
+/* A row's ranks by counting, where few keys' lower 16 bits are not 0 and n < 2**16: exact
    keys (lower bits 0) are counted per upper 15 bits (`count`, 2**15 uint32: exact + 2**16 * loose, 0 on entry
    and on return; `seen`, 2**9 words: which upper values occur, 0 likewise); the offsets are the running sums in
    upper-bit order; the exact elements take their ranks in index order, then the others, sorted by (key, index)
@@ -254,10 +219,6 @@ void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float
             any |= k; all &= k; loose += (k & 0xffffu) != 0;
         }
         if (della_count_ranks(row, n, loose, table, out, count, seen, scratch)) continue;
-        if (della_sort_upper(row, n, any, all, loose, scratch)) {
-            for (int64_t position = 0; position < n; position++) out[(uint32_t)scratch[position]] = table[position];
-            continue;
-        }
         uint64_t *cur = scratch, *next = scratch + n;
         for (int64_t j = 0; j < n; j++) cur[j] = (uint64_t)(row[j] & 0x7fffffffu) << 32 | (uint64_t)j;
         for (int shift = 0; shift < 32; shift += 8) {
@@ -887,13 +848,22 @@ def hist16(deltas: Tensor, hist: Tensor) -> bool:
     return True
 
 
+def _delta_kinds(x: Tensor, base: Tensor) -> tuple[ctypes.CDLL, ctypes.Array] | None:
+    """The library and the kinds (x's, then base's) for the kernels of one task vector x - base (inputs as _inputs
+    takes them); None: not usable (use torch)."""
+    lib, inputs = library(), _inputs(base, [x])
+    if lib is None or inputs is None:
+        return None
+    return lib, (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+
+
 def hist16_delta(x: Tensor, base: Tensor, hist: Tensor) -> bool:
     """hist16 of the deltas x - base (float32 or bfloat16 inputs, as _inputs), subtracted in the same pass; False:
     not done (use torch)."""
-    lib, inputs = library(), _inputs(base, [x])
-    if lib is None or inputs is None:
+    usable = _delta_kinds(x, base)
+    if usable is None:
         return False
-    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    lib, kinds = usable
     lib.composer_hist16_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), hist.data_ptr())
     return True
 
@@ -923,15 +893,14 @@ def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequenc
 def masked_magnitudes(x: Tensor, base: Tensor, mask: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
     """(|x - base|, |x - base| * mask), float32, into the two rows of `out` (float32 [2, >= n]); x and base as
     _inputs takes them, mask float32; None: not done (use torch)."""
-    lib, inputs = library(), _inputs(base, [x])
-    n = x.numel()
-    if lib is None or inputs is None or not (_usable(mask) and mask.numel() == n) or not (
+    usable, n = _delta_kinds(x, base), x.numel()
+    if usable is None or not (_usable(mask) and mask.numel() == n) or not (
             out.dim() == 2 and out.shape[0] == 2 and out.shape[1] >= n):
         return None
     mag, kept = out[0, :n], out[1, :n]
     if not (_usable(mag) and _usable(kept)):
         return None
-    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    lib, kinds = usable
     lib.composer_masked_magnitudes(x.data_ptr(), base.data_ptr(), kinds, mask.data_ptr(), n, mag.data_ptr(),
                                    kept.data_ptr())
     return mag, kept
@@ -940,10 +909,10 @@ def masked_magnitudes(x: Tensor, base: Tensor, mask: Tensor, out: Tensor) -> tup
 def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None:
     """The index of the rank-th (from 0) of the deltas x - base (as hist16_delta's) whose |delta| has these float32
     bits; -1 - their count when there are not that many; None: not done (use torch)."""
-    lib, inputs = library(), _inputs(base, [x])
-    if lib is None or inputs is None:
+    usable = _delta_kinds(x, base)
+    if usable is None:
         return None
-    kinds = (ctypes.c_int32 * 2)(inputs[1][1], inputs[1][0])
+    lib, kinds = usable
     return int(lib.composer_nth_equal_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), bits, rank))
 
 
