@@ -656,6 +656,16 @@ void composer_masked_magnitudes(const void *x, const void *b, const int32_t *kin
     }
 }
 
+/* composer.methods.sparsify.splitmix_words: word i of key's SplitMix64 stream, mix(key + (i + 1) * golden) */
+void composer_splitmix(uint64_t key, int64_t n, uint64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t z = key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        out[i] = z ^ (z >> 31);
+    }
+}
+
 /* composer.ranked._nth_equal's step: the index of the rank-th (from 0, index order) of the n deltas x - b (as
    hist16_delta's) whose magnitude has the float32 bits `bits`; -1 - (how many there are) when fewer than rank + 1 */
 int64_t composer_nth_equal_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, uint32_t bits,
@@ -768,6 +778,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_combination.restype = None
     lib.composer_masked_magnitudes.argtypes = [p, p, p, p, i64, p, p]
     lib.composer_masked_magnitudes.restype = None
+    lib.composer_splitmix.argtypes = [ctypes.c_uint64, i64, p]
+    lib.composer_splitmix.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
     lib.composer_nth_equal_delta.restype = i64
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
@@ -914,6 +926,17 @@ def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None
         return None
     lib, kinds = usable
     return int(lib.composer_nth_equal_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), bits, rank))
+
+
+def splitmix(key: int, out: Tensor) -> bool:
+    """composer.methods.sparsify.splitmix_words into int64 `out`; False: not done (use torch)."""
+    import torch
+
+    lib = library()
+    if lib is None or out.dtype != torch.int64 or not out.is_contiguous():
+        return False
+    lib.composer_splitmix(key % (1 << 64), out.numel(), out.data_ptr())
+    return True
 
 
 def bernoulli(draws: Tensor, p: float | Tensor) -> Tensor | None:

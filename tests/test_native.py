@@ -635,3 +635,16 @@ def test_masked_magnitudes_are_the_torch_chains(half):
     got = native.masked_magnitudes(x, base, mask, out)
     magnitude = (x.float() - base.float()).abs_()
     assert _same(got[0], magnitude) and _same(got[1], magnitude * mask)
+
+
+@pytest.mark.parametrize("key", [0, 1, 12345678901234567, (1 << 63) - 1, 2**63 + 5])
+def test_splitmix_words_are_the_plain_stream_natively_and_in_torch(key):
+    """The random methods' SplitMix64 words: the kernel's and torch's int64 arithmetic (the fallback) against the
+    generator written plainly in Python integers."""
+    from composer.methods.sparsify import splitmix_words
+    from tinymodels import plain_splitmix
+
+    want = torch.tensor([w - (1 << 64) if w >= 1 << 63 else w for w in plain_splitmix(key, 1001)], dtype=torch.int64)
+    fast = splitmix_words(key, torch.empty(1001, dtype=torch.int64))
+    slow = _without_native(lambda: splitmix_words(key, torch.empty(1001, dtype=torch.int64)))
+    assert torch.equal(fast, want) and torch.equal(slow, want)

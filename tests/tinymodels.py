@@ -210,11 +210,24 @@ def logits(path: Path, input_ids: list[int] | None = None) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
+def plain_splitmix(key: int, count: int) -> list[int]:
+    """SplitMix64 (Steele, Lea and Flood 2014), written plainly in Python integers: words 0..count-1 of `key`."""
+    words, mask = [], (1 << 64) - 1
+    for i in range(count):
+        z = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        words.append(z ^ (z >> 31))
+    return words
+
+
 def plain_uniform(shape, generator: torch.Generator) -> torch.Tensor:
-    """composer's random methods' uniform numbers, written plainly: the low 31 bits of each 32-bit half of the
-    generator's int64 draws, over 2**31, rounded to float32."""
+    """composer's random methods' uniform numbers, written plainly: one int64 draw from the generator keys a
+    SplitMix64 stream; the low 31 bits of each 32-bit half (low half first) of its words, over 2**31, rounded to
+    float32."""
     n = 1
     for size in shape:
         n *= size
-    draws = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
-    return ((draws & 0x7FFFFFFF).double() / 2**31).float().reshape(shape)
+    key = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    halves = [h for w in plain_splitmix(key, (n + 1) // 2) for h in (w & 0xFFFFFFFF, w >> 32)][:n]
+    return torch.tensor([(h & 0x7FFFFFFF) / 2**31 for h in halves], dtype=torch.float64).float().reshape(shape)

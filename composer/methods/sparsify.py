@@ -96,25 +96,51 @@ def bernoulli(p: float | Tensor, shape, generator: torch.Generator, out: Tensor 
 
 
 def uniform(shape, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
-    """float32 uniform numbers in [0, 1]: 31 random bits each, taken from the generator's 64-bit draws (the low
-    31 bits of each 32-bit half of `torch.empty(ceil(n / 2), dtype=torch.int64).random_(generator)`; random_
-    leaves the top bit 0), times 2**-31, rounded to float32 (1.0 only for the top 64 of 2**31 values). torch.rand
-    draws 32 bits per number: this is 1.5x faster, with finer steps (2**-31 rather than 2**-24) below 1/128.
-    Into `out` (float32, contiguous) when given."""
+    """float32 uniform numbers in [0, 1]: 31 random bits each, the low 31 bits of each 32-bit half (low half
+    first) of a SplitMix64 stream (Steele, Lea and Flood 2014: word i is mix(key + (i + 1) * 0x9E3779B97F4A7C15),
+    mod 2**64) keyed by one 64-bit draw from the generator, times 2**-31, rounded to float32 (1.0 only for the top
+    64 of 2**31 values). A counter-based stream: the native kernels make it at ~1/3 of the cost of torch's
+    mt19937 (20% of a DARE merge's CPU time), and the torch path makes the same words. Each call takes one draw
+    from the generator, so calls in turn get independent streams. Into `out` (float32, contiguous) when given."""
     draws, target = _draws(shape, generator, out)
     return _scaled(draws, draws.view(torch.float32) if target is None else target).reshape(shape)
 
 
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _signed(word: int) -> int:
+    """A 64-bit word as the int64 that has its bits."""
+    return word - (1 << 64) if word >= 1 << 63 else word
+
+
+def splitmix_words(key: int, out: Tensor) -> Tensor:
+    """SplitMix64 words 0, 1, ... of `key` into int64 `out` (contiguous), natively where built, else in torch's
+    int64 arithmetic (which wraps mod 2**64; the logical shifts are masked arithmetic ones): the same words."""
+    from composer import native
+
+    if native.splitmix(key, out):
+        return out
+    torch.arange(1, out.numel() + 1, dtype=torch.int64, out=out.reshape(-1)).mul_(_signed(_GOLDEN))
+    z = out.reshape(-1).add_(_signed(key))
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        z.bitwise_xor_(z.bitwise_right_shift(shift).bitwise_and_((1 << (64 - shift)) - 1))
+        if factor is not None:
+            z.mul_(_signed(factor))
+    return out
+
+
 def _draws(shape, generator: torch.Generator, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """uniform's int32 draws, flat, and where the float32 result goes: None for the draws' own memory (they are
-    converted in place), which is out's where its elements can take 64-bit draws, else out's first elements."""
+    converted in place), which is out's where its elements can take 64-bit words, else out's first elements."""
     n = 1
     for size in shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,):
         n *= size
+    key = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
     if out is None or n % 2:
-        draws = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=generator).view(torch.int32)[:n]
+        draws = splitmix_words(key, torch.empty((n + 1) // 2, dtype=torch.int64)).view(torch.int32)[:n]
         return draws, None if out is None else out.reshape(-1)[:n]
-    return out.reshape(-1)[:n].view(torch.int64).random_(generator=generator).view(torch.int32), None
+    return splitmix_words(key, out.reshape(-1)[:n].view(torch.int64)).view(torch.int32), None
 
 
 def _scaled(draws: Tensor, out: Tensor) -> Tensor:
