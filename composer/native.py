@@ -893,7 +893,7 @@ def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequenc
     if inputs is None:
         return None
     out = _out(xs[0])
-    kinds = inputs[1] if base is not None else (ctypes.c_int32 * (len(xs) + 1))(0, *list(inputs[1])[1:])
+    kinds = inputs[1]  # without a base, kinds[0] (xs[0]'s, standing in) is not read
     values = [*coefficients, *([] if divisor is None else [divisor])]
     c = (ctypes.c_float * max(2, len(values)))(*values)
     lib.composer_combination(None if base is None else base.data_ptr(), inputs[0], kinds, len(xs), c,
