@@ -122,21 +122,3 @@ def unpack_mask(packed: Tensor, start: int, stop: int) -> Tensor:
     first, last = start // 8, (stop + 7) // 8
     spread = _SPREAD[0].index_select(0, packed[first:last].to(torch.int64)).view(torch.uint8)
     return spread[start - 8 * first: stop - 8 * first].to(torch.float32)
-
-
-_LIBC: list = []
-
-
-def trim_heaps() -> None:
-    """Hand the free pages inside malloc's heaps back to the system (glibc's malloc_trim(0), which madvises them
-    away in every arena): for passes whose temporaries differ in size block by block (DELLA's sorts), which left
-    the pass threads' heaps fragmented at 0.7-1.4 GB. A no-op without glibc."""
-    import ctypes
-
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)

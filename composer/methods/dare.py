@@ -13,7 +13,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import PackedMasks, per_input as _per_input, trim_heaps, unpack_mask
+from composer.methods.common import PackedMasks, per_input as _per_input, unpack_mask
 from composer.methods.method import MergeJob, Param, Streaming, scratch
 from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask
 from composer.methods.taskvectors import _task_arithmetic, gta_method
@@ -222,8 +222,6 @@ def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
         before, after = torch.tensor(before).float(), torch.tensor(after).float()
         if densities[i] < 1 and before >= 1e-7 and after >= 1e-7:
             factors[i] = before / after
-    if "epsilon" in job.per_input:
-        trim_heaps()
     return factors, packed
 
 
