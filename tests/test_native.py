@@ -256,7 +256,8 @@ def _bf16_deltas(shape: tuple[int, int], seed: int, small: float) -> torch.Tenso
     return tuned.float() - base.to(torch.bfloat16).float()
 
 
-@pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose", "bf16 wide"])
+@pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose", "bf16 wide",
+                                  "bf16 zeros"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2048), (3, 5632), (7, 33)])
 def test_della_masks_are_the_torch_paths(shape, kind):
     """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask: on float32
@@ -273,6 +274,13 @@ def test_della_masks_are_the_torch_paths(shape, kind):
         scale = torch.pow(2.0, torch.randint(-120, 1, shape, generator=g).float())
         rows = (torch.randn(shape, generator=g) * scale).to(torch.bfloat16).float()
         rows[:, ::7] = 2.0**-100  # a run of equal values
+    elif kind == "bf16 zeros":  # runs of zeros, an all-zero row, inf and NaN: the ends of a row's counted span
+        rows = _bf16_deltas(shape, 14, 0.03)
+        rows[:, ::3] = 0.0
+        rows[0] = 0.0
+        if shape[0] > 1:
+            rows[-1, 0], rows[-1, -1] = float("inf"), float("nan")
+            rows[-1, 1:4] = torch.tensor([0x8000, 0x10000, 0x18000], dtype=torch.int32).view(torch.float32)  # upper 0, 1
     else:
         rows = _bf16_deltas(shape, 12, {"bf16 exact": 0.0, "bf16 few loose": 0.03, "bf16 many loose": 0.3}[kind])
         loose = (rows.abs().view(torch.int32) & 0xFFFF) != 0
