@@ -269,7 +269,7 @@ def test_della_masks_are_the_torch_paths(shape, kind):
         rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
         rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
         rows[:, 1::10] = -0.001
-    elif kind == "bf16 wide":  # bfloat16 values over 120 binades: the counts walked through their bitmap
+    elif kind == "bf16 wide":  # bfloat16 values over 120 binades: a wide span of upper values to walk
         g = torch.Generator().manual_seed(13)
         scale = torch.pow(2.0, torch.randint(-120, 1, shape, generator=g).float())
         rows = (torch.randn(shape, generator=g) * scale).to(torch.bfloat16).float()
