@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 MAX_INPUTS = 4  # task vectors one blend call takes; more: the torch path (whose sum over 5+ vectors is not
 # a plain left-to-right sum, so the kernel would not give its bits)
+LANES = 16  # the float64 lanes of the L1 sums of DARE's and DELLA's rescale (composer.methods.common.add_l1_lanes)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -656,32 +657,115 @@ void composer_combination(const void *base, const void *const *xs, const int32_t
     }
 }
 
-/* composer.methods.dare's rescale pass: |x - b| into `mag` and |x - b| * mask into `kept` (float32 each, for torch's
-   float64 sums), as its torch chain computes them */
-void composer_masked_magnitudes(const void *x, const void *b, const int32_t *kinds, const float *mask, int64_t n,
-                                float *mag, float *kept) {
+/* composer.methods.common.add_l1_lanes: |v| and |v| * m (float32, as torch computes them) added into float64
+   lanes[0..15] and lanes[16..31], element j into lane j % 16, each lane in index order */
+#define LANES 16
+typedef double v4d __attribute__((vector_size(32)));
+static inline v4d widen(v4f v) { return __builtin_convertvector(v, v4d); }
+/* the lanes in registers: lanes 4i .. 4i + 3 of the magnitudes in m[i], of the kept parts in k[i] */
+typedef struct { v4d m0, m1, m2, m3, k0, k1, k2, k3; } Lanes;
+static inline Lanes lanes_in(const double *lanes) {
+    Lanes l;
+    memcpy(&l.m0, lanes, 32); memcpy(&l.m1, lanes + 4, 32); memcpy(&l.m2, lanes + 8, 32); memcpy(&l.m3, lanes + 12, 32);
+    memcpy(&l.k0, lanes + 16, 32); memcpy(&l.k1, lanes + 20, 32); memcpy(&l.k2, lanes + 24, 32);
+    memcpy(&l.k3, lanes + 28, 32);
+    return l;
+}
+static inline void lanes_out(Lanes l, double *lanes) {
+    memcpy(lanes, &l.m0, 32); memcpy(lanes + 4, &l.m1, 32); memcpy(lanes + 8, &l.m2, 32); memcpy(lanes + 12, &l.m3, 32);
+    memcpy(lanes + 16, &l.k0, 32); memcpy(lanes + 20, &l.k1, 32); memcpy(lanes + 24, &l.k2, 32);
+    memcpy(lanes + 28, &l.k3, 32);
+}
+/* |x - b| and |x - b| * keep of `len` elements into the lanes, element j into lane j % LANES: 16 at a time in
+   registers, then one by one through memory */
+static inline Lanes add_lanes(Lanes l, const float *x, const float *b, const float *keep, int64_t len,
+                              double *lanes) {
+    int64_t j = 0;
+    for (; j + LANES <= len; j += LANES) {
+        v4f a0 = vabs(vload(x + j) - vload(b + j)), a1 = vabs(vload(x + j + 4) - vload(b + j + 4));
+        v4f a2 = vabs(vload(x + j + 8) - vload(b + j + 8)), a3 = vabs(vload(x + j + 12) - vload(b + j + 12));
+        l.m0 += widen(a0); l.m1 += widen(a1); l.m2 += widen(a2); l.m3 += widen(a3);
+        l.k0 += widen(a0 * vload(keep + j)); l.k1 += widen(a1 * vload(keep + j + 4));
+        l.k2 += widen(a2 * vload(keep + j + 8)); l.k3 += widen(a3 * vload(keep + j + 12));
+    }
+    if (j == len) return l;
+    lanes_out(l, lanes);
+    for (; j < len; j++) {
+        float a = tabs(x[j] - b[j]);
+        lanes[j % LANES] += (double)a;
+        lanes[LANES + j % LANES] += (double)(a * keep[j]);
+    }
+    return lanes_in(lanes);
+}
+
+void composer_lane_sums(const float *v, const float *m, int64_t n, double *lanes) {
+    static const float zeros[TILE];
+    Lanes l = lanes_in(lanes);
+    for (int64_t t0 = 0; t0 < n; t0 += TILE)  /* TILE is a multiple of LANES: lane j % LANES throughout */
+        l = add_lanes(l, v + t0, zeros, m + t0, n - t0 < TILE ? n - t0 : TILE, lanes);
+    lanes_out(l, lanes);
+}
+
+static inline uint64_t splitmix_word(uint64_t key, uint64_t i) {
+    uint64_t z = key + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* How many of the 2**31 values h of 31 random bits bernoulli keeps for probability p: (float)h * 2**-31 < p holds
+   exactly for h below the count, as the conversion rounds monotonically, so one integer comparison decides */
+uint32_t composer_keep_count(float p) {
+    uint32_t lo = 0, hi = 1u << 31;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if ((float)(int32_t)mid * 0x1p-31f < p) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* composer.methods.dare's rescale pass, one task vector x - b of n elements in one pass: the keep mask
+   (composer.methods.sparsify.bernoulli with probability p from key's SplitMix64 words: element j's uniform number
+   is the low (j even) or high half of word j / 2) packed into `bits` as composer.methods.common.pack_mask packs
+   it, and |x - b|, |x - b| * mask added into `lanes` as composer_lane_sums adds them */
+void composer_dare_pass(const void *x, const void *b, const int32_t *kinds, int64_t n, uint64_t key, float p,
+                        uint8_t *bits, double *lanes) {
     TILE_BUFFERS;
-    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+    float keep[TILE + 1];
+    uint32_t count = composer_keep_count(p);
+    Lanes l = lanes_in(lanes);
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {  /* TILE is even: words do not straddle tiles */
         int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        uint64_t z0 = key + (uint64_t)(t0 / 2 + 1) * 0x9E3779B97F4A7C15ull;
+        for (int64_t j = 0; j < len; j += 2, z0 += 0x9E3779B97F4A7C15ull) {  /* splitmix_word, incrementally */
+            uint64_t z = z0;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            keep[j] = (float)(((uint32_t)z & 0x7fffffffu) < count);
+            keep[j + 1] = (float)(((uint32_t)(z >> 32) & 0x7fffffffu) < count);
+        }
         const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
-        float *mo = mag + t0, *ko = kept + t0;
-        const float *mi = mask + t0;
-        for (int64_t j = 0; j < len; j++) {
-            float v = tabs(xt[j] - bt[j]);
-            mo[j] = v;
-            ko[j] = v * mi[j];
+        l = add_lanes(l, xt, bt, keep, len, lanes);
+        uint8_t *out = bits + t0 / 8;  /* TILE is a multiple of 8 */
+        int64_t full = len / 8;
+        for (int64_t k = 0; k < full; k++) {
+            const float *m = keep + 8 * k;
+            out[k] = (uint8_t)((m[0] != 0.0f) | (m[1] != 0.0f) << 1 | (m[2] != 0.0f) << 2 | (m[3] != 0.0f) << 3 |
+                               (m[4] != 0.0f) << 4 | (m[5] != 0.0f) << 5 | (m[6] != 0.0f) << 6 | (m[7] != 0.0f) << 7);
+        }
+        if (len % 8) {
+            uint8_t last = 0;
+            for (int64_t j = 8 * full; j < len; j++) last |= (uint8_t)((keep[j] != 0.0f) << (j % 8));
+            out[full] = last;
         }
     }
+    lanes_out(l, lanes);
 }
 
 /* composer.methods.sparsify.splitmix_words: word i of key's SplitMix64 stream, mix(key + (i + 1) * golden) */
 void composer_splitmix(uint64_t key, int64_t n, uint64_t *out) {
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t z = key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        out[i] = z ^ (z >> 31);
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = splitmix_word(key, (uint64_t)i);
 }
 
 /* composer.ranked._nth_equal's step: the index of the rank-th (from 0, index order) of the n deltas x - b (as
@@ -794,8 +878,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_hist16_delta.restype = None
     lib.composer_combination.argtypes = [p, p, p, i32, p, i32, i32, p, i64]
     lib.composer_combination.restype = None
-    lib.composer_masked_magnitudes.argtypes = [p, p, p, p, i64, p, p]
-    lib.composer_masked_magnitudes.restype = None
+    lib.composer_lane_sums.argtypes = [p, p, i64, p]
+    lib.composer_lane_sums.restype = None
+    lib.composer_dare_pass.argtypes = [p, p, p, i64, ctypes.c_uint64, f32, p, p]
+    lib.composer_dare_pass.restype = None
+    lib.composer_keep_count.argtypes = [f32]
+    lib.composer_keep_count.restype = ctypes.c_uint32
     lib.composer_splitmix.argtypes = [ctypes.c_uint64, i64, p]
     lib.composer_splitmix.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
@@ -920,20 +1008,43 @@ def combination(base: Tensor | None, xs: Sequence[Tensor], coefficients: Sequenc
     return out
 
 
-def masked_magnitudes(x: Tensor, base: Tensor, mask: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(|x - base|, |x - base| * mask), float32, into the two rows of `out` (float32 [2, >= n]); x and base as
-    _inputs takes them, mask float32; None: not done (use torch)."""
+def _lanes(lanes: Tensor) -> bool:
+    import torch
+
+    return lanes.dtype == torch.float64 and lanes.is_contiguous() and lanes.shape == (2, LANES)
+
+
+def lane_sums(v: Tensor, m: Tensor, lanes: Tensor) -> bool:
+    """composer.methods.common.add_l1_lanes of float32 `v` and its 0/1 mask `m` (float32) into `lanes`; False: not
+    done (use torch)."""
+    lib = library()
+    if lib is None or not (_usable(v) and _usable(m) and m.numel() == v.numel() and _lanes(lanes)):
+        return False
+    lib.composer_lane_sums(v.data_ptr(), m.data_ptr(), v.numel(), lanes.data_ptr())
+    return True
+
+
+def keep_count(p: float) -> int | None:
+    """How many of the 2**31 values of 31 random bits bernoulli keeps at probability p (dare_pass compares with
+    it); None: no kernels."""
+    lib = library()
+    return None if lib is None else int(lib.composer_keep_count(p))
+
+
+def dare_pass(x: Tensor, base: Tensor, key: int, p: float, bits: Tensor, lanes: Tensor) -> bool:
+    """DARE's rescale pass over the task vector x - base (inputs as _inputs takes them): the keep mask drawn from
+    `key` (composer.methods.sparsify.bernoulli_keyed with probability p) packed into uint8 `bits`, and
+    composer.methods.common.add_l1_lanes of |x - base| and its kept part into `lanes`; False: not done (use torch)."""
+    import torch
+
     usable, n = _delta_kinds(x, base), x.numel()
-    if usable is None or not (_usable(mask) and mask.numel() == n) or not (
-            out.dim() == 2 and out.shape[0] == 2 and out.shape[1] >= n):
-        return None
-    mag, kept = out[0, :n], out[1, :n]
-    if not (_usable(mag) and _usable(kept)):
-        return None
+    if usable is None or not (_lanes(lanes) and bits.dtype == torch.uint8 and bits.is_contiguous()
+                              and bits.numel() >= (n + 7) // 8):
+        return False
     lib, kinds = usable
-    lib.composer_masked_magnitudes(x.data_ptr(), base.data_ptr(), kinds, mask.data_ptr(), n, mag.data_ptr(),
-                                   kept.data_ptr())
-    return mag, kept
+    lib.composer_dare_pass(x.data_ptr(), base.data_ptr(), kinds, n, key % (1 << 64), p, bits.data_ptr(),
+                           lanes.data_ptr())
+    return True
 
 
 def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None:

@@ -337,7 +337,7 @@ models:
         assert result.exit_code == 0, result.output
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
-    calls = {"ties_blend": 0, "hist16_delta": 0, "bernoulli": 0, "della_probs": 0, "ram": 0}
+    calls = {"ties_blend": 0, "hist16_delta": 0, "dare_pass": 0, "lane_sums": 0, "della_probs": 0, "ram": 0}
     kinds = set()
     real_inputs = native._inputs
     monkeypatch.setattr(native, "_inputs", lambda base, xs: kinds.update(str(t.dtype) for t in (base, *xs)) or
@@ -352,7 +352,8 @@ models:
     if method.startswith("ram"):
         assert calls["ram"] > 0, calls
     else:
-        drawn = "della_probs" if "della" in method else "bernoulli" if "dare" in method else "hist16_delta"
+        drawn = "della_probs" if "della" in method else "dare_pass" if "dare" in method else "hist16_delta"
+        assert ("della" in method) == (calls["lane_sums"] > 0), calls  # the rescale's L1 sums
         # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks are split at the cut
         assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
     assert ("torch.bfloat16" in kinds) == (suffix == "-bf16"), kinds  # the files' own elements, where bfloat16
@@ -528,6 +529,13 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
             hist = torch.zeros(1 << 16, dtype=torch.int64)
             assert native.hist16_delta(x[0], b, hist)
             got.append(hist)
+            bits, lanes = torch.zeros(size // 8 + 1, dtype=torch.uint8), torch.zeros(2, native.LANES,
+                                                                                     dtype=torch.float64)
+            assert native.dare_pass(x[1], b, 2**63 + 7, 0.3, bits, lanes)
+            got += [bits, lanes]
+        lanes = torch.zeros(2, native.LANES, dtype=torch.float64)
+        assert native.lane_sums(xs[2] - base, (xs[0] > base).float(), lanes)
+        got.append(lanes)
         got.append(native.della_probs(rows, 0.5, 0.1))
         got.append(native.della_probs(_hostile(3 * 999, 23).reshape(3, 999), 0.4, 0.2))
         assert all(g is not None for g in got)
@@ -629,20 +637,113 @@ def test_combination_kernel_is_the_torch_chains_bit_for_bit(n, with_base):
                      model_stock_blend(base, xs, t))
 
 
+def _plain_lanes(v: torch.Tensor, m: torch.Tensor) -> list[list[float]]:
+    """add_l1_lanes written plainly: element j's |v| and |v| * m (float32 products) into float64 lane j % 16."""
+    mag = v.abs()
+    lanes = [[0.0] * native.LANES, [0.0] * native.LANES]
+    for j, (a, b) in enumerate(zip(mag.tolist(), (mag * m).tolist())):
+        lanes[0][j % native.LANES] += a
+        lanes[1][j % native.LANES] += b
+    return lanes
+
+
+def _same_lanes(a: torch.Tensor, b) -> bool:
+    return _same(a.view(-1), torch.tensor(b, dtype=torch.float64).view(-1))
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 2048 + 17, 20_007])
+def test_l1_lanes_are_the_plain_sums_natively_and_in_torch(n):
+    """DARE's and DELLA's L1 sums, in lanes of fixed order: the kernel and the torch path (cumsum) against the
+    sums written plainly, on hostile values (NaN, inf, zeros, tiny, huge) and across calls that carry the lanes."""
+    from composer.methods.common import add_l1_lanes, l1_total
+
+    v = _hostile(n, 70 + n)
+    v[: n // 2] = torch.randn(n // 2, generator=torch.Generator().manual_seed(n)) * 1e-3  # sums without NaN
+    m = (torch.rand(n, generator=torch.Generator().manual_seed(71)) < 0.5).float()
+    cut = n // 32 * 16  # the first call takes a multiple of LANES
+
+    def lanes():
+        out = torch.zeros(2, native.LANES, dtype=torch.float64)
+        add_l1_lanes(v[:cut], m[:cut], out)
+        add_l1_lanes(v[cut:], m[cut:], out)
+        half = torch.zeros(2, native.LANES, dtype=torch.float64)
+        add_l1_lanes(v[: n // 2], m[: n // 2], half)
+        return out, half
+
+    (fast, fast_half), (slow, slow_half) = lanes(), _without_native(lanes)
+    want = _plain_lanes(v, m)
+    assert _same_lanes(fast, want) and _same_lanes(slow, want)
+    assert _same_lanes(fast_half, _plain_lanes(v[: n // 2], m[: n // 2])) and _same(fast_half, slow_half)
+    assert l1_total(fast_half) == [_sequential(row) for row in _plain_lanes(v[: n // 2], m[: n // 2])]
+
+
+def _sequential(row: list[float]) -> float:
+    total = 0.0
+    for value in row:
+        total += value
+    return total
+
+
 @pytest.mark.parametrize("half", [False, True])
-def test_masked_magnitudes_are_the_torch_chains(half):
-    """DARE's rescale pass: |x - base| and |x - base| * mask, on hostile values and on bfloat16 inputs."""
-    size = 20_000 + 7
-    base = _hostile(size, 60)
-    x = base + torch.randn(size, generator=torch.Generator().manual_seed(61)) * 0.002
-    x[::53] = _hostile(len(x[::53]), 62)
+@pytest.mark.parametrize("n", [1, 2047, 2 * 2048 + 9])
+def test_dare_pass_is_the_torch_chain(half, n):
+    """DARE's rescale pass in one kernel: its packed mask is pack_mask of bernoulli's from the same key, its lanes
+    add_l1_lanes' of |x - base| and the kept part, on hostile values and on bfloat16 inputs; a pass split at a
+    multiple of 16 elements (the next part keyed with key_at) gives the same bits and lanes."""
+    from composer.methods.common import add_l1_lanes, pack_mask
+    from composer.methods.sparsify import bernoulli, key_at
+
+    base = _hostile(n, 80)
+    x = base + torch.randn(n, generator=torch.Generator().manual_seed(81)) * 0.002
+    x[::53] = _hostile(len(x[::53]), 82)
     if half:
         base, x = base.to(torch.bfloat16), x.to(torch.bfloat16)
-    mask = (torch.rand(size, generator=torch.Generator().manual_seed(63)) < 0.5).float()
-    out = torch.empty(2, size + 100)
-    got = native.masked_magnitudes(x, base, mask, out)
-    magnitude = (x.float() - base.float()).abs_()
-    assert _same(got[0], magnitude) and _same(got[1], magnitude * mask)
+    key, p = 2**63 + 12345, 0.3
+    mask = bernoulli(p, n, None, key=key)
+    want_bits = pack_mask(mask)
+    want_lanes = torch.zeros(2, native.LANES, dtype=torch.float64)
+    add_l1_lanes(x.float() - base.float(), mask, want_lanes)
+    assert _same_lanes(want_lanes, _plain_lanes(x.float() - base.float(), mask))
+
+    bits, lanes = torch.full((n // 8 + 3,), 0xAB, dtype=torch.uint8), torch.zeros(2, native.LANES, dtype=torch.float64)
+    assert native.dare_pass(x, base, key, p, bits, lanes)
+    assert torch.equal(bits[: len(want_bits)], want_bits) and _same(lanes, want_lanes)
+    assert torch.equal(bits[len(want_bits):], torch.full((len(bits) - len(want_bits),), 0xAB, dtype=torch.uint8))
+
+    cut = n // 32 * 16
+    split_bits, split_lanes = torch.zeros(n // 8 + 1, dtype=torch.uint8), torch.zeros(2, native.LANES,
+                                                                                       dtype=torch.float64)
+    assert native.dare_pass(x[:cut], base[:cut], key, p, split_bits, split_lanes)
+    assert native.dare_pass(x[cut:], base[cut:], key_at(key, cut), p, split_bits[cut // 8:], split_lanes)
+    assert torch.equal(split_bits[: len(want_bits)], want_bits) and _same(split_lanes, want_lanes)
+
+
+@pytest.mark.parametrize("p", [0.0, 2.0**-31, 2.0**-28, 1e-7, 0.3, 0.5, 0.9, 1.0 - 2.0**-24, 1.0, 1.5, -0.5,
+                               float("nan")])
+def test_keep_count_is_where_bernoulli_stops_keeping(p):
+    """dare_pass keeps 31 random bits h where h < keep_count(p): exactly where bernoulli's (float32) h * 2**-31 < p
+    holds, tested at the count's boundary, in float32 as torch computes it."""
+    count = native.keep_count(p)
+
+    def kept(h: int) -> bool:
+        return bool(torch.tensor(h, dtype=torch.int32).float() * 2.0**-31 < torch.tensor(p))  # sparsify._scaled
+
+    assert 0 <= count <= 2**31
+    assert (count == 0 or kept(count - 1)) and (count == 2**31 or not kept(count))
+    # h from 2**30 - 32 on rounds to 2**30 in float32: 0.5 keeps 32 values fewer than half of them
+    assert count == {0.0: 0, 2.0**-31: 1, 2.0**-28: 8, 0.5: 2**30 - 32, 1.5: 2**31, -0.5: 0}.get(p, count)
+
+
+def test_key_at_starts_the_stream_at_an_element():
+    """key_at(key, e) is the stream of `key` from element e on (e even): what lets a pass draw its pieces alone."""
+    from composer.methods.sparsify import bernoulli, key_at
+
+    for key in (0, 5, 2**64 - 1):
+        whole = bernoulli(0.4, 1000, None, key=key)
+        for e in (0, 2, 334, 998):
+            assert torch.equal(bernoulli(0.4, 1000 - e, None, key=key_at(key, e)), whole[e:])
+            assert torch.equal(_without_native(lambda: bernoulli(0.4, 1000 - e, None, key=key_at(key, e))),
+                               whole[e:])
 
 
 @pytest.mark.parametrize("key", [0, 1, 12345678901234567, (1 << 63) - 1, 2**63 + 5])

@@ -63,6 +63,35 @@ def per_input(name: str, values: Sequence[float] | None, n: int, default: float 
 
 
 
+def add_l1_lanes(v: Tensor, m: Tensor, lanes: Tensor) -> None:
+    """Add |v| and |v| * m (float32; m a 0/1 mask) to the float64 `lanes` [2, LANES] (composer.native.LANES):
+    element j into lane j % LANES, each lane summed in index order (v's first element is lane 0: a run of several
+    calls must give each one a multiple of LANES elements until the last). A sum in this fixed order, natively
+    (composer.native.lane_sums) or here in torch, gives the same bits, which torch's own sum (its order depends on
+    its build and the tensor's size) would not; l1_total adds the lanes up. DARE's and DELLA's L1 rescale."""
+    import torch
+
+    from composer import native
+
+    if native.lane_sums(v.reshape(-1), m.reshape(-1), lanes):
+        return
+    magnitude = v.reshape(-1).abs()
+    for row, values in zip(lanes, (magnitude, magnitude * m.reshape(-1))):
+        values = torch.nn.functional.pad(values.double(), (0, -values.numel() % native.LANES))
+        row.copy_(torch.cat([row[None], values.view(-1, native.LANES)]).cumsum(0)[-1])  # cumsum: in index order
+
+
+def l1_total(lanes: Tensor) -> list[float]:
+    """The two sums of add_l1_lanes' lanes: each lane added in lane order, in float64."""
+    totals = []
+    for row in lanes.tolist():
+        total = 0.0
+        for value in row:
+            total += value
+        totals.append(total)
+    return totals
+
+
 _SPREAD: list = []  # byte value -> the int64 whose 8 bytes are its 8 bits (0 or 1), lowest bit first
 
 

@@ -13,10 +13,12 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import PackedMasks, per_input as _per_input, unpack_mask
+from composer.methods.common import (PackedMasks, add_l1_lanes, l1_total, pack_mask, per_input as _per_input,
+                                     unpack_mask)
 from composer.methods.method import MergeJob, Param, Streaming, scratch
-from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask
+from composer.methods.sparsify import _bernoulli, _della_magprune, bernoulli, della_mask, key_at, stream_key
 from composer.methods.taskvectors import _task_arithmetic, gta_method
+from composer.native import LANES
 
 def dare_linear(
     base: Tensor,
@@ -182,35 +184,32 @@ def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
 
     def norms(a: int, b: int) -> list:
         # the sums as Python floats and the masks into `packed`: nothing this block made outlives it (see
-        # PackedMasks)
+        # PackedMasks). Each sum is add_l1_lanes' fixed order over the block, so kernel and torch agree.
+        lanes = [None if d >= 1 else torch.zeros(2, LANES, dtype=torch.float64) for d in densities]
         if "epsilon" in job.per_input:  # DELLA ranks within the block's rows: its deltas whole
             ds = job.deltas(a, b)
-            masks = _masks(job, a, b, ds)
-            sums = [None if m is None else [d.abs_().sum(dtype=torch.float64), d.mul_(m).sum(dtype=torch.float64)]
-                    for d, m in zip(ds, masks)]
+            for i, m in enumerate(_masks(job, a, b, ds)):
+                if m is not None:
+                    add_l1_lanes(ds[i], m, lanes[i])
+                    packed.put(a, b, i, m)
         else:
             from composer import native, ranked  # imports torch: not at planning time
 
-            masks = _masks(job, a, b)
-            sums = [None if m is None else [torch.zeros((), dtype=torch.float64)] * 2 for m in masks]
-            for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries
+            keys = [None if d >= 1 else stream_key(job.generator(f"{i}:{a // grid}"))  # _masks' draw, as it draws
+                    for i, d in enumerate(densities)]
+            for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries; PIECE: a multiple of LANES and of 8 (bytes)
                 base, xs = job.read_raw_all(pa, pb)
-                for acc, x, m in zip(sums, xs, masks):
-                    if acc is None:
+                for i, (x, key) in enumerate(zip(xs, keys)):
+                    if key is None:
                         continue
-                    # |d * m| = |d| * m for a 0/1 mask: both float32 arrays in one native pass where built (the
-                    # same values, so torch's sums of them are the same bits)
-                    both = native.masked_magnitudes(x, base, m[pa - a: pb - a],
-                                                    scratch("dare-norms", 2, ranked.PIECE))
-                    if both is None:
-                        magnitude = (x.float() - base.float()).abs_()
-                        both = magnitude, magnitude * m[pa - a: pb - a]
-                    acc[0] = acc[0] + both[0].sum(dtype=torch.float64)
-                    acc[1] = acc[1] + both[1].sum(dtype=torch.float64)
-        for i, m in enumerate(masks):
-            if m is not None:
-                packed.put(a, b, i, m)
-        return [None if acc is None else (float(acc[0]), float(acc[1])) for acc in sums]
+                    bits = packed.slot(a, b, i)[(pa - a) // 8:]
+                    key_here = key_at(key, pa - a)  # the block's stream from this piece's first element
+                    if native.dare_pass(x, base, key_here, densities[i], bits, lanes[i]):  # all in one pass
+                        continue
+                    m = bernoulli(densities[i], pb - pa, None, key=key_here)
+                    add_l1_lanes(x.float() - base.float(), m, lanes[i])
+                    pack_mask(m, bits[: -(-(pb - pa) // 8)])
+        return [None if row is None else l1_total(row) for row in lanes]
 
     sums = [[0.0, 0.0] for _ in job.inputs]
     for part in job.each(norms, job.steps(grid)):

@@ -81,18 +81,30 @@ def _bernoulli(tensor: Tensor, density: float, rescale: bool, generator: torch.G
     return _rescaled(tensor, mask, rescale)
 
 
-def bernoulli(p: float | Tensor, shape, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
+def bernoulli(p: float | Tensor, shape, generator: torch.Generator | None, out: Tensor | None = None, *,
+              key: int | None = None) -> Tensor:
     """A float32 mask: 1.0 with probability p (a number, or a tensor of the mask's shape), else 0.0, drawn as
     uniform < p, as torch.bernoulli does, at ~1/6 of its cost here (one uniform number per element, see uniform);
-    into `out` when given."""
+    into `out` when given. `key`: the stream's key (stream_key, key_at) instead of a draw from `generator`."""
     from composer import native
 
-    draws, target = _draws(shape, generator, out)
+    draws, target = _draws(shape, generator, out, key)
     mask = native.bernoulli(draws, p.reshape(-1) if isinstance(p, torch.Tensor) else p)  # the same bits
     if mask is not None:
         return (mask if target is None else target.copy_(mask)).reshape(shape)
     u = _scaled(draws, draws.view(torch.float32) if target is None else target)
     return u.reshape(shape).neg_().add_(p).sign_().clamp_(min=0)
+
+
+def stream_key(generator: torch.Generator) -> int:
+    """The one 64-bit draw from `generator` that keys the SplitMix64 stream of a uniform or bernoulli call."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+
+
+def key_at(key: int, element: int) -> int:
+    """The key whose stream starts at element `element` (even) of key's: word i of it is word element // 2 + i of
+    key's, as mix(key + (i + 1) * golden) shows."""
+    return (key + element // 2 * _GOLDEN) % (1 << 64)
 
 
 def uniform(shape, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
@@ -130,13 +142,14 @@ def splitmix_words(key: int, out: Tensor) -> Tensor:
     return out
 
 
-def _draws(shape, generator: torch.Generator, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _draws(shape, generator: torch.Generator | None, out: Tensor | None,
+           key: int | None = None) -> tuple[Tensor, Tensor | None]:
     """uniform's int32 draws, flat, and where the float32 result goes: None for the draws' own memory (they are
     converted in place), which is out's where its elements can take 64-bit words, else out's first elements."""
     n = 1
     for size in shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,):
         n *= size
-    key = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    key = stream_key(generator) if key is None else key
     if out is None or n % 2:
         draws = splitmix_words(key, torch.empty((n + 1) // 2, dtype=torch.int64)).view(torch.int32)[:n]
         return draws, None if out is None else out.reshape(-1)[:n]
