@@ -5,9 +5,13 @@ the chunks it spans until fully served. It knows the shapes, never a method's na
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from composer.blocks import output_view
 from composer.tensorplan import CHUNK_ELEMENTS, RANK_BLOCK, TensorPlan
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class Merged:
@@ -64,16 +68,18 @@ class Merged:
             view[:] = memoryview(stats)[start: start + len(view)]
         else:
             grid = stream.grid(job)
+            def rounded(x: Tensor) -> Tensor:  # through `work` where the output's dtype is another: copy_ rounds
+                return x if work == out.dtype else x.to(work)  # as .to() does, with no temporary
             if grid == 1:  # any block: steps of job.chunk elements
                 for a in range(first, last, job.chunk):
                     b = min(last, a + job.chunk)
-                    out[a - first: b - first].copy_(stream.blend(job, stats, a, b).reshape(-1).to(work))
+                    out[a - first: b - first].copy_(rounded(stream.blend(job, stats, a, b).reshape(-1)))
             else:  # grid-aligned blocks; one that two chunks share is computed for each
                 for ga in range(first - first % grid, last, grid):
                     gb = min(t.numel, ga + grid)
                     block = stream.blend(job, stats, ga, gb).reshape(-1)
                     a, b = max(ga, first), min(gb, last)
-                    out[a - first: b - first].copy_(block[a - ga: b - ga].to(work))
+                    out[a - first: b - first].copy_(rounded(block[a - ga: b - ga]))
         # A sum is NaN or Inf when any element is (30x faster than isfinite().all(), which makes a bool tensor);
         # it can also overflow, so _flag confirms element by element.
         if t.name not in self.nonfinite and not bool(out.sum().isfinite()):

@@ -1164,16 +1164,18 @@ def sce_squares(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None) -> Tens
     return out
 
 
-def sce_blend(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None, weights: Tensor) -> Tensor | None:
+def sce_blend(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None, weights: Tensor,
+              out: Tensor | None = None) -> Tensor | None:
     """composer.methods.fusion._sce_erase_mean of the task vectors x_i - base, times `mask` where given, with
-    the float32 weights; None: not done (use torch)."""
+    the float32 weights, into float32 `out` when given; None: not done (use torch)."""
     import torch
 
     lib, inputs = library(), _inputs(base, xs)
     if lib is None or inputs is None or mask is not None and not (
-            _usable(mask) and mask.numel() == base.numel()) or weights.numel() != len(xs):
+            _usable(mask) and mask.numel() == base.numel()) or weights.numel() != len(xs) or out is not None and not (
+            _usable(out) and out.numel() == base.numel()):
         return None
-    out = _out(base)
+    out = _out(base) if out is None else out
     w = (ctypes.c_float * len(xs))(*weights.to(torch.float32).tolist())
     lib.composer_sce_blend(base.data_ptr(), *inputs, None if mask is None else mask.data_ptr(), len(xs), w,
                            out.data_ptr(), base.numel())
@@ -1216,21 +1218,23 @@ class Packed(NamedTuple):
 
 
 def ties_blend(base: Tensor, xs: Sequence[Tensor], steps: Sequence[tuple | None], factors: Sequence[float | None],
-               weights: Tensor, *, consensus: bool, normalize: bool, divisor: float, lambda_: float) -> Tensor | None:
+               weights: Tensor, *, consensus: bool, normalize: bool, divisor: float, lambda_: float,
+               out: Tensor | None = None) -> Tensor | None:
     """The blend of composer.methods.taskvectors._task_arithmetic, its sparsification fused; None: not done (use
     torch). `steps[i]`: None to keep everything, () to keep nothing, a float32 tensor to multiply by (a mask
     drawn beforehand), a Packed mask to multiply by, else (lo, lo_at_zero, hi or None, hi_at_zero) as
-    composer.ranked.Keep.steps gives them. `weights`: float32, one per task vector."""
+    composer.ranked.Keep.steps gives them. `weights`: float32, one per task vector. Into float32 `out` (base's
+    size, contiguous) when given."""
     import torch
 
     lib, inputs = library(), _inputs(base, xs)
     n = len(xs)
-    if lib is None or inputs is None or not all(
+    if lib is None or inputs is None or out is not None and not (_usable(out) and out.numel() == base.numel()) or not all(
             _usable(s) and s.numel() == base.numel() for s in steps if isinstance(s, torch.Tensor)) or not all(
             s.data.dtype == torch.uint8 and s.data.is_contiguous() and s.data.numel() * 8 >= s.start + base.numel()
             for s in steps if isinstance(s, Packed)):
         return None
-    out = _out(base)
+    out = _out(base) if out is None else out
     i32 = ctypes.c_int32 * n
     f32 = ctypes.c_float * n
     kinds = [3 if isinstance(s, torch.Tensor) else 4 if isinstance(s, Packed) else 0 if s is None else 1 if s == ()

@@ -435,8 +435,8 @@ models:
 
     calls = {name: 0 for name in kernels}
     for name in kernels:
-        def counted(*args, _name=name, _fn=getattr(native, name)):
-            done = _fn(*args)
+        def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
+            done = _fn(*args, **kwargs)
             calls[_name] += done is not None
             return done
         monkeypatch.setattr(native, name, counted)

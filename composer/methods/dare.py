@@ -254,12 +254,11 @@ def _random_blend(job: MergeJob, stats: tuple[list, PackedMasks | None], ga: int
             base, *xs = (x[a - ga: b - ga] for x in held)
         else:  # the files' bfloat16, which the kernel converts as it loads
             base, xs = job.read_raw_all(a, b)
-        fused = _native_blend(job, base, xs, masks, factors)  # the same bits in one pass, where it is built
-        if fused is None:
+        # the same bits in one pass, where it is built, written in place
+        if _native_blend(job, base, xs, masks, factors, out=out[a - ga: b - ga]) is None:
             masks[:] = [unpack_mask(m.data, m.start, m.start + b - a) if isinstance(m, native.Packed) else m
                         for m in masks]
-            fused = merge_deltas(job, base, xs, sparsify)  # which converts raw bfloat16 to float32 first
-        out[a - ga: b - ga] = fused
+            out[a - ga: b - ga] = merge_deltas(job, base, xs, sparsify)  # which converts raw bfloat16 first
     return out
 
 

@@ -223,13 +223,11 @@ def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
     for s, e in _pieces(job, a, b):
         base, xs = job.read_raw_all(s, e)
         mask = None if masks is None else unpack_mask(masks.slot(a, b, 0), s - a, e - a)
-        merged = native.sce_blend(base, xs, mask, w)  # the same bits in one pass
-        if merged is None:
+        if native.sce_blend(base, xs, mask, w, out=out[s - a: e - a]) is None:  # the same bits in one pass
             deltas = _task_vectors(base, xs)
             if mask is not None:
                 deltas.mul_(mask.unsqueeze(0))
-            merged = _sce_erase_mean(_float32([base])[0], deltas, w, job.shared["int8_mask"])
-        out[s - a: e - a] = merged
+            out[s - a: e - a] = _sce_erase_mean(_float32([base])[0], deltas, w, job.shared["int8_mask"])
     return out
 
 

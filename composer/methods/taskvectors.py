@@ -257,10 +257,11 @@ def _ranked_blend(job: MergeJob, keeps, a: int, b: int) -> Tensor:
     return merge_deltas(job, base, xs, lambda i, d: ranked.apply(keeps[i], d, a))  # converts to float32 first
 
 
-def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list) -> Tensor | None:
+def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, factors: list,
+                  out: Tensor | None = None) -> Tensor | None:
     """merge_deltas in one native pass (composer.native.ties_blend), its sparsification given as `steps` (ranked
-    step masks, or DARE's and DELLA's drawn masks) and rescale `factors`; None: not available. The divisor and the
-    weights are made as _task_arithmetic makes them, so the bits are its bits."""
+    step masks, or DARE's and DELLA's drawn masks) and rescale `factors`, into `out` when given; None: not
+    available. The divisor and the weights are made as _task_arithmetic makes them, so the bits are its bits."""
     from composer import native
 
     s = job.shared
@@ -271,7 +272,7 @@ def _native_blend(job: MergeJob, base: Tensor, xs: list[Tensor], steps: list, fa
         divisor = 1.0 if float(total.abs()) < 1e-8 else float(total)
     return native.ties_blend(base, xs, steps, [None if f is None else float(f) for f in factors], w,
                              consensus=job.method.consensus, normalize=bool(s["normalize"]), divisor=divisor,
-                             lambda_=float(s["lambda"]))
+                             lambda_=float(s["lambda"]), out=out)
 
 
 _RANKED = Streaming("ranked", _ranked_blend, _ranked_prepare)
