@@ -706,12 +706,12 @@ void composer_lane_sums(const float *v, const float *m, int64_t n, double *lanes
     lanes_out(l, lanes);
 }
 
-static inline uint64_t splitmix_word(uint64_t key, uint64_t i) {
-    uint64_t z = key + (i + 1) * 0x9E3779B97F4A7C15ull;
+static inline uint64_t splitmix_mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+static inline uint64_t splitmix_word(uint64_t key, uint64_t i) { return splitmix_mix(key + (i + 1) * 0x9E3779B97F4A7C15ull); }
 
 /* How many of the 2**31 values h of 31 random bits bernoulli keeps for probability p: (float)h * 2**-31 < p holds
    exactly for h below the count, as the conversion rounds monotonically, so one integer comparison decides */
@@ -738,27 +738,49 @@ void composer_dare_pass(const void *x, const void *b, const int32_t *kinds, int6
         int64_t len = n - t0 < TILE ? n - t0 : TILE;
         uint64_t z0 = key + (uint64_t)(t0 / 2 + 1) * 0x9E3779B97F4A7C15ull;
         for (int64_t j = 0; j < len; j += 2, z0 += 0x9E3779B97F4A7C15ull) {  /* splitmix_word, incrementally */
-            uint64_t z = z0;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-            z ^= z >> 31;
+            uint64_t z = splitmix_mix(z0);
             keep[j] = (float)(((uint32_t)z & 0x7fffffffu) < count);
             keep[j + 1] = (float)(((uint32_t)(z >> 32) & 0x7fffffffu) < count);
         }
         const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
         l = add_lanes(l, xt, bt, keep, len, lanes);
-        uint8_t *out = bits + t0 / 8;  /* TILE is a multiple of 8 */
-        int64_t full = len / 8;
-        for (int64_t k = 0; k < full; k++) {
-            const float *m = keep + 8 * k;
-            out[k] = (uint8_t)((m[0] != 0.0f) | (m[1] != 0.0f) << 1 | (m[2] != 0.0f) << 2 | (m[3] != 0.0f) << 3 |
-                               (m[4] != 0.0f) << 4 | (m[5] != 0.0f) << 5 | (m[6] != 0.0f) << 6 | (m[7] != 0.0f) << 7);
+        composer_pack(keep, len, bits + t0 / 8);  /* TILE is a multiple of 8 */
+    }
+    lanes_out(l, lanes);
+}
+
+/* composer_bernoulli's keep decision: 1 where the uniform number of these 31 random bits is below p */
+static inline float below(uint32_t half, float p) { return (float)((float)(int32_t)(half & 0x7fffffffu) * 0x1p-31f < p); }
+
+/* composer.methods.dare's rescale pass for DELLA, one task vector x - b of n_rows rows of `width` in one call: the
+   deltas (into `deltas`), their keep probabilities as composer_della_probs makes them (into `probs`; `scratch` as
+   it takes it), the mask bernoulli draws from them with key's words, packed into `bits`, and its L1 sums added
+   into `lanes`, as composer_dare_pass */
+void composer_della_pass(const void *x, const void *b, const int32_t *kinds, int64_t n_rows, int64_t width,
+                         float base_p, float n_minus_1, float epsilon, uint64_t key, uint64_t *scratch,
+                         float *deltas, float *probs, uint8_t *bits, double *lanes) {
+    TILE_BUFFERS;
+    static const float zeros[TILE];
+    float keep[TILE + 1];
+    int64_t n = n_rows * width;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
+        for (int64_t j = 0; j < len; j++) deltas[t0 + j] = xt[j] - bt[j];
+    }
+    composer_della_probs((const uint32_t *)deltas, n_rows, width, base_p, n_minus_1, epsilon, scratch, probs);
+    Lanes l = lanes_in(lanes);
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        const float *pt = probs + t0;
+        uint64_t z0 = key + (uint64_t)(t0 / 2 + 1) * 0x9E3779B97F4A7C15ull;
+        for (int64_t j = 0; j < len; j += 2, z0 += 0x9E3779B97F4A7C15ull) {
+            uint64_t z = splitmix_mix(z0);
+            keep[j] = below((uint32_t)z, pt[j]);
+            if (j + 1 < len) keep[j + 1] = below((uint32_t)(z >> 32), pt[j + 1]);
         }
-        if (len % 8) {
-            uint8_t last = 0;
-            for (int64_t j = 8 * full; j < len; j++) last |= (uint8_t)((keep[j] != 0.0f) << (j % 8));
-            out[full] = last;
-        }
+        l = add_lanes(l, deltas + t0, zeros, keep, len, lanes);
+        composer_pack(keep, len, bits + t0 / 8);
     }
     lanes_out(l, lanes);
 }
@@ -882,6 +904,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_lane_sums.restype = None
     lib.composer_dare_pass.argtypes = [p, p, p, i64, ctypes.c_uint64, f32, p, p]
     lib.composer_dare_pass.restype = None
+    lib.composer_della_pass.argtypes = [p, p, p, i64, i64, f32, f32, f32, ctypes.c_uint64, p, p, p, p, p]
+    lib.composer_della_pass.restype = None
     lib.composer_keep_count.argtypes = [f32]
     lib.composer_keep_count.restype = ctypes.c_uint32
     lib.composer_splitmix.argtypes = [ctypes.c_uint64, i64, p]
@@ -1021,6 +1045,31 @@ def lane_sums(v: Tensor, m: Tensor, lanes: Tensor) -> bool:
     if lib is None or not (_usable(v) and _usable(m) and m.numel() == v.numel() and _lanes(lanes)):
         return False
     lib.composer_lane_sums(v.data_ptr(), m.data_ptr(), v.numel(), lanes.data_ptr())
+    return True
+
+
+def della_pass(x: Tensor, base: Tensor, width: int, density: float, epsilon: float, key: int, bits: Tensor,
+               lanes: Tensor) -> bool:
+    """DELLA's rescale pass over the task vector x - base (inputs as _inputs takes them, rows of `width`): the mask
+    composer.methods.sparsify.della_mask draws with the stream of `key` (its probabilities as della_probs makes
+    them) packed into uint8 `bits`, and composer.methods.common.add_l1_lanes of the deltas and the mask into
+    `lanes`; False: not done (use torch)."""
+    import torch
+
+    from composer.methods.method import scratch as kept
+
+    usable, n = _delta_kinds(x, base), x.numel()
+    if usable is None or n % width or not (_lanes(lanes) and bits.dtype == torch.uint8 and bits.is_contiguous()
+                                           and bits.numel() >= (n + 7) // 8):
+        return False
+    lib, kinds = usable
+    work = kept("della-pass", 2, n)  # the deltas and their probabilities
+    # two rows of entries, a row of floats, the counts (2**15 uint32, 0), as della_probs
+    ranks = torch.empty(2 * width + (width + 1) // 2 + (1 << 14), dtype=torch.int64)
+    ranks[2 * width + (width + 1) // 2:] = 0
+    lib.composer_della_pass(x.data_ptr(), base.data_ptr(), kinds, n // width, width, density - epsilon,
+                            float(width - 1), epsilon, key % (1 << 64), ranks.data_ptr(), work[0].data_ptr(),
+                            work[1].data_ptr(), bits.data_ptr(), lanes.data_ptr())
     return True
 
 

@@ -337,7 +337,7 @@ models:
         assert result.exit_code == 0, result.output
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
-    calls = {"ties_blend": 0, "hist16_delta": 0, "dare_pass": 0, "lane_sums": 0, "della_probs": 0, "ram": 0}
+    calls = {"ties_blend": 0, "hist16_delta": 0, "dare_pass": 0, "della_pass": 0, "ram": 0}
     kinds = set()
     real_inputs = native._inputs
     monkeypatch.setattr(native, "_inputs", lambda base, xs: kinds.update(str(t.dtype) for t in (base, *xs)) or
@@ -352,8 +352,7 @@ models:
     if method.startswith("ram"):
         assert calls["ram"] > 0, calls
     else:
-        drawn = "della_probs" if "della" in method else "dare_pass" if "dare" in method else "hist16_delta"
-        assert ("della" in method) == (calls["lane_sums"] > 0), calls  # the rescale's L1 sums
+        drawn = "della_pass" if "della" in method else "dare_pass" if "dare" in method else "hist16_delta"
         # on the 1/64 grid every small tensor's cut falls in a run of ties: those blocks are split at the cut
         assert calls[drawn] > 0 and (calls["ties_blend"] > 0 or suffix and drawn == "hist16_delta"), calls
     assert ("torch.bfloat16" in kinds) == (suffix == "-bf16"), kinds  # the files' own elements, where bfloat16
@@ -532,6 +531,9 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
             bits, lanes = torch.zeros(size // 8 + 1, dtype=torch.uint8), torch.zeros(2, native.LANES,
                                                                                      dtype=torch.float64)
             assert native.dare_pass(x[1], b, 2**63 + 7, 0.3, bits, lanes)
+            got += [bits, lanes]
+            bits, lanes = bits.clone(), lanes.clone()
+            assert native.della_pass(x[0][:5 * 999], b[:5 * 999], 999, 0.5, 0.1, 12, bits, lanes)
             got += [bits, lanes]
         lanes = torch.zeros(2, native.LANES, dtype=torch.float64)
         assert native.lane_sums(xs[2] - base, (xs[0] > base).float(), lanes)
@@ -716,6 +718,39 @@ def test_dare_pass_is_the_torch_chain(half, n):
     assert native.dare_pass(x[:cut], base[:cut], key, p, split_bits, split_lanes)
     assert native.dare_pass(x[cut:], base[cut:], key_at(key, cut), p, split_bits[cut // 8:], split_lanes)
     assert torch.equal(split_bits[: len(want_bits)], want_bits) and _same(split_lanes, want_lanes)
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("rows,width", [(1, 7), (3, 999), (5, 2048), (1, 70_000)])
+def test_della_pass_is_the_torch_chain(half, rows, width):
+    """DELLA's rescale pass in one kernel: its packed mask is pack_mask of della_mask's (ranks, probabilities and
+    bernoulli's draws from the same key), its lanes add_l1_lanes' of the deltas and that mask, on hostile values,
+    on bfloat16 inputs and on rows that take the radix sort (70,000 wide)."""
+    from composer.methods.common import add_l1_lanes, pack_mask
+    from composer.methods.sparsify import della_mask
+
+    n = rows * width
+    base = _hostile(n, 90)
+    x = base + torch.randn(n, generator=torch.Generator().manual_seed(91)) * 0.002
+    x[::53] = _hostile(len(x[::53]), 92)
+    if half:
+        base, x = base.to(torch.bfloat16), x.to(torch.bfloat16)
+    key, density, epsilon = 2**63 + 99, 0.5, 0.2
+    delta = x.float() - base.float()
+
+    def want():
+        mask = della_mask(delta.reshape(rows, width), density, epsilon, None, key=key).reshape(-1)
+        lanes = torch.zeros(2, native.LANES, dtype=torch.float64)
+        add_l1_lanes(delta, mask, lanes)
+        return pack_mask(mask), lanes
+
+    (bits_k, lanes_k), (bits_t, lanes_t) = want(), _without_native(want)  # della_probs natively, and the sort
+    assert torch.equal(bits_k, bits_t) and _same(lanes_k, lanes_t)
+    bits, lanes = torch.full((n // 8 + 3,), 0xAB, dtype=torch.uint8), torch.zeros(2, native.LANES, dtype=torch.float64)
+    assert native.della_pass(x, base, width, density, epsilon, key, bits, lanes)
+    assert torch.equal(bits[: len(bits_k)], bits_k) and _same(lanes, lanes_k)
+    assert torch.equal(bits[len(bits_k):], torch.full((len(bits) - len(bits_k),), 0xAB, dtype=torch.uint8))
+    assert not native.della_pass(x, base, width + 1, density, epsilon, key, bits, lanes)  # not whole rows
 
 
 @pytest.mark.parametrize("p", [0.0, 2.0**-31, 2.0**-28, 1e-7, 0.3, 0.5, 0.9, 1.0 - 2.0**-24, 1.0, 1.5, -0.5,

@@ -185,16 +185,25 @@ def _random_prepare(job: MergeJob) -> tuple[list, PackedMasks | None]:
     def norms(a: int, b: int) -> list:
         # the sums as Python floats and the masks into `packed`: nothing this block made outlives it (see
         # PackedMasks). Each sum is add_l1_lanes' fixed order over the block, so kernel and torch agree.
+        from composer import native, ranked  # imports torch: not at planning time
+
         lanes = [None if d >= 1 else torch.zeros(2, LANES, dtype=torch.float64) for d in densities]
         if "epsilon" in job.per_input:  # DELLA ranks within the block's rows: its deltas whole
-            ds = job.deltas(a, b)
-            for i, m in enumerate(_masks(job, a, b, ds)):
-                if m is not None:
-                    add_l1_lanes(ds[i], m, lanes[i])
-                    packed.put(a, b, i, m)
+            width = job.rows(min(job.block, DELLA_ELEMENTS))[0]
+            base, xs = job.read_raw_all(a, b)
+            for i, d in enumerate(densities):
+                if d >= 1:
+                    continue
+                epsilon = float(job.per_input["epsilon"][i])
+                key = stream_key(job.generator(f"{i}:{a // grid}")) if d > 0 else None  # as della_mask draws
+                if key is not None and native.della_pass(xs[i], base, width, d, epsilon, key, packed.slot(a, b, i),
+                                                         lanes[i]):  # deltas, ranks, mask and sums in one call
+                    continue
+                delta = xs[i].float() - base.float()
+                m = della_mask(delta.reshape(-1, width), d, epsilon, None, key=key).reshape(-1)
+                add_l1_lanes(delta, m, lanes[i])
+                packed.put(a, b, i, m)
         else:
-            from composer import native, ranked  # imports torch: not at planning time
-
             keys = [None if d >= 1 else stream_key(job.generator(f"{i}:{a // grid}"))  # _masks' draw, as it draws
                     for i, d in enumerate(densities)]
             for pa, pb in ranked.pieces(a, b):  # 1 MiB temporaries; PIECE: a multiple of LANES and of 8 (bytes)

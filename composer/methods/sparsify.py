@@ -171,10 +171,12 @@ def _della_magprune(tensor: Tensor, density: float, epsilon: float, rescale: boo
     return _rescaled(rows, mask, rescale).reshape(tensor.shape)
 
 
-def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor | None:
-    """MagPrune's keep mask for the rows (dim 0) of a 2-D tensor, drawn from `generator`: None keeps everything
-    (density >= 1, nothing drawn); all zeros for density <= 0. Ranks are per row, so any block of whole rows can
-    be drawn on its own (composer.merging streams DELLA this way)."""
+def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Generator | None, *,
+               key: int | None = None) -> Tensor | None:
+    """MagPrune's keep mask for the rows (dim 0) of a 2-D tensor, drawn from `generator` (or the stream of `key`,
+    as bernoulli takes it): None keeps everything (density >= 1, nothing drawn); all zeros for density <= 0.
+    Ranks are per row, so any block of whole rows can be drawn on its own (composer.merging streams DELLA this
+    way)."""
     if density >= 1:
         return None
     if density <= 0:
@@ -185,7 +187,7 @@ def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Ge
 
     probs = native.della_probs(rows, density, epsilon)  # the same bits; DELLA on 1.1B 56 s -> 27 s
     if probs is not None:
-        return bernoulli(probs, probs.shape, generator)
+        return bernoulli(probs, probs.shape, generator, key=key)
     # each element's rank in its row: the inverse of the sorting permutation (argsort of the argsort, as mergekit
     # computes it, but scattered: one sort instead of two). The sort is one flat sort of int64 keys, the row number
     # above |x|'s float bits (which order as |x| does): 1.8x faster here than torch's per-row float sort. Equal
@@ -193,13 +195,13 @@ def della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Ge
     # random method, tested in distribution). The ranks are 1..n in every row, so mergekit's min/max normalisation
     # is (rank - 1) / (n - 1).
     n_rows, n = rows.shape
-    key = rows.abs().view(torch.int32).to(torch.int64)
-    key += (torch.arange(n_rows, dtype=torch.int64) << 31).unsqueeze(1)
-    order = torch.sort(key.reshape(-1), stable=True).indices
-    del key
+    sort_key = rows.abs().view(torch.int32).to(torch.int64)
+    sort_key += (torch.arange(n_rows, dtype=torch.int64) << 31).unsqueeze(1)
+    order = torch.sort(sort_key.reshape(-1), stable=True).indices
+    del sort_key
     position = torch.arange(n_rows * n, dtype=torch.int64).remainder_(n).to(torch.float32)
     ranks = torch.empty(n_rows * n, dtype=torch.float32).scatter_(0, order, position.add_(1)).reshape(n_rows, n)
     del order, position
     rank_norm = ((ranks - 1.0) / float(n - 1)).clamp(0, 1) if n > 1 else torch.zeros_like(ranks)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return bernoulli(probs, probs.shape, generator)
+    return bernoulli(probs, probs.shape, generator, key=key)
