@@ -77,19 +77,11 @@ void composer_hist16(const uint32_t *d, int64_t n, int64_t *hist) {
 
 /* composer.methods.sparsify.bernoulli from its random draws, in place: 31 random bits per element (the low 31 of
    each int32), as float32 times 2**-31, kept (1) where below the probability (`p`, or `ps[j]` where given) */
+static inline float below(uint32_t half, float p) { return (float)((float)(int32_t)(half & 0x7fffffffu) * 0x1p-31f < p); }
 void composer_bernoulli(uint32_t *bits, int64_t n, float p, const float *ps) {
     float *out = (float *)bits;
-    if (ps) {
-        for (int64_t j = 0; j < n; j++) {
-            float u = (float)(int32_t)(bits[j] & 0x7fffffffu) * 0x1p-31f;
-            out[j] = (float)(u < ps[j]);
-        }
-    } else {
-        for (int64_t j = 0; j < n; j++) {
-            float u = (float)(int32_t)(bits[j] & 0x7fffffffu) * 0x1p-31f;
-            out[j] = (float)(u < p);
-        }
-    }
+    if (ps) for (int64_t j = 0; j < n; j++) out[j] = below(bits[j], ps[j]);
+    else for (int64_t j = 0; j < n; j++) out[j] = below(bits[j], p);
 }
 
 /* composer.methods.common.pack_mask: element j of a 0/1 mask is bit j % 8 of byte j / 8 (padding bits 0) */
@@ -749,9 +741,6 @@ void composer_dare_pass(const void *x, const void *b, const int32_t *kinds, int6
     lanes_out(l, lanes);
 }
 
-/* composer_bernoulli's keep decision: 1 where the uniform number of these 31 random bits is below p */
-static inline float below(uint32_t half, float p) { return (float)((float)(int32_t)(half & 0x7fffffffu) * 0x1p-31f < p); }
-
 /* composer.methods.dare's rescale pass for DELLA, one task vector x - b of n_rows rows of `width` in one call: the
    deltas (into `deltas`), their keep probabilities as composer_della_probs makes them (into `probs`; `scratch` as
    it takes it), the mask bernoulli draws from them with key's words, packed into `bits`, and its L1 sums added
@@ -1082,7 +1071,7 @@ def keep_count(p: float) -> int | None:
 
 def dare_pass(x: Tensor, base: Tensor, key: int, p: float, bits: Tensor, lanes: Tensor) -> bool:
     """DARE's rescale pass over the task vector x - base (inputs as _inputs takes them): the keep mask drawn from
-    `key` (composer.methods.sparsify.bernoulli_keyed with probability p) packed into uint8 `bits`, and
+    `key` (composer.methods.sparsify.bernoulli(p, n, None, key=key)) packed into uint8 `bits`, and
     composer.methods.common.add_l1_lanes of |x - base| and its kept part into `lanes`; False: not done (use torch)."""
     import torch
 
