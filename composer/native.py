@@ -67,12 +67,40 @@ static inline const float *load(const void *p, int32_t kind, int64_t t0, int64_t
 #define TILE_BUFFERS static _Thread_local float tile_b[TILE], tile_x[TILE]
 
 
-/* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0) */
+/* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0). A tile's keys
+   are computed first (a loop that vectorizes), then counted in uint32 bins (256 KB, half the caller's int64 ones:
+   they stay in the L2 cache), added to the caller's at the end: 1.45 -> 0.6 ns per element on bf16 deltas here,
+   where one loop incremented the int64 bins directly */
+#define HIST_BINS (1 << 16)
+#define HIST_SPAN ((int64_t)1 << 24) /* elements counted in uint32 bins before they are added up: none wraps */
+static _Thread_local uint32_t hist32[HIST_BINS];
+static _Thread_local uint16_t hist_keys[TILE];
+/* the thread's bins and keys, found once per call (not inlined: GCC recomputes a _Thread_local's address, a call
+   to __tls_get_addr in a shared library, at every use inside the loops, even from a local copy) */
+typedef struct { uint32_t *bins; uint16_t *keys; } Hist;
+static __attribute__((noinline)) Hist hist_begin(void) {
+    Hist h = {hist32, hist_keys};
+    memset(h.bins, 0, sizeof hist32);
+    return h;
+}
+static inline uint16_t hist_key(uint32_t bits) {
+    bits &= 0x7fffffffu;
+    return (uint16_t)(((bits >> 16) << 1) | ((bits & 0xffffu) != 0u));
+}
+static inline void hist_count(Hist h, int64_t len) { for (int64_t j = 0; j < len; j++) h.bins[h.keys[j]] += 1; }
+static void hist_flush(Hist h, int64_t *hist) {
+    for (int32_t k = 0; k < HIST_BINS; k++) hist[k] += h.bins[k];
+    memset(h.bins, 0, HIST_BINS * sizeof *h.bins);
+}
 void composer_hist16(const uint32_t *d, int64_t n, int64_t *hist) {
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t b = d[j] & 0x7fffffffu;
-        hist[((b >> 16) << 1) | ((b & 0xffffu) != 0u)] += 1;
+    Hist h = hist_begin();
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t len = n - t0 < TILE ? n - t0 : TILE;
+        for (int64_t j = 0; j < len; j++) h.keys[j] = hist_key(d[t0 + j]);
+        hist_count(h, len);
+        if ((t0 + len) % HIST_SPAN == 0) hist_flush(h, hist);
     }
+    hist_flush(h, hist);
 }
 
 /* composer.methods.sparsify.bernoulli from its random draws, in place: 31 random bits per element (the low 31 of
@@ -598,17 +626,22 @@ void composer_sce_squares(const void *base, const void *const *xs, const int32_t
 /* composer_hist16 of the deltas x - b, subtracted here (the same float32 subtraction as torch's); kinds: x's, b's */
 void composer_hist16_delta(const void *x, const void *b, const int32_t *kinds, int64_t n, int64_t *hist) {
     TILE_BUFFERS;
+    float *tx = tile_x, *tb = tile_b;
+    Hist h = hist_begin();
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
         int64_t len = n - t0 < TILE ? n - t0 : TILE;
-        const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
-        for (int64_t j = 0; j < len; j++) {
-            float d = xt[j] - bt[j];
-            uint32_t k;
-            memcpy(&k, &d, sizeof k);
-            k &= 0x7fffffffu;
-            hist[((k >> 16) << 1) | ((k & 0xffffu) != 0u)] += 1;
+        if (kinds[0] == 1 && kinds[1] == 1) {  /* both bfloat16: converted in the loop (no tile copies) */
+            const uint16_t *xh = (const uint16_t *)x + t0, *bh = (const uint16_t *)b + t0;
+            for (int64_t j = 0; j < len; j++)
+                h.keys[j] = hist_key(as_bits(as_float((uint32_t)xh[j] << 16) - as_float((uint32_t)bh[j] << 16)));
+        } else {
+            const float *xt = load(x, kinds[0], t0, len, tx), *bt = load(b, kinds[1], t0, len, tb);
+            for (int64_t j = 0; j < len; j++) h.keys[j] = hist_key(as_bits(xt[j] - bt[j]));
         }
+        hist_count(h, len);
+        if ((t0 + len) % HIST_SPAN == 0) hist_flush(h, hist);
     }
+    hist_flush(h, hist);
 }
 
 /* composer.methods.geometric.combination_blend (karcher, multislerp): acc = (x_0 - b) * c_0, then

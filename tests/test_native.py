@@ -118,6 +118,34 @@ def test_pass_one_histogram_is_torch_bincount_of_the_keys():
     want = torch.bincount((-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16), minlength=1 << 16)
     got = torch.zeros(1 << 16, dtype=torch.int64)
     assert native.hist16_delta(x, base, got) and torch.equal(got, want)
+    # bfloat16 inputs (converted inside the loop when both are), alone or with a float32 one; with one of each,
+    # torch and the kernel may propagate different NaN payloads (NaN - NaN), which land in other NaN bins
+    nan_bins = (0x7F80 << 1) + 1  # the keys above +inf's
+    for xb, bb in [(x.bfloat16(), base.bfloat16()), (x.bfloat16(), base), (x, base.bfloat16())]:
+        bits = (xb.float() - bb.float()).abs().view(torch.int32)
+        want = torch.bincount((-bits).bitwise_right_shift_(16).neg_().add_(bits >> 16), minlength=1 << 16)
+        got = torch.zeros(1 << 16, dtype=torch.int64)
+        assert native.hist16_delta(xb, bb, got), (xb.dtype, bb.dtype)
+        if xb.dtype == bb.dtype:
+            assert torch.equal(got, want)
+        else:
+            assert torch.equal(got[:nan_bins], want[:nan_bins]) and int(got.sum()) == int(want.sum())
+
+
+def test_pass_one_histogram_adds_up_past_its_uint32_span():
+    """The kernels count in uint32 bins, added to the int64 ones every 2**24 elements: one bin that holds more
+    than that (and a second call adding to it) still counts every element."""
+    n = (1 << 24) + 3001
+    deltas = torch.full((n,), 0.5)
+    deltas[-7:] = 2.0
+    got = torch.zeros(1 << 16, dtype=torch.int64)
+    assert native.hist16(deltas, got) and native.hist16(deltas[:5], got)
+    key = lambda v: int(torch.tensor([v]).view(torch.int32)) >> 16 << 1
+    assert int(got[key(0.5)]) == n - 7 + 5 and int(got[key(2.0)]) == 7 and int(got.sum()) == n + 5
+    got.zero_()
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    assert native.hist16_delta(deltas.bfloat16(), base, got)
+    assert int(got[key(0.5)]) == n - 7 and int(got[key(2.0)]) == 7 and int(got.sum()) == n
 
 
 def test_non_contiguous_or_non_float32_inputs_take_the_torch_path():
