@@ -486,24 +486,64 @@ void composer_ram(const void *base, const void *const *xs, const int32_t *kinds,
    b + (x - b) * [|x - b| * kl >= threshold], the mask 1.0 or +0 (NaN: 0) */
 static inline v4f v_ge(v4f a, v4f b) { return (v4f)((a >= b) & (v4i)vsplat(1.0f)); }
 
-void composer_fusion_blend(const float *base, const float *x, const float *kl, int64_t offset, int64_t width,
-                           float threshold, float *out, int64_t count) {
+void composer_fusion_blend(const void *base, const void *x, const int32_t *kinds, const float *kl, int64_t offset,
+                           int64_t width, float threshold, float *out, int64_t count) {
+    TILE_BUFFERS;
+    float *tb = tile_b, *tx = tile_x;
     int64_t j = 0, row = 0, col = offset;
     const v4f vt = vsplat(threshold);
     while (j < count) {
-        int64_t len = width - col < count - j ? width - col : count - j, i = 0;
-        const float k = kl[row], *b = base + j, *xj = x + j;
+        int64_t len = width - col < count - j ? width - col : count - j;
+        const float k = kl[row];
         const v4f vk = vsplat(k);
-        float *o = out + j;
-        for (; i + 4 <= len; i += 4) {
-            v4f bv = vload(b + i), d = vload(xj + i) - bv;
-            vstore(o + i, bv + d * v_ge(vabs(d) * vk, vt));
-        }
-        for (; i < len; i++) {
-            float d = xj[i] - b[i];
-            o[i] = b[i] + d * (float)(tabs(d) * k >= threshold);
+        for (int64_t t = 0; t < len; t += TILE) {  /* the row's part in tiles, converted as they load */
+            int64_t l = len - t < TILE ? len - t : TILE, i = 0;
+            const float *b = load(base, kinds[0], j + t, l, tb), *xj = load(x, kinds[1], j + t, l, tx);
+            float *o = out + j + t;
+            for (; i + 4 <= l; i += 4) {
+                v4f bv = vload(b + i), d = vload(xj + i) - bv;
+                vstore(o + i, bv + d * v_ge(vabs(d) * vk, vt));
+            }
+            for (; i < l; i++) {
+                float d = xj[i] - b[i];
+                o[i] = b[i] + d * (float)(tabs(d) * k >= threshold);
+            }
         }
         j += len; row++; col = 0;
+    }
+}
+/* arcee_fusion's quantile sample: the m drawn positions (int64, each in [0, numel), numel <= 2^31) in ascending
+   order, as int32, into `out`, by least-significant-digit radix passes of 8 bits (as many as numel needs; `tmp`:
+   m int32 scratch). 256 buckets: their write positions stay in the L1 cache, where 2048 (11-bit digits, fewer
+   passes) were slower here. torch.sort of the same numbers gives the same sequence (equal keys are equal) */
+void composer_sort_positions(const int64_t *pos, int64_t m, int64_t numel, int32_t *out, int32_t *tmp) {
+    int32_t bits = 1;
+    while (bits < 31 && ((int64_t)1 << bits) < numel) bits++;
+    int32_t passes = (bits + 7) / 8;
+    int64_t st[256];
+    const int32_t *src = 0;
+    for (int32_t pass = 0; pass < passes; pass++) {
+        int32_t *dst = (passes - pass) % 2 ? out : tmp, shift = 8 * pass;
+        memset(st, 0, sizeof st);
+        if (!pass) for (int64_t k = 0; k < m; k++) st[pos[k] & 255] += 1;
+        else for (int64_t k = 0; k < m; k++) st[(src[k] >> shift) & 255] += 1;
+        int64_t at = 0;
+        for (int32_t d = 0; d < 256; d++) { int64_t c = st[d]; st[d] = at; at += c; }
+        if (!pass) for (int64_t k = 0; k < m; k++) dst[st[pos[k] & 255]++] = (int32_t)pos[k];
+        else for (int64_t k = 0; k < m; k++) dst[st[(src[k] >> shift) & 255]++] = src[k];
+        src = dst;
+    }
+}
+/* ... and the importances at m of them (ascending, each in [a, a + the piece's length)) in a piece of whole
+   float32 rows (of `width`; their KLs `kl`) that starts at element a: |x - b| times the row's KL, torch's
+   (x - b).abs() * kl at those positions */
+void composer_fusion_picked(const float *base, const float *x, const float *kl, int64_t width, const int32_t *pos,
+                            int64_t m, int64_t a, float *out) {
+    int64_t row = 0, end = width;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t j = pos[k] - a;
+        while (j >= end) { row++; end += width; }
+        out[k] = tabs(x[j] - base[j]) * kl[row];
     }
 }
 /* composer.methods.fusion._sce_variance of the deltas x_i - b (float32 subtractions), Welford's float64 updates
@@ -944,8 +984,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_sce_squares.argtypes = [p, p, p, p, i32, p, i64]
     lib.composer_sce_squares.restype = None
     lib.composer_sce_blend.restype = None
-    lib.composer_fusion_blend.argtypes = [p, p, p, i64, i64, f32, p, i64]
+    lib.composer_fusion_blend.argtypes = [p, p, p, p, i64, i64, f32, p, i64]
     lib.composer_fusion_blend.restype = None
+    lib.composer_sort_positions.argtypes = [p, i64, i64, p, p]
+    lib.composer_sort_positions.restype = None
+    lib.composer_fusion_picked.argtypes = [p, p, p, i64, p, i64, i64, p]
+    lib.composer_fusion_picked.restype = None
     lib.composer_ram.restype = None
     lib.composer_della_probs.restype = None
     lib.composer_pack.argtypes = [p, i64, p]
@@ -1194,17 +1238,46 @@ def ram(base: Tensor, xs: Sequence[Tensor], epsilon: float, lambdas: Sequence[fl
 
 def fusion_blend(base: Tensor, x: Tensor, kl: Tensor, offset: int, width: int, threshold: Tensor | float
                  ) -> Tensor | None:
-    """composer.methods.fusion._fusion_blend of float32 elements that start at `offset` in the first of the rows
-    (of `width` elements) whose KLs `kl` gives; None: not done (use torch)."""
+    """composer.methods.fusion._fusion_blend of elements (float32 or bfloat16 inputs, as _inputs) that start at
+    `offset` in the first of the rows (of `width` elements) whose KLs `kl` gives; None: not done (use torch)."""
+    import torch
+
+    usable = _delta_kinds(x, base)
+    if usable is None or not _usable(kl) or (isinstance(threshold, torch.Tensor) and threshold.dtype != torch.float32):
+        return None
+    lib, kinds = usable
+    kinds = (ctypes.c_int32 * 2)(kinds[1], kinds[0])  # base's, then x's
+    out = torch.empty(base.shape, dtype=torch.float32)
+    lib.composer_fusion_blend(base.data_ptr(), x.data_ptr(), kinds, kl.data_ptr(), offset, width, float(threshold),
+                              out.data_ptr(), base.numel())
+    return out
+
+
+def sort_positions(positions: Tensor, numel: int) -> Tensor | None:
+    """torch.sort(positions).values of int64 positions in [0, numel), as int32 (numel <= 2**31), without torch's
+    indices; None: not done (use torch)."""
     import torch
 
     lib = library()
-    if lib is None or not (_usable(base) and _usable(x) and _usable(kl) and x.numel() == base.numel()) or (
-            isinstance(threshold, torch.Tensor) and threshold.dtype != torch.float32):
+    if lib is None or positions.dtype != torch.int64 or not positions.is_contiguous() or numel > 2**31:
         return None
-    out = torch.empty_like(base)
-    lib.composer_fusion_blend(base.data_ptr(), x.data_ptr(), kl.data_ptr(), offset, width, float(threshold),
-                              out.data_ptr(), base.numel())
+    out, tmp = (torch.empty(positions.numel(), dtype=torch.int32) for _ in range(2))
+    lib.composer_sort_positions(positions.data_ptr(), positions.numel(), numel, out.data_ptr(), tmp.data_ptr())
+    return out
+
+
+def fusion_picked(base: Tensor, x: Tensor, kl: Tensor, width: int, positions: Tensor, start: int) -> Tensor | None:
+    """composer.methods.fusion's sampled importances at ascending int32 `positions` (absolute; all inside the
+    piece) of a piece of whole float32 rows `base`, `x` starting at element `start`; None: not done."""
+    import torch
+
+    lib = library()
+    if lib is None or not (_usable(base) and _usable(x) and _usable(kl) and x.numel() == base.numel()
+                           and positions.dtype == torch.int32 and positions.is_contiguous()):
+        return None
+    out = torch.empty(positions.numel(), dtype=torch.float32)
+    lib.composer_fusion_picked(base.data_ptr(), x.data_ptr(), kl.data_ptr(), width, positions.data_ptr(),
+                               positions.numel(), start, out.data_ptr())
     return out
 
 

@@ -431,6 +431,33 @@ def test_fusion_gate_is_the_torch_chain_bit_for_bit(width, offset, count):
     got = native.fusion_blend(base, x, kl, offset, width, threshold)
     assert _same(got, want)
     assert 0 < int(mask.sum()) < count
+    # the mapped files' bfloat16 elements, converted as they load (rows longer than a tile are split)
+    for b16, x16 in [(base.bfloat16(), x.bfloat16()), (base, x.bfloat16()), (base.bfloat16(), x)]:
+        bf, xf = b16.float(), x16.float()
+        want = bf + (xf - bf) * (((xf - bf).abs() * row_kl) >= threshold).float()
+        assert _same(native.fusion_blend(b16, x16, kl, offset, width, threshold), want), (b16.dtype, x16.dtype)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 255, 256, 257, 700 * 30, 1 << 16, (1 << 16) + 1, (1 << 24) + 1, 1 << 31])
+def test_fusion_sample_sort_and_importances_are_torchs(numel):
+    """arcee_fusion's sample: the drawn positions sorted as torch.sort sorts them (one to four 8-bit radix passes,
+    by numel; int32), and the importances of a piece of whole rows at them the torch chain's, in that order."""
+    g = torch.Generator().manual_seed(numel % 1000)
+    positions = torch.randint(numel, (50_000,), generator=g)  # repeats where numel is small
+    drawn = positions.clone()
+    got = native.sort_positions(positions, numel)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), drawn.sort().values)
+    assert torch.equal(positions, drawn)  # the draw itself untouched
+    assert native.sort_positions(positions, (1 << 31) + 1) is None  # past int32: torch sorts
+    if numel != 700 * 30:
+        return
+    width, rows = 700, 30
+    base, x = _hostile(numel, 11), _hostile(numel, 12)
+    kl = _hostile(rows, 13).abs()
+    for a, b in [(0, numel), (3 * width, 11 * width)]:
+        at = got[(got >= a) & (got < b)].contiguous()
+        want = (x[a:b][at - a] - base[a:b][at - a]).abs() * kl[a // width: b // width][(at - a) // width]
+        assert _same(native.fusion_picked(base[a:b], x[a:b], kl[a // width: b // width], width, at, a), want)
 
 
 @pytest.mark.parametrize("method,top,others,kernels", [

@@ -299,9 +299,11 @@ def _fusion_importance(x: Tensor, b: Tensor) -> Tensor:
 def _fusion_kl(x: Tensor, b: Tensor) -> Tensor:
     """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row (along the last dim), keepdim."""
     eps = 1e-8
-    p = torch.nn.functional.softmax(x, dim=-1) + eps
-    q = torch.nn.functional.softmax(b, dim=-1) + eps
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    # in place where the formula makes a new tensor (softmax(x) + eps, p / q, log, p * ...): the same operations
+    # on the same values, so the same bits, without four fresh temporaries per call
+    p = torch.nn.functional.softmax(x, dim=-1).add_(eps)
+    q = torch.nn.functional.softmax(b, dim=-1).add_(eps)
+    return torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True)
 
 
 def _fusion_threshold(importance: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -373,11 +375,15 @@ def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
     draws them; their order does not matter, as they are sorted."""
     if len(job.inputs) != 1:
         raise ValueError(f"arcee_fusion merges exactly one model into the base: got {len(job.inputs)} besides the base")
+    from composer import native
+
     width, other = _fusion_width(job), job.inputs[0]
     sample = None
     if job.numel > QUANTILE_SAMPLE:
         sample = torch.randint(job.numel, (QUANTILE_SAMPLE,), generator=job.generator())
-        sample = (sample.to(torch.int32).sort().values if job.numel < 2**31 else sample.sort().values).long()
+        ordered = native.sort_positions(sample, job.numel)  # int32, without torch.sort's indices
+        sample = ordered if ordered is not None else (
+            sample.to(torch.int32).sort().values if job.numel < 2**31 else sample.sort().values).long()
 
     def piece(a: int, b: int) -> tuple[Tensor, Tensor]:
         base, x = job.read_base(a, b).reshape(-1, width), job.read(other, a, b).reshape(-1, width)
@@ -385,8 +391,11 @@ def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
         if sample is None:
             return kl.reshape(-1), ((x - base).abs() * kl).reshape(-1)
         # the sampled elements only: the same operations on each (|x - base| times its row's KL)
-        lo, hi = torch.searchsorted(sample, torch.tensor([a, b])).tolist()
-        at = sample[lo:hi] - a
+        lo, hi = torch.searchsorted(sample, torch.tensor([a, b], dtype=sample.dtype)).tolist()
+        picked = native.fusion_picked(base.reshape(-1), x.reshape(-1), kl.reshape(-1), width, sample[lo:hi], a)
+        if picked is not None:  # the same bits in one pass
+            return kl.reshape(-1), picked
+        at = sample[lo:hi].long() - a
         picked = x.reshape(-1)[at].sub_(base.reshape(-1)[at]).abs_()
         return kl.reshape(-1), picked.mul_(kl.reshape(-1)[at // width])
 
@@ -405,11 +414,12 @@ def _fusion_blend(job: MergeJob, stats: tuple[int, Tensor, Tensor], a: int, b: i
     from composer import native
 
     width, kl, threshold = stats
-    base, x = job.read_base(a, b), job.read(job.inputs[0], a, b)
+    base, (x,) = job.read_raw_all(a, b)
     first, last = a // width, (b - 1) // width + 1
     merged = native.fusion_blend(base, x, kl[first:last], a - first * width, width, threshold)
     if merged is not None:  # the same bits in one pass
         return merged
+    base, x = base.float(), x.float()
     row_kl = kl[first:last].reshape(-1, 1).expand(-1, width).reshape(-1)[a - first * width: b - first * width]
     mask = (((x - base).abs() * row_kl) >= threshold).float()
     return base + (x - base) * mask
