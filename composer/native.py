@@ -727,6 +727,63 @@ void composer_combination(const void *base, const void *const *xs, const int32_t
 #define LANES 16
 typedef double v4d __attribute__((vector_size(32)));
 static inline v4d widen(v4f v) { return __builtin_convertvector(v, v4d); }
+static inline __attribute__((always_inline)) int64_t angle_run(const int32_t n, float (*d)[TILE], int64_t len,
+                                                               v4d *acc) {
+    v4d a[MAX_INPUTS * (MAX_INPUTS + 1)];  /* two per sum: lanes 0-3 and 4-7, independent chains of adds */
+    const int32_t sums = n * (n + 1);
+    for (int32_t q = 0; q < sums; q++) a[q] = acc[q];
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        for (int32_t h = 0; h < 2; h++) {
+            v4d w[MAX_INPUTS];
+            for (int32_t i = 0; i < n; i++) w[i] = widen(vload(d[i] + j + 4 * h));
+            int32_t q = 0;
+            for (int32_t i = 0; i < n; i++, q++) a[2 * q + h] = a[2 * q + h] + w[i] * w[i];
+            for (int32_t i = 0; i < n; i++)
+                for (int32_t k = i + 1; k < n; k++, q++) a[2 * q + h] = a[2 * q + h] + w[i] * w[k];
+        }
+    }
+    for (int32_t q = 0; q < sums; q++) acc[q] = a[q];
+    return j;
+}
+/* composer.methods.averaging.add_angle_lanes (model_stock's and nuslerp's angles): for the vectors v_i (x_i - b,
+   float32 subtractions; x_i without a base), the float64 products v_i * v_i for each i, then v_i * v_j for each
+   pair i < j row by row (each exact in float64), element k into lane k % 8 of the pair's row of `lanes`
+   [pairs, 8], each lane added to in index order */
+static _Thread_local float angle_tiles_tls[MAX_INPUTS][TILE];
+static __attribute__((noinline)) float (*angle_tiles(void))[TILE] { return angle_tiles_tls; }
+void composer_angle_lanes(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
+                          int32_t with_base, int64_t count, double *lanes) {
+    TILE_BUFFERS;
+    float *tb = tile_b, *tx = tile_x;
+    float (*d)[TILE] = angle_tiles();
+    int32_t pi[MAX_INPUTS * (MAX_INPUTS + 1) / 2], pj[MAX_INPUTS * (MAX_INPUTS + 1) / 2], pairs = 0;
+    for (int32_t i = 0; i < n; i++) { pi[pairs] = i; pj[pairs] = i; pairs++; }
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t j = i + 1; j < n; j++) { pi[pairs] = i; pj[pairs] = j; pairs++; }
+    v4d acc[MAX_INPUTS * (MAX_INPUTS + 1)];
+    memcpy(acc, lanes, (size_t)pairs * 8 * sizeof(double));
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {  /* tiles start at multiples of 8: lane (t0 + j) % 8 = j % 8 */
+        int64_t len = count - t0 < TILE ? count - t0 : TILE, j = 0;
+        const float *b = with_base ? load(base, kinds[0], t0, len, tb) : 0;
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = load(xs[i], kinds[1 + i], t0, len, tx);
+            float *di = d[i];
+            if (b) for (int64_t k = 0; k < len; k++) di[k] = x[k] - b[k];
+            else memcpy(di, x, (size_t)len * sizeof *di);
+        }
+        switch (n) {  /* n a constant in each: the sums stay in registers */
+            case 1: j = angle_run(1, d, len, acc); break;
+            case 2: j = angle_run(2, d, len, acc); break;
+            case 3: j = angle_run(3, d, len, acc); break;
+            default: j = angle_run(4, d, len, acc); break;
+        }
+        for (; j < len; j++)
+            for (int32_t q = 0; q < pairs; q++)
+                acc[2 * q + (j % 8) / 4][j % 4] += (double)d[pi[q]][j] * (double)d[pj[q]][j];
+    }
+    memcpy(lanes, acc, (size_t)pairs * 8 * sizeof(double));
+}
 /* the lanes in registers: lanes 4i .. 4i + 3 of the magnitudes in m[i], of the kept parts in k[i] */
 typedef struct { v4d m0, m1, m2, m3, k0, k1, k2, k3; } Lanes;
 static inline Lanes lanes_in(const double *lanes) {
@@ -963,6 +1020,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_combination.argtypes = [p, p, p, i32, p, i32, i32, p, i64]
     lib.composer_combination.restype = None
     lib.composer_lane_sums.argtypes = [p, p, i64, p]
+    lib.composer_angle_lanes.argtypes = [p, p, p, i32, i32, i64, p]
+    lib.composer_angle_lanes.restype = None
     lib.composer_lane_sums.restype = None
     lib.composer_dare_pass.argtypes = [p, p, p, i64, ctypes.c_uint64, f32, p, p]
     lib.composer_dare_pass.restype = None
@@ -1102,6 +1161,21 @@ def _lanes(lanes: Tensor) -> bool:
     import torch
 
     return lanes.dtype == torch.float64 and lanes.is_contiguous() and lanes.shape == (2, LANES)
+
+
+def angle_lanes(base: Tensor | None, xs: Sequence[Tensor], lanes: Tensor) -> bool:
+    """composer.methods.averaging.add_angle_lanes of the vectors x_i - base (x_i without a base; inputs as
+    _inputs takes them) into float64 `lanes` [pairs, 8]; False: not done (use torch)."""
+    import torch
+
+    lib = library()
+    inputs = None if lib is None or not xs else _inputs(xs[0] if base is None else base, xs)
+    pairs = len(xs) * (len(xs) + 1) // 2
+    if inputs is None or not (lanes.dtype == torch.float64 and lanes.is_contiguous() and lanes.shape == (pairs, 8)):
+        return False
+    lib.composer_angle_lanes(None if base is None else base.data_ptr(), inputs[0], inputs[1], len(xs),
+                             int(base is not None), xs[0].numel(), lanes.data_ptr())
+    return True
 
 
 def lane_sums(v: Tensor, m: Tensor, lanes: Tensor) -> bool:

@@ -611,6 +611,36 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
     assert all(_same(a, b) if a.is_floating_point() else torch.equal(a, b) for a, b in zip(wide, narrow))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_angle_lanes_are_the_torch_lanes_bit_for_bit(n, with_base):
+    """model_stock's and nuslerp's angle sums: the kernel's float64 lanes of the vectors' products (float32 or
+    bfloat16 inputs, a base or none, NaN/inf included, calls continuing the lanes with a ragged last one) equal
+    composer.methods.averaging.add_angle_lanes's torch ones, and their totals the products' exact sums within
+    float64 rounding."""
+    from composer.methods import averaging
+
+    count = 3 * 2048 + 4 * 37 + 3
+    for dtype in (torch.float32, torch.bfloat16):
+        base = _hostile(count, 20).to(dtype) if with_base else None
+        xs = [(_hostile(count, 21 + i) * (i + 1)).to(dtype) for i in range(n)]
+        pairs = n * (n + 1) // 2
+        got, want = (torch.zeros(pairs, 8, dtype=torch.float64) for _ in range(2))
+        for a, b in [(0, 2048 + 8), (2048 + 8, count)]:  # the first run a multiple of 8, the last ragged
+            cut = [x[a:b] for x in xs]
+            assert native.angle_lanes(None if base is None else base[a:b], cut, got)
+            b32 = None if base is None else base[a:b].float()
+            averaging.add_angle_lanes([x.float() if b32 is None else x.float() - b32 for x in cut], want)
+        assert _same(got, want), dtype
+    finite = [x.nan_to_num(0.0, 0.0, 0.0) for x in xs]
+    base = None if base is None else base.nan_to_num(0.0, 0.0, 0.0)
+    v = [x.double() if base is None else (x.float() - base.float()).double() for x in finite]
+    sums = averaging.block_angle_sums(lambda a, b: [t[a:b].float() for t in v], 0, count,
+                                      lambda a, b: (None if base is None else base[a:b], [x[a:b] for x in finite]))
+    exact = torch.stack([v[i] @ v[j] for i, j in averaging._pairs(n)])
+    assert torch.allclose(sums, exact, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("method,params,base", [
     ("model_stock", "{}", True),
     ("karcher", "{}", False),
@@ -624,7 +654,8 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
 def test_compose_writes_the_same_combinations_without_the_kernels(all_models, write_recipe, tmp_path, monkeypatch,
                                                                   method, params, base, suffix):
     """model_stock's, karcher's, multislerp's, slerp's and nuslerp's streamed blends (composer.native.combination)
-    on blocks of 1024 elements, so every tensor streams: the same bytes with and without the kernels."""
+    and model_stock's and nuslerp's angle sums (composer.native.angle_lanes) on blocks of 1024 elements, so every
+    tensor streams: the same bytes with and without the kernels."""
     from click.testing import CliRunner
 
     from composer import ranked
@@ -643,9 +674,10 @@ def test_compose_writes_the_same_combinations_without_the_kernels(all_models, wr
 {head}dtype: bfloat16
 models:
 {listed}""")
-    calls = []
-    real = native.combination
+    calls, angles = [], []
+    real, real_angles = native.combination, native.angle_lanes
     monkeypatch.setattr(native, "combination", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(native, "angle_lanes", lambda *a, **k: angles.append(1) or real_angles(*a, **k))
 
     def compose(out):
         result = CliRunner().invoke(main, [str(recipe), "-o", str(out), "-q"])
@@ -653,7 +685,7 @@ models:
         return sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 
     fast = compose(tmp_path / "fast")
-    assert calls
+    assert calls and bool(angles) == (method in ("model_stock", "nuslerp"))  # the angle sums' kernel too
     assert fast == _without_native(lambda: compose(tmp_path / "torch"))
 
 

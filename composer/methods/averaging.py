@@ -87,20 +87,51 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = 
 # bits: composer's is the more exact one, and the outputs agree within float32 rounding of the coefficient.
 
 
-def angle_sums(vectors: Sequence[Tensor]) -> Tensor:
-    """float64 [n + n(n-1)/2]: each vector's squared norm, then the dot product of every pair i < j (one block)."""
-    v = torch.stack([x.reshape(-1) for x in vectors]).to(torch.float64)
-    gram = v @ v.T
-    i, j = torch.triu_indices(len(vectors), len(vectors), 1)
-    return torch.cat([gram.diagonal(), gram[i, j]])
+ANGLE_LANES = 8  # float64 lanes per sum in add_angle_lanes: the kernel's adds in two independent chains
 
 
-def block_angle_sums(vectors: Callable[[int, int], Sequence[Tensor]], a: int, b: int) -> Tensor:
-    """angle_sums of elements [a, b) of the vectors `vectors(a, b)` returns, summed over pieces (composer.ranked
-    .pieces): a whole 1M-element block made 16 MB float64 copies, each a fresh mmap (page faults every block)."""
-    from composer import ranked
+def _pairs(n: int) -> list[tuple[int, int]]:
+    """(i, i) for each vector, then (i, j) for every pair i < j, row by row: angle_sums' order."""
+    return [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
 
-    return sum(angle_sums(vectors(pa, pb)) for pa, pb in ranked.pieces(a, b))
+
+def add_angle_lanes(vectors: Sequence[Tensor], lanes: Tensor) -> None:
+    """Add the float64 products v_i * v_i, then v_i * v_j (i < j), of float32 vectors (each product exact) to
+    `lanes` [pairs, ANGLE_LANES]: element k into lane k % ANGLE_LANES, each lane in index order (a run of calls
+    must give each a multiple of ANGLE_LANES elements until the last). The native kernel (composer.native
+    .angle_lanes) sums in the same order, so the two give the same bits."""
+    v = [x.reshape(-1).double() for x in vectors]
+    for q, (i, j) in enumerate(_pairs(len(v))):
+        products = torch.nn.functional.pad(v[i] * v[j], (0, -v[i].numel() % ANGLE_LANES))
+        lanes[q] = torch.cat([lanes[q][None], products.view(-1, ANGLE_LANES)]).cumsum(0)[-1]  # in index order
+
+
+def block_angle_sums(vectors: Callable[[int, int], Sequence[Tensor]], a: int, b: int,
+                     raw: Callable[[int, int], tuple[Tensor | None, Sequence[Tensor]]] | None = None) -> Tensor:
+    """float64 [n + n(n-1)/2] of elements [a, b) of the vectors `vectors(a, b)` returns: each one's squared norm,
+    then the dot product of every pair i < j, summed in add_angle_lanes' order over pieces (composer.ranked
+    .pieces), each sum's lanes then added in lane order. `raw(a, b)`, where given, returns the (base or None,
+    inputs) whose differences (or which themselves, without a base) the vectors are, as MergeJob.read_raw_all
+    gives them: the native kernel then reads them in one pass (the same bits)."""
+    from composer import native, ranked
+
+    lanes = None
+    for pa, pb in ranked.pieces(a, b):
+        base, xs = raw(pa, pb) if raw is not None else (None, None)
+        if xs is not None:
+            lanes = torch.zeros(len(_pairs(len(xs))), ANGLE_LANES, dtype=torch.float64) if lanes is None else lanes
+            if native.angle_lanes(base, xs, lanes):
+                continue
+        v = vectors(pa, pb)
+        lanes = torch.zeros(len(_pairs(len(v))), ANGLE_LANES, dtype=torch.float64) if lanes is None else lanes
+        add_angle_lanes(v, lanes)
+    totals = []
+    for row in lanes.tolist():
+        total = 0.0
+        for value in row:
+            total += value
+        totals.append(total)
+    return torch.tensor(totals, dtype=torch.float64)
 
 
 def _pair_cosines(sums: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,7 +174,7 @@ LINEAR = MergeMethod(
 
 def _stock_prepare(job: MergeJob) -> Tensor:
     """t from the angles between the whole task vectors: float64 sums streamed over blocks."""
-    total = sum(job.each(lambda a, b: block_angle_sums(job.deltas, a, b), job.steps()))
+    total = sum(job.each(lambda a, b: block_angle_sums(job.deltas, a, b, job.read_raw_all), job.steps()))
     return model_stock_t(total, len(job.inputs))
 
 

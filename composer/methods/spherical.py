@@ -253,7 +253,7 @@ def _angle_prepare(job: MergeJob):
     def vectors(a: int, b: int) -> list[Tensor]:
         return _vectors(job, a, b)[0]
 
-    total = sum(job.each(lambda a, b: block_angle_sums(vectors, a, b), job.steps()))
+    total = sum(job.each(lambda a, b: block_angle_sums(vectors, a, b, job.read_raw_all), job.steps()))
     weight = nuslerp_t(job.per_input["weight"])
     return weight, nuslerp_angle(total, weight)
 
