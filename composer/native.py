@@ -51,6 +51,8 @@ typedef int32_t v4i __attribute__((vector_size(16)));
 static inline v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, v4f v) { memcpy(p, &v, sizeof v); }
 static inline v4f vsplat(float x) { v4f v = {x, x, x, x}; return v; }
+typedef double v4d __attribute__((vector_size(32)));
+static inline v4d widen(v4f v) { return __builtin_convertvector(v, v4d); }
 static inline v4f vabs(v4f x) { v4i m = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff}; return (v4f)((v4i)x & m); }
 static inline v4f v_at_zero(v4f diff) { return (v4f)(~(diff < vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
 static inline v4f v_above_zero(v4f diff) { return (v4f)((diff > vsplat(0.0f)) & (v4i)vsplat(1.0f)); }
@@ -547,50 +549,123 @@ void composer_fusion_picked(const float *base, const float *x, const float *kl, 
     }
 }
 /* composer.methods.fusion._sce_variance of the deltas x_i - b (float32 subtractions), Welford's float64 updates
-   in torch's order (the first one skipped, as there), m2 / n rounded to float32; n == 1: x0 * (x0 - x0) */
-void composer_sce_var(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, float *out,
-                      int64_t count) {
-    static _Thread_local double scratch[2][TILE];
-    TILE_BUFFERS;
-    double *mean = scratch[0], *m2 = scratch[1];
-    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
-        int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = load(base, kinds[0], t0, len, tile_b), *x0 = load(xs[0], kinds[1], t0, len, tile_x);
-        float *o = out + t0;
-        if (n == 1) {
-            for (int64_t j = 0; j < len; j++) { double x = (double)(x0[j] - b[j]); o[j] = (float)(x * (x - x)); }
-            continue;
-        }
-        for (int64_t j = 0; j < len; j++) mean[j] = (double)(x0[j] - b[j]);
-        /* x / 2**p and x * 2**-p are the same correctly rounded number: divisions by 2 and 4 are multiplications
-           (one loop per case: a select inside stops the vectorizer) */
-        for (int32_t k = 1; k < n; k++) {
-            const float *xk = load(xs[k], kinds[1 + k], t0, len, tile_x);
-            const double count_k = (double)(k + 1), inverse = 1.0 / count_k;
-            if (k == 1) {  /* m2 starts as the first term */
-                for (int64_t j = 0; j < len; j++) {
-                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
-                    mean[j] = mean[j] + delta * inverse;
-                    m2[j] = delta * (x - mean[j]);
-                }
-            } else if (k == 3) {
-                for (int64_t j = 0; j < len; j++) {
-                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
-                    mean[j] = mean[j] + delta * inverse;
-                    m2[j] = m2[j] + delta * (x - mean[j]);
-                }
-            } else {
-                for (int64_t j = 0; j < len; j++) {
-                    double x = (double)(xk[j] - b[j]), delta = x - mean[j];
-                    mean[j] = mean[j] + delta / count_k;
-                    m2[j] = m2[j] + delta * (x - mean[j]);
-                }
+   in torch's order (the first one skipped, as there), m2 / n rounded to float32; n == 1: x0 * (x0 - x0). One tile
+   (elements [t0, t0 + len), len <= TILE) into o; mean, m2: TILE doubles each; tb, tx: the tile buffers */
+static void sce_var_tile(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, int64_t t0,
+                         int64_t len, float *o, double *mean, double *m2, float *tb, float *tx) {
+    const float *b = load(base, kinds[0], t0, len, tb), *x0 = load(xs[0], kinds[1], t0, len, tx);
+    if (n == 1) {
+        for (int64_t j = 0; j < len; j++) { double x = (double)(x0[j] - b[j]); o[j] = (float)(x * (x - x)); }
+        return;
+    }
+    for (int64_t j = 0; j < len; j++) mean[j] = (double)(x0[j] - b[j]);
+    /* x / 2**p and x * 2**-p are the same correctly rounded number: divisions by 2 and 4 are multiplications
+       (one loop per case: a select inside stops the vectorizer) */
+    for (int32_t k = 1; k < n; k++) {
+        const float *xk = load(xs[k], kinds[1 + k], t0, len, tx);
+        const double count_k = (double)(k + 1), inverse = 1.0 / count_k;
+        if (k == 1) {  /* m2 starts as the first term */
+            for (int64_t j = 0; j < len; j++) {
+                double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                mean[j] = mean[j] + delta * inverse;
+                m2[j] = delta * (x - mean[j]);
+            }
+        } else if (k == 3) {
+            for (int64_t j = 0; j < len; j++) {
+                double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                mean[j] = mean[j] + delta * inverse;
+                m2[j] = m2[j] + delta * (x - mean[j]);
+            }
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                double x = (double)(xk[j] - b[j]), delta = x - mean[j];
+                mean[j] = mean[j] + delta / count_k;
+                m2[j] = m2[j] + delta * (x - mean[j]);
             }
         }
-        const double dn = (double)n, inverse_n = 1.0 / dn;
-        if (n == 2 || n == 4) for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] * inverse_n);
-        else for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] / dn);
     }
+    const double dn = (double)n, inverse_n = 1.0 / dn;
+    if (n == 2 || n == 4) for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] * inverse_n);
+    else for (int64_t j = 0; j < len; j++) o[j] = (float)(m2[j] / dn);
+}
+/* the thread's buffers for SCE's passes, found once per call (see hist_begin) */
+typedef struct { double mean[TILE], m2[TILE]; float var[TILE], mask[TILE], b[TILE], x[TILE]; } SceScratch;
+static _Thread_local SceScratch sce_scratch_tls;
+static __attribute__((noinline)) SceScratch *sce_scratch(void) { return &sce_scratch_tls; }
+void composer_sce_var(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, float *out,
+                      int64_t count) {
+    SceScratch *w = sce_scratch();
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        sce_var_tile(base, xs, kinds, n, t0, len, out + t0, w->mean, w->m2, w->b, w->x);
+    }
+}
+/* SCE's pass 1 in one: composer_hist16 of the variance (composer_sce_var's), without storing it */
+void composer_sce_var_hist(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, int64_t count,
+                           int64_t *hist) {
+    SceScratch *w = sce_scratch();
+    Hist h = hist_begin();
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE;
+        sce_var_tile(base, xs, kinds, n, t0, len, w->var, w->mean, w->m2, w->b, w->x);
+        for (int64_t j = 0; j < len; j++) h.keys[j] = hist_key(as_bits(w->var[j]));
+        hist_count(h, len);
+        if ((t0 + len) % HIST_SPAN == 0) hist_flush(h, hist);
+    }
+    hist_flush(h, hist);
+}
+/* SCE's mean-squares pass in one: the variance, its mask (composer.ranked.Keep.mask's one step per end, from
+   `steps` {mode, lo, lo_at_zero, hi, hi_at_zero}: mode 0 no mask, 1 |var| against lo only, 2 lo and hi, 3 nothing
+   kept) into `mask` (float32 0/1, as Keep.mask; not written in mode 0), and the float32 squares ((x_i - b) *
+   mask)^2 (torch's deltas * mask, then square()) added to float64 lanes [n, 8] (element k into lane k % 8, each
+   lane in index order): composer.methods.fusion.add_square_lanes' order */
+void composer_sce_masked_squares(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
+                                 int32_t mode, float lo, int32_t lo_at_zero, float hi, int32_t hi_at_zero,
+                                 float *mask, double *lanes, int64_t count) {
+    SceScratch *w = sce_scratch();
+    v4d acc[2 * MAX_INPUTS];
+    memcpy(acc, lanes, (size_t)n * 8 * sizeof(double));
+    const v4f vlo = vsplat(lo), vhi = vsplat(hi);
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {  /* tiles start at multiples of 8 */
+        int64_t len = count - t0 < TILE ? count - t0 : TILE, j;
+        float *m = mode ? mask + t0 : 0;
+        if (mode == 1 || mode == 2) {
+            sce_var_tile(base, xs, kinds, n, t0, len, w->var, w->mean, w->m2, w->b, w->x);
+            for (j = 0; j + 4 <= len; j += 4) {
+                v4f a = vabs(vload(w->var + j));
+                v4f keep = lo_at_zero ? v_at_zero(a - vlo) : v_above_zero(a - vlo);
+                if (mode == 2) keep = keep * (hi_at_zero ? v_at_zero(vhi - a) : v_above_zero(vhi - a));
+                vstore(m + j, keep);
+            }
+            for (; j < len; j++) {
+                float a = tabs(w->var[j]), d = a - lo, e = hi - a;
+                float keep = lo_at_zero ? (float)!(d < 0.0f) : (float)(d > 0.0f);
+                if (mode == 2) keep = keep * (hi_at_zero ? (float)!(e < 0.0f) : (float)(e > 0.0f));
+                m[j] = keep;
+            }
+        } else if (mode == 3) {
+            for (j = 0; j < len; j++) m[j] = 0.0f;
+        }
+        const float *b = load(base, kinds[0], t0, len, w->b);
+        for (int32_t i = 0; i < n; i++) {
+            const float *x = load(xs[i], kinds[1 + i], t0, len, w->x);
+            float *sq = w->var;  /* the variance is spent: its tile holds the squares */
+            if (m) for (j = 0; j < len; j++) { float d = (x[j] - b[j]) * m[j]; sq[j] = d * d; }
+            else for (j = 0; j < len; j++) { float d = x[j] - b[j]; sq[j] = d * d; }
+            v4d l0 = acc[2 * i], l1 = acc[2 * i + 1];
+            for (j = 0; j + 8 <= len; j += 8) {
+                l0 = l0 + widen(vload(sq + j));
+                l1 = l1 + widen(vload(sq + j + 4));
+            }
+            for (; j < len; j++) {
+                if (j % 8 < 4) l0[j % 4] += (double)sq[j];
+                else l1[j % 4] += (double)sq[j];
+            }
+            acc[2 * i] = l0;
+            acc[2 * i + 1] = l1;
+        }
+    }
+    memcpy(lanes, acc, (size_t)n * 8 * sizeof(double));
 }
 
 /* composer.methods.fusion._sce_erase_mean of the deltas (x_i - b) * mask (no mask: unmasked), weights w:
@@ -641,25 +716,6 @@ void composer_sce_blend(const void *base, const void *const *xs, const int32_t *
             }
             div = div < 1e-6f ? 1e-6f : div;
             o[j] = b[j] + mixed / div;
-        }
-    }
-}
-/* SCE's masked squares: out[i * count + j] = ((x_i - b) * mask)^2 (no mask: unmasked), torch's deltas * mask then
-   square() (x * x) */
-void composer_sce_squares(const void *base, const void *const *xs, const int32_t *kinds, const float *mask,
-                          int32_t n, float *out, int64_t count) {
-    TILE_BUFFERS;
-    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
-        int64_t len = count - t0 < TILE ? count - t0 : TILE;
-        const float *b = load(base, kinds[0], t0, len, tile_b);
-        for (int32_t i = 0; i < n; i++) {
-            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
-            float *o = out + (int64_t)i * count + t0;
-            if (mask) {
-                for (int64_t j = 0; j < len; j++) { float d = (x[j] - b[j]) * mask[t0 + j]; o[j] = d * d; }
-            } else {
-                for (int64_t j = 0; j < len; j++) { float d = x[j] - b[j]; o[j] = d * d; }
-            }
         }
     }
 }
@@ -725,8 +781,6 @@ void composer_combination(const void *base, const void *const *xs, const int32_t
 /* composer.methods.common.add_l1_lanes: |v| and |v| * m (float32, as torch computes them) added into float64
    lanes[0..15] and lanes[16..31], element j into lane j % 16, each lane in index order */
 #define LANES 16
-typedef double v4d __attribute__((vector_size(32)));
-static inline v4d widen(v4f v) { return __builtin_convertvector(v, v4d); }
 static inline __attribute__((always_inline)) int64_t angle_run(const int32_t n, float (*d)[TILE], int64_t len,
                                                                v4d *acc) {
     v4d a[MAX_INPUTS * (MAX_INPUTS + 1)];  /* two per sum: lanes 0-3 and 4-7, independent chains of adds */
@@ -1039,9 +1093,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_ram.argtypes = [p, p, p, i32, f32, p, p, p, i64]
     lib.composer_sce_var.argtypes = [p, p, p, i32, p, i64]
     lib.composer_sce_var.restype = None
+    lib.composer_sce_var_hist.argtypes = [p, p, p, i32, i64, p]
+    lib.composer_sce_var_hist.restype = None
+    lib.composer_sce_masked_squares.argtypes = [p, p, p, i32, i32, f32, i32, f32, i32, p, p, i64]
+    lib.composer_sce_masked_squares.restype = None
     lib.composer_sce_blend.argtypes = [p, p, p, p, i32, p, p, i64]
-    lib.composer_sce_squares.argtypes = [p, p, p, p, i32, p, i64]
-    lib.composer_sce_squares.restype = None
     lib.composer_sce_blend.restype = None
     lib.composer_fusion_blend.argtypes = [p, p, p, p, i64, i64, f32, p, i64]
     lib.composer_fusion_blend.restype = None
@@ -1368,18 +1424,40 @@ def sce_variance(base: Tensor, xs: Sequence[Tensor], out: Tensor | None = None) 
     return out
 
 
-def sce_squares(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None) -> Tensor | None:
-    """SCE's squared task vectors [n, numel] ((x_i - base) * mask where given, squared); None: not done (use
-    torch)."""
+def sce_var_hist(base: Tensor, xs: Sequence[Tensor], hist: Tensor) -> bool:
+    """Add hist16's keys of sce_variance's variance of the task vectors x_i - base to int64 `hist`, in one pass that
+    stores no variance; False: not done (use torch)."""
+    lib, inputs = library(), _inputs(base, xs)
+    if lib is None or inputs is None:
+        return False
+    lib.composer_sce_var_hist(base.data_ptr(), *inputs, len(xs), base.numel(), hist.data_ptr())
+    return True
+
+
+def sce_masked_squares(base: Tensor, xs: Sequence[Tensor], steps: tuple | None, mask: Tensor | None,
+                       lanes: Tensor) -> bool:
+    """SCE's mean-squares pass over the task vectors x_i - base in one: with `steps` (composer.ranked.Keep.steps:
+    () nothing kept, or (lo, kept at lo, hi or None, kept at hi)) the variance's mask into float32 `mask`, and the
+    squares ((x_i - base) * mask)^2 (no steps and no mask: unmasked) added to float64 `lanes` [n, 8] as
+    composer.methods.fusion.add_square_lanes adds them; False: not done (use torch)."""
     import torch
 
     lib, inputs = library(), _inputs(base, xs)
-    if lib is None or inputs is None or mask is not None and not (_usable(mask) and mask.numel() == base.numel()):
-        return None
-    out = torch.empty((len(xs), base.numel()))
-    lib.composer_sce_squares(base.data_ptr(), *inputs, None if mask is None else mask.data_ptr(), len(xs),
-                             out.data_ptr(), base.numel())
-    return out
+    if lib is None or inputs is None or not (lanes.dtype == torch.float64 and lanes.is_contiguous()
+                                             and lanes.shape == (len(xs), 8)):
+        return False
+    if mask is None:
+        mode, lo, low, hi, high = 0, 0.0, 0, 0.0, 0
+    elif not (_usable(mask) and mask.numel() == base.numel()):
+        return False
+    elif steps == ():
+        mode, lo, low, hi, high = 3, 0.0, 0, 0.0, 0
+    else:
+        lo, low, hi, high = steps
+        mode, hi, high = (1, 0.0, False) if hi is None else (2, hi, high)
+    lib.composer_sce_masked_squares(base.data_ptr(), *inputs, len(xs), mode, lo, int(low), hi, int(high),
+                                    None if mask is None else mask.data_ptr(), lanes.data_ptr(), base.numel())
+    return True
 
 
 def sce_blend(base: Tensor, xs: Sequence[Tensor], mask: Tensor | None, weights: Tensor,

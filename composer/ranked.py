@@ -205,6 +205,7 @@ def select(
     rescale: bool,
     vectors: int = 0,
     raw: Callable[[int, int], tuple[Tensor, Sequence[Tensor]]] | None = None,
+    histogram: Callable[[int, int, Tensor], bool] | None = None,
 ) -> list[Keep | None]:
     """For each task vector, the Keep of positions `ranges[i]` (None: keep all, nothing to compute).
 
@@ -213,7 +214,9 @@ def select(
     the `vectors` vectors are exactly 0 (+0.0 or -0.0), called after the first pass, which counts them: SCE's k
     counts the nonzero variances, which would otherwise take a pass of its own. `raw(a, b)`, where given, returns
     the (base, inputs) whose differences the deltas are (float32, or bfloat16 whose float32 values they are:
-    MergeJob.read_raw): pass 1 then takes them to the native kernel, which subtracts and counts in one pass."""
+    MergeJob.read_raw): pass 1 then takes them to the native kernel, which subtracts and counts in one pass.
+    `histogram(a, b, hist)`, where given (one vector), adds pass 1's keys of elements [a, b) of it to `hist` in
+    one native pass, or returns False (then `read` is)."""
     later = ranges if callable(ranges) else None
     if later is not None:
         ranges = [(0, 1)] * vectors  # every vector is read in the first pass
@@ -224,12 +227,17 @@ def select(
     grid = blocks(0, numel)
 
     fused = raw is not None and not rescale and native.library() is not None  # the delta and its key in one pass
+    hooked = histogram is not None and not rescale and native.library() is not None
 
     def upper(a: int, b: int) -> list:
         out = [[None, torch.zeros((), dtype=torch.float64)] for _ in active]
         # the fused kernel makes no temporaries (raw's are views of the mapped files, but for the rare inputs read
         # through another dtype): the whole block in one call per vector
-        for pa, pb in [(a, b)] if fused else pieces(a, b):
+        for pa, pb in [(a, b)] if fused or hooked else pieces(a, b):
+            if hooked:
+                out[0][0] = torch.zeros(1 << 16, dtype=torch.int64) if out[0][0] is None else out[0][0]
+                if histogram(pa, pb, out[0][0]):
+                    continue
             base, xs = raw(pa, pb) if fused else (None, None)
             deltas = None if fused else read(pa, pb)
             for acc, i in zip(out, active):

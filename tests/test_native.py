@@ -462,8 +462,8 @@ def test_fusion_sample_sort_and_importances_are_torchs(numel):
 
 @pytest.mark.parametrize("method,top,others,kernels", [
     ("arcee_fusion", "", 1, ("fusion_blend",)),
-    ("sce", "parameters: {select_topk: 0.5}", 2, ("sce_variance", "sce_squares", "sce_blend")),
-    ("sce", "parameters: {select_topk: 1.0}", 2, ("sce_squares", "sce_blend")),
+    ("sce", "parameters: {select_topk: 0.5}", 2, ("sce_var_hist", "sce_masked_squares", "sce_blend")),
+    ("sce", "parameters: {select_topk: 1.0}", 2, ("sce_masked_squares", "sce_blend")),
 ])
 @pytest.mark.parametrize("suffix", ["", "-q", "-bf16"])
 def test_compose_writes_the_same_fusion_merges_without_the_kernels(all_models, write_recipe, tmp_path, monkeypatch,
@@ -491,7 +491,7 @@ models:
     for name in kernels:
         def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
             done = _fn(*args, **kwargs)
-            calls[_name] += done is not None
+            calls[_name] += done is not None and done is not False
             return done
         monkeypatch.setattr(native, name, counted)
     fast = compose(tmp_path / "fast")
@@ -516,10 +516,31 @@ def test_sce_kernels_are_the_torch_chain_bit_for_bit(n, masked):
     assert _same(native.sce_variance(base, xs), fusion._sce_variance(deltas))
     out = torch.full((size,), 7.0)
     assert native.sce_variance(base, xs, out) is out and _same(out, fusion._sce_variance(deltas))
+    hist, keys = torch.zeros(1 << 16, dtype=torch.int64), fusion._sce_variance(deltas).abs().view(torch.int32)
+    assert native.sce_var_hist(base, xs, hist)  # pass 1: the variance's keys, counted in the same pass
+    assert torch.equal(hist, torch.bincount((-keys).bitwise_right_shift_(16).neg_().add_(keys >> 16),
+                                            minlength=1 << 16))
+    # the mean-squares pass: the mask from Keep.steps (each end's kept-at-zero both ways, a lo end only, nothing
+    # kept) and the squares' float64 lanes, against Keep.mask and add_square_lanes, in two calls (lanes go on)
+    var = fusion._sce_variance(deltas).abs()
+    finite = var[var.isfinite()]
+    lo, hi = float(finite.quantile(0.3)), float(finite.quantile(0.8))
+    for steps in [(lo, True, hi, False), (lo, False, hi, True), (lo, True, None, True), (), None]:
+        got, want = (torch.zeros(n, fusion.SQUARE_LANES, dtype=torch.float64) for _ in range(2))
+        for a, b in [(0, 4096), (4096, size)]:
+            mask = None if steps is None else torch.full((b - a,), 5.0)
+            assert native.sce_masked_squares(base[a:b], [x[a:b] for x in xs], steps, mask, got)
+            want_mask = None
+            if steps is not None:
+                want_mask = torch.zeros(b - a) if steps == () else ranked._step(var[a:b] - steps[0], steps[1])
+                if steps and steps[2] is not None:
+                    want_mask = want_mask * ranked._step(steps[2] - var[a:b], steps[3])
+                assert _same(mask, want_mask), steps
+            fusion.add_square_lanes(deltas[:, a:b], want_mask, want)
+        assert _same(got, want), steps
     mask = (torch.rand(size, generator=torch.Generator().manual_seed(n)) < 0.6).float() if masked else None
     if mask is not None:
         deltas = deltas * mask.unsqueeze(0)
-    assert _same(native.sce_squares(base, xs, mask), deltas.square())
     w = fusion._sce_weights(torch.nan_to_num(deltas, nan=0.0, posinf=1.0, neginf=-1.0))
     w[-1] = 0.0  # a zero weight: sums of erased weights at 0, clamped to 1e-6
     got = native.sce_blend(base, xs, mask, w)
@@ -551,7 +572,14 @@ def test_kernels_take_bfloat16_inputs_as_their_float32_values(n):
                  native.ties_blend(base, xs, steps, [None] * n, w, **blend))
     assert _same(native.ram(base16, mixed, 1e-5, [1.02] * n), native.ram(base, xs, 1e-5, [1.02] * n))
     assert _same(native.sce_variance(base16, mixed), fusion._sce_variance(torch.stack([x - base for x in xs])))
-    assert _same(native.sce_squares(base16, mixed, None), torch.stack([x - base for x in xs]).square())
+    hist16, hist32 = torch.zeros(1 << 16, dtype=torch.int64), torch.zeros(1 << 16, dtype=torch.int64)
+    assert native.sce_var_hist(base16, mixed, hist16) and native.sce_var_hist(base, xs, hist32)
+    assert torch.equal(hist16, hist32)
+    lanes16, lanes32 = torch.zeros(n, 8, dtype=torch.float64), torch.zeros(n, 8, dtype=torch.float64)
+    mask16, mask32 = torch.empty(size), torch.empty(size)
+    assert native.sce_masked_squares(base16, mixed, (1e-4, True, None, True), mask16, lanes16)
+    assert native.sce_masked_squares(base, xs, (1e-4, True, None, True), mask32, lanes32)
+    assert _same(lanes16, lanes32) and torch.equal(mask16, mask32)
     assert _same(native.sce_blend(base16, mixed, None, w), native.sce_blend(base, xs, None, w))
     assert native.ram(base16.half(), xs16, 1e-5) is None  # float16: not taken
     odd = torch.empty(size + 1, dtype=torch.bfloat16)[1:]  # storage offset of one element: aligned to 2 bytes

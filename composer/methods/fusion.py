@@ -36,13 +36,16 @@ from composer.methods.taskvectors import _sign_consensus
 #   exact and equal the whole tensor's; lambda_i is then computed from them as the formula computes it, and each
 #   block is the formula's arithmetic with those lambdas: bit for bit the formula. (ram's blend, ramplus_tl's
 #   counts and blend run natively where the kernels are built: composer.native.ram, the same bits; so do sce's
-#   variance, squares and blend, and arcee_fusion's gate: composer.native.sce_*, fusion_blend.)
+#   passes and blend, and arcee_fusion's sample and gate: composer.native.sce_*, sort_positions, fusion_*.)
 # - sce ("statistics", or "ranked" with select_topk < 1): with select_topk < 1 the top k of the per-element
 #   variance across models found by composer.ranked.select (histograms of var's float32 bit patterns, var
 #   recomputed per block from the inputs, bit for bit torch.var's (_sce_variance); k = int(count * select_topk)
 #   as the formula takes it, the nonzero count read off the first pass's histogram; exact ties at the cut keep
-#   the earlier elements, as the formula does): the formula's selection, exactly. Then a pass for
-#   the per-model sums of the squared (masked) task vectors, which keeps each block's mask packed for the blend, in float64 over blocks, rounded to float32 and
+#   the earlier elements, as the formula does; natively, pass 1 computes the variance and counts its keys in one
+#   pass, storing none): the formula's selection, exactly. Then a pass for the per-model sums of the squared
+#   (masked) task vectors, which keeps each block's mask packed for the blend: the float32 squares summed in
+#   float64, in fixed lanes within a block (add_square_lanes; natively the variance, mask, squares and sums in one
+#   pass, composer.native.sce_masked_squares), the blocks in order, rounded to float32 and
 #   divided by numel, as torch's float32 mean divides its float32 sum; the weights, the sign election and the
 #   weighted mean are then the formula's, per block. The formula (and mergekit) sum the squares in float32 over
 #   the whole tensor: the streamed mean squares are correctly rounded where torch's may be a few float32 ulps
@@ -184,32 +187,56 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             def ranges(zeros: list[int]) -> list[tuple[int, int]]:  # as int(count_nonzero(var) * density)
                 return [(0, int(torch.tensor(job.numel - zeros[0]) * topk))]
 
-            keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, ranges, False, vectors=1)[0]
+            def histogram(a: int, b: int, hist: Tensor) -> bool:  # the variance and its keys in one pass
+                return native.sce_var_hist(*job.read_raw_all(a, b), hist)
+
+            keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, ranges, False, vectors=1,
+                                 histogram=histogram)[0]
 
     packed = None if keep is None else PackedMasks(job.numel, job.block, 1)
 
     def squares(a: int, b: int) -> list[float]:
-        total, masks = 0, []
+        lanes, masks = torch.zeros(len(job.inputs), SQUARE_LANES, dtype=torch.float64), []
         for s, e in _pieces(job, a, b):
             base, xs = job.read_raw_all(s, e)
-            mask = None
-            if keep is not None:
-                mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
-                masks.append(mask)
-            squared = native.sce_squares(base, xs, mask)  # the same bits
-            if squared is None:
-                deltas = _task_vectors(base, xs)
-                squared = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
-            total = total + squared.sum(dim=1, dtype=torch.float64)
+            mask = None if keep is None else torch.empty(e - s)
+            steps = None if keep is None else keep.steps(s, e)  # None with a keep: it needs the comparisons
+            if keep is not None and steps is None or not native.sce_masked_squares(base, xs, steps, mask, lanes):
+                if keep is not None:  # the same bits in torch
+                    mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
+                add_square_lanes(_task_vectors(base, xs), mask, lanes)
+            masks.append(mask)
         if packed is not None:
             packed.put(a, b, 0, torch.cat(masks))
-        return total.tolist()  # Python floats: nothing this block made outlives it (see PackedMasks)
+        return [_lane_total(row) for row in lanes.tolist()]  # Python floats: nothing this block made outlives it
 
     sums = torch.zeros(len(job.inputs), dtype=torch.float64)
     for part in job.each(squares, job.steps()):
         sums += torch.tensor(part, dtype=torch.float64)  # float64 [n], blocks added in order
     # torch's float32 mean is its float32 sum divided by numel: here the float64 sum rounded once, then divided
     return packed, _sce_normalized(sums.to(torch.float32) / job.numel)
+
+
+SQUARE_LANES = 8  # float64 lanes per model in add_square_lanes
+
+
+def add_square_lanes(deltas: Tensor, mask: Tensor | None, lanes: Tensor) -> None:
+    """Add the float32 squares of the task vectors `deltas` [n, m] (times `mask` first, where given), as float64,
+    to `lanes` [n, SQUARE_LANES]: element k into lane k % SQUARE_LANES, each lane in index order (a run of calls
+    must give each a multiple of SQUARE_LANES elements until the last). The native pass
+    (composer.native.sce_masked_squares) adds in the same order: the same bits, which torch's own sum's order
+    (its build's, its size's) would not give."""
+    squared = (deltas if mask is None else deltas * mask.unsqueeze(0)).square()
+    for row, values in zip(lanes, squared):
+        values = torch.nn.functional.pad(values.double(), (0, -values.numel() % SQUARE_LANES))
+        row.copy_(torch.cat([row[None], values.view(-1, SQUARE_LANES)]).cumsum(0)[-1])  # cumsum: in index order
+
+
+def _lane_total(row: list[float]) -> float:
+    total = 0.0
+    for value in row:
+        total += value
+    return total
 
 
 def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
