@@ -614,9 +614,27 @@ void composer_sce_var_hist(const void *base, const void *const *xs, const int32_
     }
     hist_flush(h, hist);
 }
+/* composer_nth_equal_delta of SCE's variance (composer_sce_var's): the index of the rank-th element whose |var|
+   has these float32 bits, -1 - their count when fewer */
+int64_t composer_sce_nth_equal(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
+                               int64_t count, uint32_t bits, int64_t rank) {
+    SceScratch *w = sce_scratch();
+    int64_t seen = 0;
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t len = count - t0 < TILE ? count - t0 : TILE, here = 0;
+        sce_var_tile(base, xs, kinds, n, t0, len, w->var, w->mean, w->m2, w->b, w->x);
+        for (int64_t j = 0; j < len; j++) here += (as_bits(w->var[j]) & 0x7fffffffu) == bits;
+        if (rank < seen + here)
+            for (int64_t j = 0; j < len; j++)
+                if ((as_bits(w->var[j]) & 0x7fffffffu) == bits && seen++ == rank) return t0 + j;
+        seen += here;
+    }
+    return -1 - seen;
+}
 /* SCE's mean-squares pass in one: the variance, its mask (composer.ranked.Keep.mask's one step per end, from
    `steps` {mode, lo, lo_at_zero, hi, hi_at_zero}: mode 0 no mask, 1 |var| against lo only, 2 lo and hi, 3 nothing
-   kept) into `mask` (float32 0/1, as Keep.mask; not written in mode 0), and the float32 squares ((x_i - b) *
+   kept, 4 the mask given) into `mask` (float32 0/1, as Keep.mask; not written in modes 0 and 4), and the float32
+   squares ((x_i - b) *
    mask)^2 (torch's deltas * mask, then square()) added to float64 lanes [n, 8] (element k into lane k % 8, each
    lane in index order): composer.methods.fusion.add_square_lanes' order */
 void composer_sce_masked_squares(const void *base, const void *const *xs, const int32_t *kinds, int32_t n,
@@ -1087,6 +1105,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_splitmix.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
     lib.composer_nth_equal_delta.restype = i64
+    lib.composer_sce_nth_equal.argtypes = [p, p, p, i32, i64, ctypes.c_uint32, i64]
+    lib.composer_sce_nth_equal.restype = i64
     lib.composer_bernoulli.argtypes = [p, i64, f32, p]
     lib.composer_bernoulli.restype = None
     lib.composer_della_probs.argtypes = [p, i64, i64, f32, f32, f32, p, p]
@@ -1302,6 +1322,14 @@ def nth_equal_delta(x: Tensor, base: Tensor, bits: int, rank: int) -> int | None
     return int(lib.composer_nth_equal_delta(x.data_ptr(), base.data_ptr(), kinds, x.numel(), bits, rank))
 
 
+def sce_nth_equal(base: Tensor, xs: Sequence[Tensor], bits: int, rank: int) -> int | None:
+    """nth_equal_delta of sce_variance's variance of the task vectors x_i - base; None: not done (use torch)."""
+    lib, inputs = library(), _inputs(base, xs)
+    if lib is None or inputs is None:
+        return None
+    return int(lib.composer_sce_nth_equal(base.data_ptr(), *inputs, len(xs), base.numel(), bits, rank))
+
+
 def splitmix(key: int, out: Tensor) -> bool:
     """composer.methods.sparsify.splitmix_words into int64 `out`; False: not done (use torch)."""
     import torch
@@ -1438,8 +1466,8 @@ def sce_masked_squares(base: Tensor, xs: Sequence[Tensor], steps: tuple | None, 
                        lanes: Tensor) -> bool:
     """SCE's mean-squares pass over the task vectors x_i - base in one: with `steps` (composer.ranked.Keep.steps:
     () nothing kept, or (lo, kept at lo, hi or None, kept at hi)) the variance's mask into float32 `mask`, and the
-    squares ((x_i - base) * mask)^2 (no steps and no mask: unmasked) added to float64 `lanes` [n, 8] as
-    composer.methods.fusion.add_square_lanes adds them; False: not done (use torch)."""
+    squares ((x_i - base) * mask)^2 (no mask: unmasked; a mask and no steps: that mask, as given) added to float64
+    `lanes` [n, 8] as composer.methods.fusion.add_square_lanes adds them; False: not done (use torch)."""
     import torch
 
     lib, inputs = library(), _inputs(base, xs)
@@ -1450,6 +1478,8 @@ def sce_masked_squares(base: Tensor, xs: Sequence[Tensor], steps: tuple | None, 
         mode, lo, low, hi, high = 0, 0.0, 0, 0.0, 0
     elif not (_usable(mask) and mask.numel() == base.numel()):
         return False
+    elif steps is None:  # the mask made already (Keep.mask): only the squares
+        mode, lo, low, hi, high = 4, 0.0, 0, 0.0, 0
     elif steps == ():
         mode, lo, low, hi, high = 3, 0.0, 0, 0.0, 0
     else:

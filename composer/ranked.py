@@ -206,6 +206,7 @@ def select(
     vectors: int = 0,
     raw: Callable[[int, int], tuple[Tensor, Sequence[Tensor]]] | None = None,
     histogram: Callable[[int, int, Tensor], bool] | None = None,
+    nth: Callable[[int, int, int, int], int | None] | None = None,
 ) -> list[Keep | None]:
     """For each task vector, the Keep of positions `ranges[i]` (None: keep all, nothing to compute).
 
@@ -216,7 +217,9 @@ def select(
     the (base, inputs) whose differences the deltas are (float32, or bfloat16 whose float32 values they are:
     MergeJob.read_raw): pass 1 then takes them to the native kernel, which subtracts and counts in one pass.
     `histogram(a, b, hist)`, where given (one vector), adds pass 1's keys of elements [a, b) of it to `hist` in
-    one native pass, or returns False (then `read` is)."""
+    one native pass, or returns False (then `read` is); `nth(a, b, bits, rank)` likewise finds the index of the
+    rank-th element of [a, b) of it whose magnitude has these bits (composer.native.nth_equal_delta's answer), or
+    returns None."""
     later = ranges if callable(ranges) else None
     if later is not None:
         ranges = [(0, 1)] * vectors  # every vector is read in the first pass
@@ -329,10 +332,13 @@ def select(
     for i, e, counts in exact_runs:  # the run is the whole bin: read only the blocks holding its kept part's ends
         # a kept part that starts at the run's first element or ends at its last needs no index there: no equal
         # element lies before the first or after the last
-        source = (lambda a, b, i=i: (lambda base, xs: (xs[i], base))(*raw(a, b))) if fused else None
-        e.indices = (0 if e.ranks[0] == 0 else _nth_equal(read, grid, i, e.bits, counts, e.ranks[0], source),
+        find = nth if nth is not None and native.library() is not None else None
+        if fused:
+            find = (lambda a, b, bits, rank, i=i:
+                    (lambda base, xs: native.nth_equal_delta(xs[i], base, bits, rank))(*raw(a, b)))
+        e.indices = (0 if e.ranks[0] == 0 else _nth_equal(read, grid, i, e.bits, counts, e.ranks[0], find),
                      numel if e.ranks[1] == e.total else
-                     _nth_equal(read, grid, i, e.bits, counts, e.ranks[1] - 1, source) + 1)
+                     _nth_equal(read, grid, i, e.bits, counts, e.ranks[1] - 1, find) + 1)
     if cut:  # pass 3, only after histograms: where the kept elements of each cut run of equal values lie
         _find_indices(read, numel, cut)
     if rescale:  # the last pass: L1 norm kept; the factor as methods.sparsify._rescaled computes it
@@ -390,14 +396,14 @@ def _low_histograms(read: Callable[[int, int], Sequence[Tensor]], grid: list[tup
 
 
 def _nth_equal(read: Callable[[int, int], Sequence[Tensor]], grid: list[tuple[int, int]], i: int, bits: int,
-               counts: list[int], rank: int, raw: Callable[[int, int], tuple[Tensor, Tensor]] | None = None) -> int:
+               counts: list[int], rank: int, find: Callable[[int, int, int, int], int | None] | None = None) -> int:
     """The index of the rank-th element (index order) of task vector i whose |delta| has these bits, given how many
-    each block holds: one block read (by the native kernel where `raw` gives the block's (input, base))."""
+    each block holds: one block read (by a native kernel where `find(a, b, bits, rank)` answers: select's)."""
     seen = 0
     for (a, b), count in zip(grid, counts):
         if rank < seen + count:
-            if raw is not None:
-                at = native.nth_equal_delta(*raw(a, b), bits, rank - seen)
+            if find is not None:
+                at = find(a, b, bits, rank - seen)
                 if at is not None:
                     if at < 0:
                         raise AssertionError("rank beyond the block's equal elements")  # counted from the same

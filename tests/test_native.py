@@ -538,6 +538,11 @@ def test_sce_kernels_are_the_torch_chain_bit_for_bit(n, masked):
                 assert _same(mask, want_mask), steps
             fusion.add_square_lanes(deltas[:, a:b], want_mask, want)
         assert _same(got, want), steps
+    given = (torch.rand(size, generator=torch.Generator().manual_seed(n + 9)) < 0.5).float()  # Keep.mask's, made
+    got, want = (torch.zeros(n, fusion.SQUARE_LANES, dtype=torch.float64) for _ in range(2))
+    assert native.sce_masked_squares(base, xs, None, given.clone(), got)
+    fusion.add_square_lanes(deltas, given, want)
+    assert _same(got, want)
     mask = (torch.rand(size, generator=torch.Generator().manual_seed(n)) < 0.6).float() if masked else None
     if mask is not None:
         deltas = deltas * mask.unsqueeze(0)
@@ -546,6 +551,24 @@ def test_sce_kernels_are_the_torch_chain_bit_for_bit(n, masked):
     got = native.sce_blend(base, xs, mask, w)
     for int8 in (False, True):
         assert _same(got, fusion._sce_erase_mean(base, deltas, w, int8))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sce_nth_equal_finds_the_variance_run_as_torch(n):
+    """The index of the rank-th element whose |variance| has given bits (SCE's cut run), as the torch scan finds
+    it, and -1 - the count past the run's end."""
+    from composer.methods import fusion
+
+    size = 3 * 2048 + 11
+    base = _hostile(size, 30).bfloat16()
+    xs = [(base.float() + torch.randint(-2, 3, (size,), generator=torch.Generator().manual_seed(i)) / 64).bfloat16()
+          for i in range(n)]
+    var = fusion._sce_variance(torch.stack([x.float() - base.float() for x in xs])).abs().view(torch.int32)
+    bits = int(var[var != 0x7FC00000].mode().values)  # the most common value: a long run
+    where = torch.nonzero(var == bits).reshape(-1)
+    for rank in (0, 1, len(where) // 2, len(where) - 1):
+        assert native.sce_nth_equal(base, xs, bits, rank) == int(where[rank])
+    assert native.sce_nth_equal(base, xs, bits, len(where)) == -1 - len(where)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

@@ -190,8 +190,11 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             def histogram(a: int, b: int, hist: Tensor) -> bool:  # the variance and its keys in one pass
                 return native.sce_var_hist(*job.read_raw_all(a, b), hist)
 
+            def nth(a: int, b: int, bits: int, rank: int) -> int | None:
+                return native.sce_nth_equal(*job.read_raw_all(a, b), bits, rank)
+
             keep = ranked.select(lambda a, b: [variance(a, b)], job.numel, ranges, False, vectors=1,
-                                 histogram=histogram)[0]
+                                 histogram=histogram, nth=nth)[0]
 
     packed = None if keep is None else PackedMasks(job.numel, job.block, 1)
 
@@ -201,8 +204,10 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             base, xs = job.read_raw_all(s, e)
             mask = None if keep is None else torch.empty(e - s)
             steps = None if keep is None else keep.steps(s, e)  # None with a keep: it needs the comparisons
-            if keep is not None and steps is None or not native.sce_masked_squares(base, xs, steps, mask, lanes):
-                if keep is not None:  # the same bits in torch
+            if keep is not None and steps is None:  # an end of a cut run here: the comparisons, then the squares
+                mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
+            if not native.sce_masked_squares(base, xs, steps, mask, lanes):  # the same bits in torch
+                if keep is not None and steps is not None:
                     mask = keep.mask(_piece_variance(job, s, e, base, xs).abs(), s)
                 add_square_lanes(_task_vectors(base, xs), mask, lanes)
             masks.append(mask)
