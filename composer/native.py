@@ -35,6 +35,7 @@ LANES = 16  # the float64 lanes of the L1 sums of DARE's and DELLA's rescale (co
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 
 #define MAX_INPUTS 4
 #define TILE 2048
@@ -513,6 +514,49 @@ void composer_fusion_blend(const void *base, const void *x, const int32_t *kinds
         }
         j += len; row++; col = 0;
     }
+}
+/* composer.methods.fusion.order_statistics: the values at positions `ranks` (r of them) of n float32 values
+   without NaN in torch.sort's order (-0.0 before +0.0): the bits made into int32 keys that order as the floats
+   do, a histogram of their upper 16 bits, then each rank's bin gathered into `scratch` (n int32) and the rank
+   found there by quickselect. 0: done; 1: no memory for the histogram (use torch) */
+static int32_t kth_key(int32_t *a, int64_t m, int64_t k) {
+    int64_t lo = 0, hi = m - 1;
+    while (lo < hi) {
+        int32_t p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi];
+        int32_t pivot = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0)) : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) { int32_t t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+static inline int32_t order_key(float v) { int32_t b = (int32_t)as_bits(v); return b ^ ((b >> 31) & 0x7fffffff); }
+int32_t composer_order_statistics(const float *x, int64_t n, const int64_t *ranks, int32_t r, float *out,
+                                  int32_t *scratch) {
+    int64_t *cum = (int64_t *)calloc(1 << 16, sizeof *cum);
+    if (!cum) return 1;
+    for (int64_t j = 0; j < n; j++) cum[(order_key(x[j]) >> 16) + 32768] += 1;
+    for (int32_t k = 1; k < (1 << 16); k++) cum[k] += cum[k - 1];
+    for (int32_t q = 0; q < r; q++) {
+        int64_t rank = ranks[q], bin = 0, step = 1 << 15;
+        while (step) { if (cum[bin + step - 1] <= rank) bin += step; step >>= 1; }  /* first with cum > rank */
+        if (cum[bin] <= rank) bin++;
+        int64_t below = bin ? cum[bin - 1] : 0, m = 0;
+        for (int64_t j = 0; j < n; j++) {
+            int32_t key = order_key(x[j]);
+            if ((key >> 16) + 32768 == bin) scratch[m++] = key;
+        }
+        int32_t key = kth_key(scratch, m, rank - below);
+        out[q] = as_float((uint32_t)(key ^ ((key >> 31) & 0x7fffffff)));
+    }
+    free(cum);
+    return 0;
 }
 /* arcee_fusion's quantile sample: the m drawn positions (int64, each in [0, numel), numel <= 2^31) in ascending
    order, as int32, into `out`, by least-significant-digit radix passes of 8 bits (as many as numel needs; `tmp`:
@@ -1122,6 +1166,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_fusion_blend.argtypes = [p, p, p, p, i64, i64, f32, p, i64]
     lib.composer_fusion_blend.restype = None
     lib.composer_sort_positions.argtypes = [p, i64, i64, p, p]
+    lib.composer_order_statistics.argtypes = [p, i64, p, i32, p, p]
+    lib.composer_order_statistics.restype = i32
     lib.composer_sort_positions.restype = None
     lib.composer_fusion_picked.argtypes = [p, p, p, i64, p, i64, i64, p]
     lib.composer_fusion_picked.restype = None
@@ -1409,6 +1455,21 @@ def fusion_blend(base: Tensor, x: Tensor, kl: Tensor, offset: int, width: int, t
     lib.composer_fusion_blend(base.data_ptr(), x.data_ptr(), kinds, kl.data_ptr(), offset, width, float(threshold),
                               out.data_ptr(), base.numel())
     return out
+
+
+def order_statistics(x: Tensor, ranks: Sequence[int]) -> list[Tensor] | None:
+    """composer.methods.fusion.order_statistics of a flat float32 tensor without NaN; None: not done."""
+    import torch
+
+    lib = library()
+    if lib is None or not _usable(x) or not all(0 <= r < x.numel() for r in ranks):
+        return None
+    at = torch.tensor(list(ranks), dtype=torch.int64)
+    out, scratch = torch.empty(len(ranks)), torch.empty(x.numel(), dtype=torch.int32)
+    if lib.composer_order_statistics(x.data_ptr(), x.numel(), at.data_ptr(), len(ranks), out.data_ptr(),
+                                     scratch.data_ptr()):
+        return None
+    return list(out.unbind())
 
 
 def sort_positions(positions: Tensor, numel: int) -> Tensor | None:
