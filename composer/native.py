@@ -517,8 +517,8 @@ void composer_fusion_blend(const void *base, const void *x, const int32_t *kinds
 }
 /* composer.methods.fusion.order_statistics: the values at positions `ranks` (r of them) of n float32 values
    without NaN in torch.sort's order (-0.0 before +0.0): the bits made into int32 keys that order as the floats
-   do, a histogram of their upper 16 bits, then each rank's bin gathered into `scratch` (n int32) and the rank
-   found there by quickselect. 0: done; 1: no memory for the histogram (use torch) */
+   do, a histogram of their upper 16 bits, then each rank's bin gathered into `scratch` (n + r int32) and the
+   rank found there by quickselect. 0: done; 1: more than ORDER_RANKS ranks, or no memory (use torch) */
 static int32_t kth_key(int32_t *a, int64_t m, int64_t k) {
     int64_t lo = 0, hi = m - 1;
     while (lo < hi) {
@@ -537,22 +537,47 @@ static int32_t kth_key(int32_t *a, int64_t m, int64_t k) {
     return a[k];
 }
 static inline int32_t order_key(float v) { int32_t b = (int32_t)as_bits(v); return b ^ ((b >> 31) & 0x7fffffff); }
+#define ORDER_RANKS 8
 int32_t composer_order_statistics(const float *x, int64_t n, const int64_t *ranks, int32_t r, float *out,
                                   int32_t *scratch) {
+    if (r > ORDER_RANKS) return 1;
     int64_t *cum = (int64_t *)calloc(1 << 16, sizeof *cum);
     if (!cum) return 1;
     for (int64_t j = 0; j < n; j++) cum[(order_key(x[j]) >> 16) + 32768] += 1;
     for (int32_t k = 1; k < (1 << 16); k++) cum[k] += cum[k - 1];
+    int64_t bins[ORDER_RANKS], below[ORDER_RANKS], fill[ORDER_RANKS], start[ORDER_RANKS];
     for (int32_t q = 0; q < r; q++) {
         int64_t rank = ranks[q], bin = 0, step = 1 << 15;
-        while (step) { if (cum[bin + step - 1] <= rank) bin += step; step >>= 1; }  /* first with cum > rank */
+        while (step) { if (cum[bin + step - 1] <= rank) bin += step; step >>= 1; }  /* the first with cum > rank */
         if (cum[bin] <= rank) bin++;
-        int64_t below = bin ? cum[bin - 1] : 0, m = 0;
-        for (int64_t j = 0; j < n; j++) {
-            int32_t key = order_key(x[j]);
-            if ((key >> 16) + 32768 == bin) scratch[m++] = key;
+        bins[q] = bin;
+        below[q] = bin ? cum[bin - 1] : 0;
+    }
+    /* every rank's bin gathered in one pass, each into its own region of `scratch` (n + r int32: a region's spare
+       last slot takes the writes of the elements that do not match, so the loop has no branch) */
+    int64_t at = 0;
+    for (int32_t q = 0; q < r; q++) {
+        start[q] = fill[q] = at;
+        at += cum[bins[q]] - below[q] + 1;
+        for (int32_t e = 0; e < q; e++) if (bins[e] == bins[q]) { start[q] = start[e]; at -= cum[bins[q]] - below[q] + 1; break; }
+    }
+    int32_t distinct[ORDER_RANKS], nd = 0;
+    for (int32_t q = 0; q < r; q++) {
+        int32_t seen = 0;
+        for (int32_t e = 0; e < nd; e++) seen |= bins[distinct[e]] == bins[q];
+        if (!seen) distinct[nd++] = q;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        int32_t key = order_key(x[j]);
+        int64_t bin = (key >> 16) + 32768;
+        for (int32_t e = 0; e < nd; e++) {
+            int32_t q = distinct[e];
+            scratch[fill[q]] = key;
+            fill[q] += bin == bins[q];
         }
-        int32_t key = kth_key(scratch, m, rank - below);
+    }
+    for (int32_t q = 0; q < r; q++) {
+        int32_t key = kth_key(scratch + start[q], cum[bins[q]] - below[q], ranks[q] - below[q]);
         out[q] = as_float((uint32_t)(key ^ ((key >> 31) & 0x7fffffff)));
     }
     free(cum);
@@ -1465,7 +1490,7 @@ def order_statistics(x: Tensor, ranks: Sequence[int]) -> list[Tensor] | None:
     if lib is None or not _usable(x) or not all(0 <= r < x.numel() for r in ranks):
         return None
     at = torch.tensor(list(ranks), dtype=torch.int64)
-    out, scratch = torch.empty(len(ranks)), torch.empty(x.numel(), dtype=torch.int32)
+    out, scratch = torch.empty(len(ranks)), torch.empty(x.numel() + len(ranks), dtype=torch.int32)
     if lib.composer_order_statistics(x.data_ptr(), x.numel(), at.data_ptr(), len(ranks), out.data_ptr(),
                                      scratch.data_ptr()):
         return None
