@@ -620,9 +620,35 @@ void composer_fusion_picked(const float *base, const float *x, const float *kl, 
 /* composer.methods.fusion._sce_variance of the deltas x_i - b (float32 subtractions), Welford's float64 updates
    in torch's order (the first one skipped, as there), m2 / n rounded to float32; n == 1: x0 * (x0 - x0). One tile
    (elements [t0, t0 + len), len <= TILE) into o; mean, m2: TILE doubles each; tb, tx: the tile buffers */
+/* n of 2 to 4 (a constant where it is inlined): the same float64 operations in the same order, each element's
+   Welford updates in registers in one loop, where the general form keeps mean and m2 in arrays between loops */
+static inline __attribute__((always_inline)) void sce_var_run(const int32_t n, const float *b, const float *const *x,
+                                                              int64_t len, float *o) {
+    for (int64_t j = 0; j < len; j++) {
+        double mean = (double)(x[0][j] - b[j]), m2 = 0.0;
+        for (int32_t k = 1; k < n; k++) {
+            double v = (double)(x[k][j] - b[j]), delta = v - mean;
+            /* divisions by 2 and 4 are multiplications by 0.5 and 0.25 (the same correctly rounded number) */
+            mean = k == 1 ? mean + delta * 0.5 : k == 3 ? mean + delta * 0.25 : mean + delta / (double)(k + 1);
+            m2 = k == 1 ? delta * (v - mean) : m2 + delta * (v - mean);
+        }
+        o[j] = n == 2 ? (float)(m2 * 0.5) : n == 4 ? (float)(m2 * 0.25) : (float)(m2 / (double)n);
+    }
+}
 static void sce_var_tile(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, int64_t t0,
                          int64_t len, float *o, double *mean, double *m2, float *tb, float *tx) {
     const float *b = load(base, kinds[0], t0, len, tb), *x0 = load(xs[0], kinds[1], t0, len, tx);
+    if (n >= 2 && n <= MAX_INPUTS) {  /* every input in a tile of its own: mean's and m2's memory hold four */
+        const float *x[MAX_INPUTS] = {x0};
+        float *spare[3] = {(float *)mean, (float *)mean + TILE, (float *)m2};
+        for (int32_t k = 1; k < n; k++) x[k] = load(xs[k], kinds[1 + k], t0, len, spare[k - 1]);
+        switch (n) {
+            case 2: sce_var_run(2, b, x, len, o); break;
+            case 3: sce_var_run(3, b, x, len, o); break;
+            default: sce_var_run(4, b, x, len, o); break;
+        }
+        return;
+    }
     if (n == 1) {
         for (int64_t j = 0; j < len; j++) { double x = (double)(x0[j] - b[j]); o[j] = (float)(x * (x - x)); }
         return;
