@@ -241,35 +241,40 @@ static int della_count_ranks(const uint32_t *row, int64_t n, int64_t loose_n, ui
     return 1;
 }
 
-void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float base, float n_minus_1,
-                          float epsilon, uint64_t *scratch, float *probs) {
-    float *table = (float *)(scratch + 2 * n);  /* the probability at each position of a sorted row: every row's */
-    uint32_t *count = (uint32_t *)(scratch + 2 * n + (n + 1) / 2);
+/* the probability at each position of a sorted row of n (every row's), into scratch's table */
+static float *della_table(int64_t n, float base, float n_minus_1, float epsilon, uint64_t *scratch) {
+    float *table = (float *)(scratch + 2 * n);
     for (int64_t position = 0; position < n; position++) {
         float rank_norm = n > 1 ? ((float)(position + 1) - 1.0f) / n_minus_1 : 0.0f;
         rank_norm = rank_norm < 0.0f ? 0.0f : rank_norm > 1.0f ? 1.0f : rank_norm;
         table[position] = base + rank_norm * 2.0f * epsilon;
     }
-    for (int64_t r = 0; r < n_rows; r++) {
-        const uint32_t *row = rows + r * n;
-        float *out = probs + r * n;
-        uint32_t any = 0, all = 0x7fffffffu, lo = 0x7fffu, hi = 0;
-        int64_t loose = 0;
-        for (int64_t j = 0; j < n; j++) {
-            uint32_t k = row[j] & 0x7fffffffu, up = k >> 16, nz = k ? up : 0x7fffu;
-            any |= k; all &= k; loose += (k & 0xffffu) != 0;
-            lo = nz < lo ? nz : lo; hi = up > hi ? up : hi;
-        }
-        if (della_count_ranks(row, n, loose, lo, hi, table, out, count, scratch)) continue;
-        uint64_t *cur = scratch, *next = scratch + n;
-        for (int64_t j = 0; j < n; j++) cur[j] = (uint64_t)(row[j] & 0x7fffffffu) << 32 | (uint64_t)j;
-        for (int shift = 0; shift < 32; shift += 8) {
-            if ((((any ^ all) >> shift) & 255u) == 0) continue;
-            RADIX_PASS(uint64_t, cur, next, n, 32 + shift)
-            uint64_t *t = cur; cur = next; next = t;
-        }
-        for (int64_t position = 0; position < n; position++) out[(uint32_t)cur[position]] = table[position];
+    return table;
+}
+/* one row's probabilities (see composer_della_probs) */
+static void della_row(const uint32_t *row, int64_t n, const float *table, float *out, uint64_t *scratch) {
+    uint32_t *count = (uint32_t *)(scratch + 2 * n + (n + 1) / 2);
+    uint32_t any = 0, all = 0x7fffffffu, lo = 0x7fffu, hi = 0;
+    int64_t loose = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k = row[j] & 0x7fffffffu, up = k >> 16, nz = k ? up : 0x7fffu;
+        any |= k; all &= k; loose += (k & 0xffffu) != 0;
+        lo = nz < lo ? nz : lo; hi = up > hi ? up : hi;
     }
+    if (della_count_ranks(row, n, loose, lo, hi, table, out, count, scratch)) return;
+    uint64_t *cur = scratch, *next = scratch + n;
+    for (int64_t j = 0; j < n; j++) cur[j] = (uint64_t)(row[j] & 0x7fffffffu) << 32 | (uint64_t)j;
+    for (int shift = 0; shift < 32; shift += 8) {
+        if ((((any ^ all) >> shift) & 255u) == 0) continue;
+        RADIX_PASS(uint64_t, cur, next, n, 32 + shift)
+        uint64_t *t = cur; cur = next; next = t;
+    }
+    for (int64_t position = 0; position < n; position++) out[(uint32_t)cur[position]] = table[position];
+}
+void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float base, float n_minus_1,
+                          float epsilon, uint64_t *scratch, float *probs) {
+    const float *table = della_table(n, base, n_minus_1, epsilon, scratch);
+    for (int64_t r = 0; r < n_rows; r++) della_row(rows + r * n, n, table, probs + r * n, scratch);
 }
 
 /* The torch chains below, as comparisons (no branches, so the loops vectorize), with the same results: */
@@ -1049,6 +1054,33 @@ void composer_della_pass(const void *x, const void *b, const int32_t *kinds, int
     static const float zeros[TILE];
     float keep[TILE + 1];
     int64_t n = n_rows * width;
+    if (width % 16 == 0) {  /* row by row: a row's deltas, ranks and mask stay in the cache between the steps */
+        const float *table = della_table(width, base_p, n_minus_1, epsilon, scratch);
+        float *tx = tile_x, *tb = tile_b;
+        Lanes l = lanes_in(lanes);
+        for (int64_t r0 = 0; r0 < n; r0 += width) {
+            for (int64_t t0 = r0; t0 < r0 + width; t0 += TILE) {
+                int64_t len = r0 + width - t0 < TILE ? r0 + width - t0 : TILE;
+                const float *xt = load(x, kinds[0], t0, len, tx), *bt = load(b, kinds[1], t0, len, tb);
+                for (int64_t j = 0; j < len; j++) deltas[t0 + j] = xt[j] - bt[j];
+            }
+            della_row((const uint32_t *)deltas + r0, width, table, probs + r0, scratch);
+            for (int64_t t0 = r0; t0 < r0 + width; t0 += TILE) {  /* lanes and bits go on: t0 % 16 == 0 */
+                int64_t len = r0 + width - t0 < TILE ? r0 + width - t0 : TILE;
+                const float *pt = probs + t0;
+                uint64_t z0 = key + (uint64_t)(t0 / 2 + 1) * 0x9E3779B97F4A7C15ull;
+                for (int64_t j = 0; j < len; j += 2, z0 += 0x9E3779B97F4A7C15ull) {
+                    uint64_t z = splitmix_mix(z0);
+                    keep[j] = below((uint32_t)z, pt[j]);
+                    keep[j + 1] = below((uint32_t)(z >> 32), pt[j + 1]);
+                }
+                l = add_lanes(l, deltas + t0, zeros, keep, len, lanes);
+                composer_pack(keep, len, bits + t0 / 8);
+            }
+        }
+        lanes_out(l, lanes);
+        return;
+    }
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
         int64_t len = n - t0 < TILE ? n - t0 : TILE;
         const float *xt = load(x, kinds[0], t0, len, tile_x), *bt = load(b, kinds[1], t0, len, tile_b);
