@@ -67,7 +67,16 @@ static inline const float *load(const void *p, int32_t kind, int64_t t0, int64_t
     for (int64_t j = 0; j < len; j++) { uint32_t u = (uint32_t)h[j] << 16; memcpy(buf + j, &u, sizeof u); }
     return buf;
 }
-#define TILE_BUFFERS static _Thread_local float tile_b[TILE], tile_x[TILE]
+/* A thread's buffers, their addresses found once per call: GCC recomputes a _Thread_local's address (a call to
+   __tls_get_addr, in a shared library) at each use inside a loop, even through a local pointer, unless the
+   pointer comes from a call it cannot see into (one such call per 8 elements was a quarter of the fused blend's
+   time) */
+#define THREAD_BUFFER(type, name, dims) \
+    static _Thread_local type name##_tls dims; \
+    static __attribute__((noinline)) void *name##_get(void) { return name##_tls; }
+THREAD_BUFFER(float, tile_b, [TILE])
+THREAD_BUFFER(float, tile_x, [TILE])
+#define TILE_BUFFERS float *tile_b = (float *)tile_b_get(), *tile_x = (float *)tile_x_get()
 
 
 /* pass 1 of composer.ranked.select: key 2 * (upper 16 bits of |d|) + (lower 16 bits not all 0). A tile's keys
@@ -375,13 +384,14 @@ static __attribute__((noinline)) void plain4(const float *restrict d0, const flo
    factor[i] applied where has_factor[i] (modes 1 to 4).
    consensus: TIES' sign election;
    else `divisor` is the sum of the weights (1 where it is ~0). */
+THREAD_BUFFER(float, ties_scratch, [MAX_INPUTS + 1][TILE])
 void composer_ties_blend(const void *base, const void *const *xs, const int32_t *kinds, const void *const *masks,
                          const int64_t *mask_start, int32_t n, const int32_t *mode,
                          const float *lo, const int32_t *lowz, const float *hi, const int32_t *highz,
                          const int32_t *unbounded, const float *factor, const int32_t *has_factor,
                          const float *w, int32_t consensus, int32_t normalize, float divisor,
                          float lambda_, float *out, int64_t count) {
-    static _Thread_local float scratch[MAX_INPUTS + 1][TILE];
+    float (*scratch)[TILE] = (float (*)[TILE])ties_scratch_get();
     float (*d)[TILE] = scratch, *unpacked = scratch[MAX_INPUTS];
     TILE_BUFFERS;
     float wp[MAX_INPUTS] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -435,11 +445,12 @@ void composer_ties_blend(const void *base, const void *const *xs, const int32_t 
    counts (when given): counts[2i] += #(nz_i = 1), counts[2i + 1] += #(nz_i = 1 and c = 1).
    out (when given): b + sum over i, from +0 in model order, of ((d_i * nz_i) / max(c, 1)) * scale_i, where
    scale_i = (1 - |sign(c - 1)|) * lambda[i] + clamp(sign(c - 1), min=0) with lambda (RAM+), and no scale (RAM). */
+THREAD_BUFFER(float, ram_scratch, [2 * MAX_INPUTS + 4][TILE])
 void composer_ram(const void *base, const void *const *xs, const int32_t *kinds, int32_t n, float eps,
                   const float *lambda, int64_t *counts, float *out, int64_t count) {
     TILE_BUFFERS;
-    static _Thread_local float scratch[2 * MAX_INPUTS + 4][TILE];
-    float (*d)[TILE] = scratch, (*nz)[TILE] = scratch + MAX_INPUTS;  /* the thread-local addresses, once */
+    float (*scratch)[TILE] = (float (*)[TILE])ram_scratch_get();
+    float (*d)[TILE] = scratch, (*nz)[TILE] = scratch + MAX_INPUTS;
     float *c = scratch[2 * MAX_INPUTS], *cl = scratch[2 * MAX_INPUTS + 1], *u = scratch[2 * MAX_INPUTS + 2],
           *ov = scratch[2 * MAX_INPUTS + 3];
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
@@ -789,11 +800,11 @@ void composer_sce_masked_squares(const void *base, const void *const *xs, const 
 /* composer.methods.fusion._sce_erase_mean of the deltas (x_i - b) * mask (no mask: unmasked), weights w:
    the sign election on the unweighted deltas (as elect2's, keep_sign's +0 for torch's -0 changes no bit: the sums
    start at +0), erased_i = w_i * keep_i, b + sum(d_i * erased_i) / max(sum(erased_i), 1e-6) */
+THREAD_BUFFER(float, sce_blend_scratch, [MAX_INPUTS][TILE])
 void composer_sce_blend(const void *base, const void *const *xs, const int32_t *kinds, const float *mask,
                         int32_t n, const float *w, float *out, int64_t count) {
     TILE_BUFFERS;
-    static _Thread_local float scratch[MAX_INPUTS][TILE];
-    float (*d)[TILE] = scratch;
+    float (*d)[TILE] = (float (*)[TILE])sce_blend_scratch_get();
     for (int64_t t0 = 0; t0 < count; t0 += TILE) {
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
         const float *b = load(base, kinds[0], t0, len, tile_b);
