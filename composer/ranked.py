@@ -262,19 +262,20 @@ def select(
                 acc[0] += torch.bincount(key, minlength=1 << 16)
         return out
 
-    high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
-    inexact = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}  # elements whose lower bits are not 0
+    keyed = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}  # the blocks' histograms added up
     per_block: dict[int, list[Tensor]] = {i: [] for i in active}  # each block's exact elements per bin
     l1 = {i: torch.zeros((), dtype=torch.float64) for i in active}
     for part in each(upper, grid):  # pass 1: upper 16 bits, and whether the lower ones are 0
         for i, (hist, norm) in zip(active, part):
-            exact, loose = hist[0::2], hist[1::2]
-            high[i][: 1 << 15] += exact
-            high[i][: 1 << 15] += loose
-            inexact[i][: 1 << 15] += loose
-            per_block[i].append(exact.to(torch.int32))
+            keyed[i] += hist
+            per_block[i].append(hist[0::2].to(torch.int32))
             if rescale:
                 l1[i] += norm
+    high = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
+    inexact = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}  # elements whose lower bits are not 0
+    for i in active:  # key 2 * bin: the bin's exact elements; 2 * bin + 1: its others
+        high[i][: 1 << 15] = keyed[i][0::2] + keyed[i][1::2]
+        inexact[i][: 1 << 15] = keyed[i][1::2]
     if later is not None:  # bin 0's exact elements have all bits 0: |delta| is +0.0
         ranges = list(later([int(high[i][0] - inexact[i][0]) for i in active]))
         keeps = [None if r is None else Keep(None, None) for r in ranges]
