@@ -11,7 +11,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import float32 as _float32, per_input as _per_input
+from composer.methods.common import float32 as _float32, lane_totals, per_input as _per_input
 from composer.methods.method import ELEMENTWISE, ROWS, MergeJob, MergeMethod, Param, Streaming, weights_sum
 
 # --------------------------------------------------------------------------------------------------- linear
@@ -125,13 +125,7 @@ def block_angle_sums(vectors: Callable[[int, int], Sequence[Tensor]], a: int, b:
         v = vectors(pa, pb)
         lanes = torch.zeros(len(_pairs(len(v))), ANGLE_LANES, dtype=torch.float64) if lanes is None else lanes
         add_angle_lanes(v, lanes)
-    totals = []
-    for row in lanes.tolist():
-        total = 0.0
-        for value in row:
-            total += value
-        totals.append(total)
-    return torch.tensor(totals, dtype=torch.float64)
+    return torch.tensor(lane_totals(lanes), dtype=torch.float64)
 
 
 def _pair_cosines(sums: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:

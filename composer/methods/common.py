@@ -81,8 +81,9 @@ def add_l1_lanes(v: Tensor, m: Tensor, lanes: Tensor) -> None:
         row.copy_(torch.cat([row[None], values.view(-1, native.LANES)]).cumsum(0)[-1])  # cumsum: in index order
 
 
-def l1_total(lanes: Tensor) -> list[float]:
-    """The two sums of add_l1_lanes' lanes: each lane added in lane order, in float64."""
+def lane_totals(lanes: Tensor) -> list[float]:
+    """Each row's sum of a fixed-order sum's float64 lanes (add_l1_lanes', averaging.add_angle_lanes',
+    fusion.add_square_lanes'): the lanes added in lane order, in float64."""
     totals = []
     for row in lanes.tolist():
         total = 0.0
@@ -90,6 +91,11 @@ def l1_total(lanes: Tensor) -> list[float]:
             total += value
         totals.append(total)
     return totals
+
+
+def l1_total(lanes: Tensor) -> list[float]:
+    """The two sums of add_l1_lanes' lanes."""
+    return lane_totals(lanes)
 
 
 _SPREAD: list = []  # byte value -> the int64 whose 8 bytes are its 8 bits (0 or 1), lowest bit first

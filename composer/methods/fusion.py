@@ -14,7 +14,7 @@ else:
 
     torch = LazyTorch(globals())
 
-from composer.methods.common import PackedMasks, float32 as _float32, unpack_mask
+from composer.methods.common import PackedMasks, float32 as _float32, lane_totals, unpack_mask
 from composer.methods.method import MergeJob, Streaming
 from composer.methods.taskvectors import _sign_consensus
 
@@ -213,7 +213,7 @@ def _sce_prepare(job: MergeJob) -> tuple[PackedMasks | None, Tensor] | None:
             masks.append(mask)
         if packed is not None:
             packed.put(a, b, 0, torch.cat(masks))
-        return [_lane_total(row) for row in lanes.tolist()]  # Python floats: nothing this block made outlives it
+        return lane_totals(lanes)  # Python floats: nothing this block made outlives it
 
     sums = torch.zeros(len(job.inputs), dtype=torch.float64)
     for part in job.each(squares, job.steps()):
@@ -235,13 +235,6 @@ def add_square_lanes(deltas: Tensor, mask: Tensor | None, lanes: Tensor) -> None
     for row, values in zip(lanes, squared):
         values = torch.nn.functional.pad(values.double(), (0, -values.numel() % SQUARE_LANES))
         row.copy_(torch.cat([row[None], values.view(-1, SQUARE_LANES)]).cumsum(0)[-1])  # cumsum: in index order
-
-
-def _lane_total(row: list[float]) -> float:
-    total = 0.0
-    for value in row:
-        total += value
-    return total
 
 
 def _sce_blend(job: MergeJob, stats, a: int, b: int) -> Tensor:
