@@ -572,16 +572,14 @@ int32_t composer_order_statistics(const float *x, int64_t n, const int64_t *rank
     /* every rank's bin gathered in one pass, each into its own region of `scratch` (n + r int32: a region's spare
        last slot takes the writes of the elements that do not match, so the loop has no branch) */
     int64_t at = 0;
+    int32_t distinct[ORDER_RANKS], nd = 0;  /* the ranks that gather a bin (ranks in one bin share its region) */
     for (int32_t q = 0; q < r; q++) {
+        int32_t e = 0;
+        while (e < nd && bins[distinct[e]] != bins[q]) e++;
+        if (e < nd) { start[q] = start[distinct[e]]; continue; }
         start[q] = fill[q] = at;
         at += cum[bins[q]] - below[q] + 1;
-        for (int32_t e = 0; e < q; e++) if (bins[e] == bins[q]) { start[q] = start[e]; at -= cum[bins[q]] - below[q] + 1; break; }
-    }
-    int32_t distinct[ORDER_RANKS], nd = 0;
-    for (int32_t q = 0; q < r; q++) {
-        int32_t seen = 0;
-        for (int32_t e = 0; e < nd; e++) seen |= bins[distinct[e]] == bins[q];
-        if (!seen) distinct[nd++] = q;
+        distinct[nd++] = q;
     }
     for (int64_t j = 0; j < n; j++) {
         int32_t key = order_key(x[j]);
