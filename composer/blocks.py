@@ -26,7 +26,7 @@ def read_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: i
     if isinstance(info, AlignedRows):  # rows re-indexed to the output vocabulary, rounded through `via` first
         x = gather(info, sources, start, stop, via)
     else:
-        x = sources.tensor(info, start, stop)
+        x = sources.tensor(info, start, stop, staged=True)
     if out is not None:
         return out[: stop - start].copy_(x if via == x.dtype else x.to(via))
     return x.to(via).to(torch.float32)
@@ -42,7 +42,7 @@ def raw_block(info: TensorInfo, t: TensorPlan, sources, start: int = 0, stop: in
     own = torch_dtype(info.dtype)
     if not isinstance(info, AlignedRows) and info.file is not None and torch_dtype(t.via or info.dtype) == own and \
             own in (torch.bfloat16, torch.float32):
-        return sources.tensor(info, start, stop)
+        return sources.tensor(info, start, stop, staged=True)
     return read_block(info, t, sources, start, stop)
 
 

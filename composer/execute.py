@@ -21,6 +21,7 @@ from composer.merging import Merged
 from composer.outputs import write_metadata
 from composer.reading import Sources, check_unchanged, import_torch, plan_stamps, prefetch, read_into
 from composer.sources import free_bytes
+from composer.staging import make_stager
 from composer.tensorplan import CHUNK_BYTES, CHUNK_ELEMENTS, SPARE_CHUNKS, WORKERS, Plan, TensorPlan
 from composer.vocab import AlignedRows, gather
 from composer.writer import ShardPlan, index_json
@@ -170,10 +171,13 @@ def _write_weights(plan: Plan, tmp: Path, progress: Callable[[int], None], worke
     only for a plan that computes: byte copies and zeros need none of it (a SOLAR up-scale is spared 1-3 s of
     import and ~0.2 GB of memory)."""
     with ExitStack() as stack:
-        sources = Sources(stamps)
+        stager = make_stager(plan) if plan.computes else None
+        sources = Sources(stamps, stager)
         stack.callback(sources.close)
         if plan.computes:
-            import_torch(plan, stack)
+            if stager is not None:
+                stager.start()  # while torch imports: the first inputs are in the buffer when the workers start
+            import_torch(plan, stack, stager)
             import torch
 
             from composer import ranked

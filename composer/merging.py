@@ -34,6 +34,8 @@ class Merged:
         if done:
             with self._lock:
                 del self._entries[t.name]
+            if getattr(self._sources, "stager", None) is not None:  # its inputs' room in the buffer is free
+                self._sources.stager.served(t.name)
 
     def _prepared(self, t: TensorPlan, entry: list):
         """(job, stream, statistics or the whole result's bytes), made once per tensor, under its lock."""

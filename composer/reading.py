@@ -57,7 +57,8 @@ class Sources:
     """Open source files once, read-only: a descriptor for byte copies, an mmap for computed tensors. A file whose
     identity differs from `stamps` (what the plan read) is refused when opened."""
 
-    def __init__(self, stamps: Mapping[Path, tuple[int, ...]] | None = None) -> None:
+    def __init__(self, stamps: Mapping[Path, tuple[int, ...]] | None = None, stager=None) -> None:
+        self.stager = stager  # composer.staging.Stager: merged tensors' inputs read ahead into a buffer, or None
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
@@ -81,20 +82,28 @@ class Sources:
                 self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             return self._maps[path]
 
-    def tensor(self, info: TensorInfo, start: int = 0, stop: int | None = None):
+    def tensor(self, info: TensorInfo, start: int = 0, stop: int | None = None, staged: bool = False):
         """Elements [start, stop) of a source tensor, flat, in its dtype: a view of the mapped file (computed, for a
-        composer.sources.Derived stand-in such as a LoRA-merged weight)."""
+        composer.sources.Derived stand-in such as a LoRA-merged weight), or with `staged` (the merge engine's reads
+        of a merged tensor's inputs, and only those) of the stager's buffer where it has read the tensor."""
         import torch
 
         stop = info.numel if stop is None else stop
         if info.file is None and hasattr(info, "read"):
             return info.read(self, start, stop)
+        if staged and self.stager is not None:
+            where = self.stager.view(info)
+            if where is not None:
+                return torch.frombuffer(where[0], dtype=torch_dtype(info.dtype), count=stop - start,
+                                        offset=where[1] + start * ITEMSIZE[info.dtype])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns that the read-only mmap is not writable; never written
             return torch.frombuffer(self.map(info.file), dtype=torch_dtype(info.dtype), count=stop - start,
                                     offset=info.offset + start * ITEMSIZE[info.dtype])
 
     def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
         for m in self._maps.values():
             m.close()
         for fd in self._fds.values():
@@ -126,6 +135,8 @@ def prefetch(shard: ShardPlan, segs, start: int, end: int, sources: Sources) -> 
         for info in tensor.inputs:
             if isinstance(info, AlignedRows) or info.file is None:
                 continue
+            if sources.stager is not None and sources.stager.planned(info):  # read by the stager, not the kernel
+                continue
             if tensor.is_merge and merge_mode(tensor) != "elementwise":  # read whole first: hint it all
                 lo, hi = info.offset, info.offset + info.nbytes
             else:
@@ -149,7 +160,7 @@ class _AfterTorchCore:
         return None
 
 
-def read_ahead(plan: Plan, stop: threading.Event, budget: int = EARLY_READ_BYTES) -> None:
+def read_ahead(plan: Plan, stop: threading.Event, budget: int = EARLY_READ_BYTES, stager=None) -> None:
     """Read the plan's input bytes into the page cache in the order the chunks will need them, `budget` bytes at
     most, until `stop` is set: one EARLY_READ_PIECE request at a time, without the kernel's read-ahead. torch's
     import still reads pages of its libraries and modules meanwhile, and each of those reads waits behind every
@@ -163,6 +174,8 @@ def read_ahead(plan: Plan, stop: threading.Event, budget: int = EARLY_READ_BYTES
                     continue
                 for info in entry.tensor.inputs:
                     if isinstance(info, AlignedRows) or info.file is None:
+                        continue
+                    if stager is not None and not stager.claim(info):  # the stager reads it, bypassing the cache
                         continue
                     if info.file not in fds:
                         fds[info.file] = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)
@@ -181,13 +194,14 @@ def read_ahead(plan: Plan, stop: threading.Event, budget: int = EARLY_READ_BYTES
             os.close(fd)
 
 
-def import_torch(plan: Plan, stack: ExitStack) -> None:
+def import_torch(plan: Plan, stack: ExitStack, stager=None) -> None:
     """Import torch (~10^5 objects: no garbage collection meanwhile, which cost ~0.3 s) and read the plan's first
     inputs once its core library is loaded. The read-ahead stops when `stack` closes."""
     if "torch" in sys.modules:
         return
     stop = threading.Event()
-    reader = threading.Thread(target=read_ahead, args=(plan, stop), name="composer-read-ahead",
+    reader = threading.Thread(target=read_ahead, args=(plan, stop, EARLY_READ_BYTES, stager),
+                              name="composer-read-ahead",
                               daemon=True)
 
     def finish() -> None:

@@ -60,9 +60,13 @@ def merge_parameters(plan: Plan) -> list[dict[str, Any]]:
 
 def peak_memory_estimate(plan: Plan, workers: int = WORKERS) -> int:
     """Interpreter + the aligned output chunks (one per worker, and spares that are written while the workers fill
-    others) + torch and its scratch when a tensor is computed."""
+    others) + torch and its scratch when a tensor is computed + the buffer merged tensors' inputs are staged in
+    (composer.staging)."""
+    from composer.staging import buffer_bytes
+
     chunks = (workers + SPARE_CHUNKS) * CHUNK_BYTES
-    return BASE_MEMORY + chunks + (TORCH_MEMORY + workers * plan.compute_memory if plan.computes else 0)
+    return BASE_MEMORY + chunks + (TORCH_MEMORY + workers * plan.compute_memory if plan.computes else 0) + \
+        buffer_bytes(plan)
 
 
 def used_models(plan: Plan) -> list[str]:

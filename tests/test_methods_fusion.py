@@ -382,7 +382,7 @@ class _Memory:
     def __init__(self, xs):
         self.xs = [x.reshape(-1) for x in xs]
 
-    def tensor(self, info, start, stop):
+    def tensor(self, info, start, stop, staged=False):
         return self.xs[int(info.name)][start:stop]
 
 

@@ -348,7 +348,7 @@ def _tensor_job(method, xs, base=None, shared=None, weights=None, block=1000, ch
     plan = TensorPlan("x", method, infos, tuple(f"m{i}" for i in range(len(arrays))), "F32",
                       params=tuple((shared or {}).items()), input_params=tuple(per_input),
                       base=None if base is None else 0)
-    sources = type("Sources", (), {"tensor": lambda self, info, a, b: flat[info.name][a:b]})()
+    sources = type("Sources", (), {"tensor": lambda self, info, a, b, staged=False: flat[info.name][a:b]})()
     return MergeJob.of(plan, METHODS[method], sources=sources, chunk=chunk, block=block)
 
 
