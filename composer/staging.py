@@ -134,6 +134,7 @@ class Stager:
         self._cond = threading.Condition()
         self._ring: deque[list] = deque()  # [start, end, released] in the order the room was taken
         self._next = 0
+        self._staged = 0  # inputs read into the buffer so far
         self._stop = False
         self._fds: dict[Path, int] = {}
         self._buffer: mmap.mmap | None = None
@@ -168,11 +169,13 @@ class Stager:
         self._fds.clear()
 
     def counts(self) -> dict[str, int]:
-        """How many inputs are pending, being read, staged (read into the buffer) and left to the map."""
+        """How many inputs are pending, being read, in the buffer now, and read through the map (or done with),
+        and how many were read into the buffer in all ("staged")."""
         with self._cond:
             states = [slot.state for slot in self._order]
-        return {name: states.count(state) for name, state in
-                (("pending", PENDING), ("reading", READING), ("staged", READY), ("skipped", SKIPPED))}
+            staged = self._staged
+        return {"staged": staged, **{name: states.count(state) for name, state in
+                (("pending", PENDING), ("reading", READING), ("ready", READY), ("skipped", SKIPPED))}}
 
     def held(self) -> int:
         """Rooms of the buffer not given back yet."""
@@ -226,6 +229,9 @@ class Stager:
                     slot.ready.set()
 
     def _free(self, slot: _Slot) -> None:
+        """Give a slot's room back (under the lock); the slot is read through the map from now on, should anything
+        still ask for it."""
+        slot.state = SKIPPED
         for room in self._ring:
             if room[0] == slot.start:
                 room[2] = True
@@ -307,6 +313,7 @@ class Stager:
         ok = self._read(fd, slot)
         with self._cond:
             slot.state = READY if ok else SKIPPED
+            self._staged += ok
             if not ok or slot.users == 0:
                 self._free(slot)
         slot.ready.set()
