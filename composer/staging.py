@@ -182,11 +182,15 @@ class Stager:
         with self._cond:
             return sum(not room[2] for room in self._ring)
 
+    def _slot(self, info) -> _Slot | None:
+        """The slot of a source tensor (any stand-in: None)."""
+        return self._slots.get((getattr(info, "file", None), getattr(info, "offset", None)))
+
     def claim(self, info) -> bool:
         """Whether the early read (composer.reading.read_ahead, while torch imports) should read `info` into the
         page cache: any input the stager does not stage, and a stageable one past the buffer's first fill, which
         the readers then leave to the map (the disk would otherwise idle until the workers free room)."""
-        slot = self._slots.get((getattr(info, "file", None), getattr(info, "offset", None)))
+        slot = self._slot(info)
         if slot is None:
             return True
         with self._cond:
@@ -198,13 +202,13 @@ class Stager:
     def planned(self, info) -> bool:
         """Whether `info` is an input the readers will read or have read (the kernel's read-ahead is not asked
         for it)."""
-        slot = self._slots.get((getattr(info, "file", None), getattr(info, "offset", None)))
+        slot = self._slot(info)
         return slot is not None and slot.state in (PENDING, READING, READY)
 
     def view(self, info: TensorInfo) -> tuple[mmap.mmap, int] | None:
         """(buffer, byte offset of the tensor's first element) once `info` is staged; None where it is read through
         the map: not staged, given up, or not yet started (then never: its readers skip it)."""
-        slot = self._slots.get((info.file, info.offset))
+        slot = self._slot(info)
         if slot is None:
             return None
         with self._cond:
