@@ -46,6 +46,7 @@ def blocks(workdir: Path):
     from safetensors import safe_open
 
     from composer.methods.dare import DELLA_ELEMENTS
+    from composer.native import LANES
 
     base_dir, ft_dir = workdir / "tinyllama-1.1b-random-base", workdir / "tinyllama-1.1b-random-ft1"
     names = [f"model.layers.{i}.{m}" for i in LAYERS for m in MODULES]
@@ -59,7 +60,7 @@ def blocks(workdir: Path):
                 for a in range(0, x.numel(), step):
                     n = min(step, x.numel() - a)
                     out.append((x[a: a + n], b[a: a + n], width, a, torch.zeros((n + 7) // 8, dtype=torch.uint8),
-                                torch.zeros(2, 16, dtype=torch.float64)))
+                                torch.zeros(2, LANES, dtype=torch.float64)))
     return out
 
 
