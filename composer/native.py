@@ -5,8 +5,9 @@ merge, Arcee Fusion's gate, SCE's variance and blend, DARE's masked magnitudes, 
 karcher, multislerp, slerp and nuslerp (`combination`). Each replaces a chain of
 torch operations (one pass over memory each) with one pass, and gives the same bits as that chain: the same
 float32 operations in the same order, compiled without FMA contraction, fast-math or -march (-mavx2 only where
-the CPU has it: isa_flags) (tests/test_native.py holds both paths to that, and the CLI's outputs to the same
-bytes).
+the CPU has it: isa_flags; DELLA's rescale pass also has AVX-512 forms, chosen at run time where the CPU has
+AVX-512 F, CD, DQ and VPOPCNTDQ: integer counts and the scalar float steps lane by lane) (tests/test_native.py
+holds both paths to that, and the CLI's outputs to the same bytes).
 
 The C source below is compiled once per source and compiler with the system C compiler (`$CC`, else `cc`),
 cached atomically under `$COMPOSER_CACHE` (default `$XDG_CACHE_HOME/composer`, else `~/.cache/composer`) and
@@ -169,7 +170,8 @@ void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out
    steps through them side by side: equal digits follow one another in a row of similar magnitudes, and one
    counter's increments, each waiting on the last through memory, bound the sort. Segment s's entries of a digit
    go after those of segments < s: the pass stays stable.
-   `scratch`: 2 * n uint64, n floats, then della_count_ranks' counts, 0. */
+   `scratch`: 2 * n uint64, n floats, then della_count_ranks' counts (2**15 uint32, 0), its `ord` (n uint32) and
+   `first` (2**15 uint32). */
 #define SORT_STREAMS 4
 /* one stable pass of 8 bits at `shift` over n entries (of type T: uint64_t, or uint32_t) from cur to next */
 #define RADIX_PASS(T, cur, next, n, shift) { \
@@ -187,51 +189,194 @@ void composer_unpack(const uint8_t *packed, int64_t start, int64_t n, float *out
     for (int64_t j = tail_; j < (n); j++) { T e = cur[j]; next[count[SORT_STREAMS - 1][(e >> (shift)) & 255u]++] = e; } \
 }
 
+/* della_count_ranks' prefix step for bin `up` (counts exact + 2**16 * loose): its first rank into `first`, where
+   its loose ones start into `count`; the running count after it */
+static inline uint32_t della_bin(uint32_t *count, uint32_t *first, uint32_t up, uint32_t running) {
+    uint32_t c = count[up];
+    first[up] = running;
+    count[up] = running + (c & 0xffffu);
+    return running + (c & 0xffffu) + (c >> 16);
+}
+
+/* AVX-512 (F, CD, VPOPCNTDQ) forms of della_count_ranks' passes over a row, 16 elements at a time, where the
+   CPU has it (checked at run time: the build itself takes no -m flag for it; composer_set_wide(0) turns them
+   off). The counts are integers, so every lane's result is the scalar loop's: a lane's count before it is its
+   bin's count before the vector (gathered) plus its earlier lanes' of the same bin (vpconflictd's mask, split
+   into exact and loose lanes and counted), and the scatter leaves each bin the count of its last lane, which
+   holds all of them. */
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && __GNUC__ >= 8))
+#include <immintrin.h>
+#define DELLA_WIDE 1
+#define WIDE_TARGET __attribute__((target("avx512f,avx512cd,avx512vpopcntdq,avx512dq")))
+static int wide_state = -1;  /* -1: not checked yet */
+static int wide(void) {
+    if (wide_state < 0) {
+        __builtin_cpu_init();
+        wide_state = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
+                     && __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512dq");
+    }
+    return wide_state;
+}
+/* the count pass: `ord` each element's bin count before it, `count` the bins', `idx` the loose elements' indices
+   (room for n + 16); returns the elements done (a multiple of 16), their loose ones' number in *m */
+WIDE_TARGET static int64_t della_count_wide(const uint32_t *row, int64_t n, uint32_t *count, uint32_t *ord,
+                                            uint32_t *idx, int64_t *m) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), low = _mm512_set1_epi32(0xffff);
+    const __m512i one = _mm512_set1_epi32(1), loose_one = _mm512_set1_epi32(0x10000);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t j = 0, found = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j)), magnitude);
+        __m512i up = _mm512_srli_epi32(k, 16);
+        __mmask16 is_loose = _mm512_test_epi32_mask(k, low);
+        __m512i same = _mm512_conflict_epi32(up), loose_lanes = _mm512_set1_epi32((int)is_loose);
+        __m512i before = _mm512_add_epi32(_mm512_popcnt_epi32(_mm512_andnot_si512(loose_lanes, same)),
+                                          _mm512_slli_epi32(_mm512_popcnt_epi32(_mm512_and_si512(loose_lanes, same)), 16));
+        __m512i c = _mm512_add_epi32(_mm512_i32gather_epi32(up, (const void *)count, 4), before);
+        _mm512_storeu_si512((void *)(ord + j), c);
+        _mm512_i32scatter_epi32((void *)count, up, _mm512_add_epi32(c, _mm512_mask_blend_epi32(is_loose, one, loose_one)), 4);
+        _mm512_storeu_si512((void *)(idx + found),
+                            _mm512_maskz_compress_epi32(is_loose, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j))));
+        found += __builtin_popcount((unsigned)is_loose);
+    }
+    *m = found;
+    return j;
+}
+/* the prefix over the bins [lo, hi] (lo >= 1), 16 at a time: each bin's size (exact + loose), their running sum
+   across the vector in four shifted adds, each bin's first rank and loose start as della_bin gives them (a bin
+   with nothing in it gets them too, unread; its count is cleared with the others), stored for the bins in
+   [lo, hi] only (the counts beside them may be other data) */
+WIDE_TARGET static uint32_t della_bins_wide(uint32_t *count, uint32_t *first, uint32_t lo, uint32_t hi,
+                                            uint32_t running) {
+    const __m512i low = _mm512_set1_epi32(0xffff), zero = _mm512_setzero_si512();
+    for (uint32_t g = lo & ~15u; g <= hi; g += 16) {
+        uint32_t live = 0xffffu;
+        if (g < lo) live &= ~((1u << (lo - g)) - 1u);
+        if (hi - g < 15) live &= (1u << (hi - g + 1)) - 1u;
+        __m512i c = _mm512_maskz_loadu_epi32((__mmask16)live, (const void *)(count + g));
+        __m512i exact = _mm512_and_si512(c, low), size = _mm512_add_epi32(exact, _mm512_srli_epi32(c, 16));
+        __m512i sum = size;
+        sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(sum, zero, 15));
+        sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(sum, zero, 14));
+        sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(sum, zero, 12));
+        sum = _mm512_add_epi32(sum, _mm512_alignr_epi32(sum, zero, 8));
+        __m512i start = _mm512_add_epi32(_mm512_set1_epi32((int)running), _mm512_sub_epi32(sum, size));
+        _mm512_mask_storeu_epi32((void *)(first + g), (__mmask16)live, start);
+        _mm512_mask_storeu_epi32((void *)(count + g), (__mmask16)live, _mm512_add_epi32(start, exact));
+        running += (uint32_t)_mm_extract_epi32(_mm512_extracti32x4_epi32(sum, 3), 3);
+    }
+    return running;
+}
+/* the exact elements' probabilities, as della_count_ranks' scalar loop gives them, the table's entry computed as
+   della_table computes it (the same float32 operations, in its order: (n + 1 - 1) / (n - 1), clamped, times 2,
+   times epsilon, plus base); returns the elements done */
+WIDE_TARGET static int64_t della_exact_wide(const uint32_t *row, int64_t n, const uint32_t *ord,
+                                            const uint32_t *first, const float *formula, float *out) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), low = _mm512_set1_epi32(0xffff);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512 base = _mm512_set1_ps(formula[0]), n_minus_1 = _mm512_set1_ps(formula[1]);
+    const __m512 epsilon = _mm512_set1_ps(formula[2]), unit = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const __m512 two = _mm512_set1_ps(2.0f);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j)), magnitude);
+        __mmask16 exact = _mm512_testn_epi32_mask(k, low);
+        __m512i start = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), exact, _mm512_srli_epi32(k, 16),
+                                                    (const void *)first, 4);
+        __m512i pos = _mm512_maskz_add_epi32(exact, start,
+                                             _mm512_and_si512(_mm512_loadu_si512((const void *)(ord + j)), low));
+        __m512 rank = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(pos, one)), unit);
+        __m512 norm = _mm512_max_ps(_mm512_min_ps(_mm512_div_ps(rank, n_minus_1), unit), zero);
+        _mm512_storeu_ps(out + j, _mm512_add_ps(base, _mm512_mul_ps(_mm512_mul_ps(norm, two), epsilon)));
+    }
+    return j;
+}
+#endif
+void composer_set_wide(int on) {
+#ifdef DELLA_WIDE
+    wide_state = on ? -1 : 0;
+#else
+    (void)on;
+#endif
+}
+int composer_wide(void) {
+#ifdef DELLA_WIDE
+    return wide();
+#else
+    return 0;
+#endif
+}
+
 /* A row's ranks by counting, where few keys' lower 16 bits are not 0 and n < 2**16: exact keys (lower bits 0)
-   are counted per upper 15 bits (`count`, 2**15 uint32: exact + 2**16 * loose, 0 on entry and on return); the
-   offsets are the running sums over the upper values the row spans (`lo`, its least non-zero one, to `hi`; 0, the
-   zeros' value, first), 8 empty ones skipped at a time; the exact elements take their ranks in index order; then
-   each bin's loose ones (entries key << 32 | index, `loose`: 2 * n uint64) go after its exact ones, insertion-
-   sorted there by (key, index) (a bin holds a few). Two passes over the row, one over its span of upper values
-   and one over its few loose keys: 10.9 -> 8.5 cycles per element on a bf16 task vector's rows, against the
-   bitmap of the upper values present and a radix sort of the loose keys it replaced. 0: not applicable (nothing
-   written). */
+   are counted per upper 15 bits (`count`, 2**15 uint32: exact + 2**16 * loose, 0 on entry and on return); each
+   bin's first rank is the running sum over the upper values the row spans (`lo`, its least non-zero one, to `hi`;
+   0, the zeros' value, first: `first`, 2**15 uint32), 8 empty ones skipped at a time; the exact elements take
+   their ranks in index order; then each bin's loose ones (entries key << 32 | index, `loose`: 2 * n uint64) go
+   after its exact ones, insertion-sorted there by (key, index) (a bin holds a few). Two passes over the row, one
+   over its span of upper values and one over its few loose keys: 10.9 -> 8.5 cycles per element on a bf16 task
+   vector's rows, against the bitmap of the upper values present and a radix sort of the loose keys it replaced.
+   With the AVX-512 forms (wide()) the counting pass also keeps each element's count before it (`ord`, n uint32),
+   so that the exact elements' ranks are first + that count, 16 at a time; without them the exact ranks come from
+   `first` as it counts up (one pass less to store). 0: not applicable (nothing written). */
 static int della_count_ranks(const uint32_t *row, int64_t n, int64_t loose_n, uint32_t lo, uint32_t hi,
-                              const float *table, float *out, uint32_t *count, uint64_t *loose) {
+                              const float *table, const float *formula, float *out, uint32_t *count,
+                              uint32_t *ord, uint32_t *first, uint64_t *loose) {
     if (n >= 65536 || loose_n > n / 16) return 0;
     int64_t m = 0;
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t k = row[j] & 0x7fffffffu, up = k >> 16, is_loose = (k & 0xffffu) != 0;
-        loose[m] = (uint64_t)k << 32 | (uint64_t)j;
-        m += is_loose;
-        count[up] += 1u + is_loose * 0xffffu;
-    }
-    /* each bin's start: exact elements first, then its loose ones */
-    uint32_t running = 0;
-    {
-        uint32_t c = count[0];
-        count[0] = running;
-        running += (c & 0xffffu) + (c >> 16);
-    }
-    if (lo == 0) lo = 1;
-    for (uint32_t g = lo; g <= hi; g += 8) {
-        uint32_t stop = hi - g < 8 ? hi + 1 : g + 8;
-        if (stop == g + 8) {
-            uint64_t w[4];
-            memcpy(w, count + g, sizeof w);
-            if (!(w[0] | w[1] | w[2] | w[3])) continue;
+#ifdef DELLA_WIDE
+    if (wide()) {  /* counts, each element's count before it, bins, exact ranks: 16 at a time */
+        uint32_t *idx = (uint32_t *)(loose + n);  /* the insertion's room, free until then */
+        int64_t j0 = della_count_wide(row, n, count, ord, idx, &m);
+        for (int64_t i = 0; i < m; i++) loose[i] = (uint64_t)(row[idx[i]] & 0x7fffffffu) << 32 | idx[i];
+        for (int64_t j = j0; j < n; j++) {
+            uint32_t k = row[j] & 0x7fffffffu, up = k >> 16, is_loose = (k & 0xffffu) != 0, c = count[up];
+            loose[m] = (uint64_t)k << 32 | (uint64_t)j;
+            m += is_loose;
+            ord[j] = c;
+            count[up] = c + 1u + is_loose * 0xffffu;
         }
-        for (uint32_t up = g; up < stop; up++) {
-            uint32_t c = count[up];
-            count[up] = running;
+        uint32_t running = della_bin(count, first, 0, 0);
+        running = della_bins_wide(count, first, lo == 0 ? 1 : lo, hi, running);
+        j0 = n > 1 ? della_exact_wide(row, n, ord, first, formula, out) : 0;
+        for (int64_t j = j0; j < n; j++) {
+            uint32_t k = row[j] & 0x7fffffffu;
+            if (!(k & 0xffffu)) out[j] = table[first[k >> 16] + (ord[j] & 0xffffu)];
+        }
+    } else
+#endif
+    {
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t k = row[j] & 0x7fffffffu, up = k >> 16, is_loose = (k & 0xffffu) != 0;
+            loose[m] = (uint64_t)k << 32 | (uint64_t)j;
+            m += is_loose;
+            count[up] += 1u + is_loose * 0xffffu;
+        }
+        /* each bin's start: exact elements first, then its loose ones */
+        uint32_t running = 0;
+        {
+            uint32_t c = count[0];
+            count[0] = running;
             running += (c & 0xffffu) + (c >> 16);
         }
+        for (uint32_t g = lo == 0 ? 1 : lo; g <= hi; g += 8) {
+            uint32_t stop = hi - g < 8 ? hi + 1 : g + 8;
+            if (stop == g + 8) {
+                uint64_t w[4];
+                memcpy(w, count + g, sizeof w);
+                if (!(w[0] | w[1] | w[2] | w[3])) continue;
+            }
+            for (uint32_t up = g; up < stop; up++) {
+                uint32_t c = count[up];
+                count[up] = running;
+                running += (c & 0xffffu) + (c >> 16);
+            }
+        }
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t k = row[j] & 0x7fffffffu;
+            if (!(k & 0xffffu)) out[j] = table[count[k >> 16]++];
+        }
     }
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t k = row[j] & 0x7fffffffu;
-        if (!(k & 0xffffu)) out[j] = table[count[k >> 16]++];
-    }
-    /* now count[up] is the bin's loose start (< 2**16); the loose ones go there in (key, index) order */
+    /* count[up] is the bin's loose start (< 2**16); the loose ones go there in (key, index) order */
     uint64_t *buf = loose + n;
     for (int64_t i = 0; i < m; i++) {
         uint64_t e = loose[i];
@@ -246,6 +391,7 @@ static int della_count_ranks(const uint32_t *row, int64_t n, int64_t loose_n, ui
         out[(uint32_t)buf[p]] = table[p];
     }
     count[0] = 0;
+    if (lo == 0) lo = 1;
     if (lo <= hi) memset(count + lo, 0, (size_t)(hi + 1 - lo) * sizeof *count);
     return 1;
 }
@@ -261,7 +407,8 @@ static float *della_table(int64_t n, float base, float n_minus_1, float epsilon,
     return table;
 }
 /* one row's probabilities (see composer_della_probs) */
-static void della_row(const uint32_t *row, int64_t n, const float *table, float *out, uint64_t *scratch) {
+static void della_row(const uint32_t *row, int64_t n, const float *table, const float *formula, float *out,
+                      uint64_t *scratch) {
     uint32_t *count = (uint32_t *)(scratch + 2 * n + (n + 1) / 2);
     uint32_t any = 0, all = 0x7fffffffu, lo = 0x7fffu, hi = 0;
     int64_t loose = 0;
@@ -270,7 +417,8 @@ static void della_row(const uint32_t *row, int64_t n, const float *table, float 
         any |= k; all &= k; loose += (k & 0xffffu) != 0;
         lo = nz < lo ? nz : lo; hi = up > hi ? up : hi;
     }
-    if (della_count_ranks(row, n, loose, lo, hi, table, out, count, scratch)) return;
+    uint32_t *ord = count + (1 << 15), *first = ord + n;
+    if (della_count_ranks(row, n, loose, lo, hi, table, formula, out, count, ord, first, scratch)) return;
     uint64_t *cur = scratch, *next = scratch + n;
     for (int64_t j = 0; j < n; j++) cur[j] = (uint64_t)(row[j] & 0x7fffffffu) << 32 | (uint64_t)j;
     for (int shift = 0; shift < 32; shift += 8) {
@@ -282,8 +430,8 @@ static void della_row(const uint32_t *row, int64_t n, const float *table, float 
 }
 void composer_della_probs(const uint32_t *rows, int64_t n_rows, int64_t n, float base, float n_minus_1,
                           float epsilon, uint64_t *scratch, float *probs) {
-    const float *table = della_table(n, base, n_minus_1, epsilon, scratch);
-    for (int64_t r = 0; r < n_rows; r++) della_row(rows + r * n, n, table, probs + r * n, scratch);
+    const float *table = della_table(n, base, n_minus_1, epsilon, scratch), formula[3] = {base, n_minus_1, epsilon};
+    for (int64_t r = 0; r < n_rows; r++) della_row(rows + r * n, n, table, formula, probs + r * n, scratch);
 }
 
 /* The torch chains below, as comparisons (no branches, so the loops vectorize), with the same results: */
@@ -1052,6 +1200,53 @@ void composer_dare_pass(const void *x, const void *b, const int32_t *kinds, int6
     lanes_out(l, lanes);
 }
 
+#ifdef DELLA_WIDE
+/* composer_della_pass' steps after a row's probabilities, in AVX-512 (and DQ, for SplitMix64's 64-bit products):
+   16 elements at a time, the 8 words of `key`'s stream that decide them (a word's low half the even element's,
+   as splitmix_word's), below()'s comparison, the bits packed as composer_pack packs them (element j: bit j % 8),
+   and add_lanes' sums, lane j % 16, in element order: the scalar steps' bits. n: a multiple of 16, `at` even. */
+WIDE_TARGET static void della_keep_wide(const float *d, const float *p,
+                                                                          int64_t n, int64_t at, uint64_t key,
+                                                                          uint8_t *bits, Lanes *l) {
+    const __m512i golden = _mm512_set1_epi64((long long)0x9E3779B97F4A7C15ull);
+    const __m512i mix1 = _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ull);
+    const __m512i mix2 = _mm512_set1_epi64((long long)0x94D049BB133111EBull);
+    const __m512i low31 = _mm512_set1_epi32(0x7fffffff), magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512 scale = _mm512_set1_ps(0x1p-31f), zero = _mm512_setzero_ps(), unit = _mm512_set1_ps(1.0f);
+    const __m512i step = _mm512_set1_epi64((long long)(8 * 0x9E3779B97F4A7C15ull));
+    __m512i z0 = _mm512_add_epi64(_mm512_set1_epi64((long long)key),
+                                  _mm512_mullo_epi64(_mm512_add_epi64(_mm512_set1_epi64(at / 2 + 1),
+                                                                      _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)),
+                                                     golden));
+    __m512d m_lo = _mm512_insertf64x4(_mm512_castpd256_pd512((__m256d)l->m0), (__m256d)l->m1, 1);
+    __m512d m_hi = _mm512_insertf64x4(_mm512_castpd256_pd512((__m256d)l->m2), (__m256d)l->m3, 1);
+    __m512d k_lo = _mm512_insertf64x4(_mm512_castpd256_pd512((__m256d)l->k0), (__m256d)l->k1, 1);
+    __m512d k_hi = _mm512_insertf64x4(_mm512_castpd256_pd512((__m256d)l->k2), (__m256d)l->k3, 1);
+    for (int64_t j = 0; j < n; j += 16, z0 = _mm512_add_epi64(z0, step)) {
+        __m512i z = _mm512_xor_si512(z0, _mm512_srli_epi64(z0, 30));
+        z = _mm512_mullo_epi64(z, mix1);
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 27));
+        z = _mm512_mullo_epi64(z, mix2);
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(z, low31)), scale);
+        __mmask16 kept = _mm512_cmp_ps_mask(u, _mm512_loadu_ps(p + j), _CMP_LT_OQ);
+        uint16_t packed = (uint16_t)kept;
+        memcpy(bits + j / 8, &packed, 2);
+        __m512 a = _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(_mm512_sub_ps(_mm512_loadu_ps(d + j), zero)), magnitude));
+        __m512 ak = _mm512_mul_ps(a, _mm512_mask_blend_ps(kept, zero, unit));
+        m_lo = _mm512_add_pd(m_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+        m_hi = _mm512_add_pd(m_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+        k_lo = _mm512_add_pd(k_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(ak)));
+        k_hi = _mm512_add_pd(k_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ak), 1))));
+    }
+    l->m0 = (v4d)_mm512_castpd512_pd256(m_lo); l->m1 = (v4d)_mm512_extractf64x4_pd(m_lo, 1);
+    l->m2 = (v4d)_mm512_castpd512_pd256(m_hi); l->m3 = (v4d)_mm512_extractf64x4_pd(m_hi, 1);
+    l->k0 = (v4d)_mm512_castpd512_pd256(k_lo); l->k1 = (v4d)_mm512_extractf64x4_pd(k_lo, 1);
+    l->k2 = (v4d)_mm512_castpd512_pd256(k_hi); l->k3 = (v4d)_mm512_extractf64x4_pd(k_hi, 1);
+}
+#endif
+
 /* composer.methods.dare's rescale pass for DELLA, one task vector x - b of n_rows rows of `width` in one call: the
    deltas (into `deltas`), their keep probabilities as composer_della_probs makes them (into `probs`; `scratch` as
    it takes it), the mask bernoulli draws from them with key's words, packed into `bits`, and its L1 sums added
@@ -1064,7 +1259,7 @@ void composer_della_pass(const void *x, const void *b, const int32_t *kinds, int
     float keep[TILE + 1];
     int64_t n = n_rows * width;
     if (width % 16 == 0) {  /* row by row: a row's deltas, ranks and mask stay in the cache between the steps */
-        const float *table = della_table(width, base_p, n_minus_1, epsilon, scratch);
+        const float *table = della_table(width, base_p, n_minus_1, epsilon, scratch), formula[3] = {base_p, n_minus_1, epsilon};
         float *tx = tile_x, *tb = tile_b;
         Lanes l = lanes_in(lanes);
         for (int64_t r0 = 0; r0 < n; r0 += width) {
@@ -1073,7 +1268,13 @@ void composer_della_pass(const void *x, const void *b, const int32_t *kinds, int
                 const float *xt = load(x, kinds[0], t0, len, tx), *bt = load(b, kinds[1], t0, len, tb);
                 for (int64_t j = 0; j < len; j++) deltas[t0 + j] = xt[j] - bt[j];
             }
-            della_row((const uint32_t *)deltas + r0, width, table, probs + r0, scratch);
+            della_row((const uint32_t *)deltas + r0, width, table, formula, probs + r0, scratch);
+#ifdef DELLA_WIDE
+            if (wide()) {
+                della_keep_wide(deltas + r0, probs + r0, width, r0, key, bits + r0 / 8, &l);
+                continue;
+            }
+#endif
             for (int64_t t0 = r0; t0 < r0 + width; t0 += TILE) {  /* lanes and bits go on: t0 % 16 == 0 */
                 int64_t len = r0 + width - t0 < TILE ? r0 + width - t0 : TILE;
                 const float *pt = probs + t0;
@@ -1189,7 +1390,20 @@ def _build() -> ctypes.CDLL | None:
     lib = _build_with(cc, [*isa, *_FLAGS])
     if lib is None and isa:  # a compiler that does not take the flag: the portable build
         lib = _build_with(cc, _FLAGS)
+    if lib is not None:  # (one library per process for one build: its state outlives a reset)
+        lib.composer_set_wide(0 if os.environ.get("COMPOSER_NATIVE_AVX512", "1").strip().lower() in _OFF else 1)
     return lib
+
+
+def use_wide(on: bool) -> bool:
+    """Let the kernels with AVX-512 forms (DELLA's rescale pass) use them where the CPU has them (the default;
+    `COMPOSER_NATIVE_AVX512=0` at load: never), or not: their results are the same, so this is for tests and
+    timing. Returns whether they are used now."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.composer_set_wide(1 if on else 0)
+    return bool(lib.composer_wide())
 
 
 def _build_with(cc: str, flags: list[str]) -> ctypes.CDLL | None:
@@ -1238,6 +1452,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.composer_keep_count.argtypes = [f32]
     lib.composer_keep_count.restype = ctypes.c_uint32
     lib.composer_splitmix.argtypes = [ctypes.c_uint64, i64, p]
+    lib.composer_set_wide.argtypes = [ctypes.c_int]
+    lib.composer_set_wide.restype = None
+    lib.composer_wide.argtypes = []
+    lib.composer_wide.restype = ctypes.c_int
     lib.composer_splitmix.restype = None
     lib.composer_nth_equal_delta.argtypes = [p, p, p, i64, ctypes.c_uint32, i64]
     lib.composer_nth_equal_delta.restype = i64
@@ -1402,6 +1620,16 @@ def lane_sums(v: Tensor, m: Tensor, lanes: Tensor) -> bool:
     return True
 
 
+def _della_scratch(n: int) -> Tensor:
+    """della_row's scratch for rows of n: two rows of entries, a row of floats, the counts (2**15 uint32, zeroed),
+    a row of uint32 (each element's count before it) and 2**15 uint32 (each bin's first rank)."""
+    import torch
+
+    scratch = torch.empty(2 * n + (n + 1) // 2 + (1 << 14) + (n + 1) // 2 + (1 << 14), dtype=torch.int64)
+    scratch[2 * n + (n + 1) // 2:][: 1 << 14] = 0
+    return scratch
+
+
 def della_pass(x: Tensor, base: Tensor, width: int, density: float, epsilon: float, key: int, bits: Tensor,
                lanes: Tensor) -> bool:
     """DELLA's rescale pass over the task vector x - base (inputs as _inputs takes them, rows of `width`): the mask
@@ -1418,9 +1646,7 @@ def della_pass(x: Tensor, base: Tensor, width: int, density: float, epsilon: flo
         return False
     lib, kinds = usable
     work = kept("della-pass", 2, n)  # the deltas and their probabilities
-    # two rows of entries, a row of floats, the counts (2**15 uint32, 0), as della_probs
-    ranks = torch.empty(2 * width + (width + 1) // 2 + (1 << 14), dtype=torch.int64)
-    ranks[2 * width + (width + 1) // 2:] = 0
+    ranks = _della_scratch(width)
     lib.composer_della_pass(x.data_ptr(), base.data_ptr(), kinds, n // width, width, density - epsilon,
                             float(width - 1), epsilon, key % (1 << 64), ranks.data_ptr(), work[0].data_ptr(),
                             work[1].data_ptr(), bits.data_ptr(), lanes.data_ptr())
@@ -1504,9 +1730,7 @@ def della_probs(rows: Tensor, density: float, epsilon: float) -> Tensor | None:
         return None
     n_rows, n = rows.shape
     probs = torch.empty_like(rows)
-    # two rows of entries, a row of floats, the counts (2**15 uint32, 0)
-    scratch = torch.empty(2 * n + (n + 1) // 2 + (1 << 14), dtype=torch.int64)
-    scratch[2 * n + (n + 1) // 2:] = 0
+    scratch = _della_scratch(n)
     lib.composer_della_probs(rows.data_ptr(), n_rows, n, density - epsilon, float(n - 1), epsilon,
                              scratch.data_ptr(), probs.data_ptr())
     return probs

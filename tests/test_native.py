@@ -284,16 +284,35 @@ def _bf16_deltas(shape: tuple[int, int], seed: int, small: float) -> torch.Tenso
     return tuned.float() - base.to(torch.bfloat16).float()
 
 
+@pytest.fixture
+def wide(request):
+    """The kernels' AVX-512 forms on (where the CPU has them) or off, for one test."""
+    native.use_wide(request.param)
+    yield request.param
+    native.use_wide(True)
+
+
+@pytest.mark.parametrize("wide", [True, False], indirect=True, ids=["wide", "scalar"])
 @pytest.mark.parametrize("kind", ["float32", "bf16 exact", "bf16 few loose", "bf16 many loose", "bf16 wide",
-                                  "bf16 zeros"])
+                                  "bf16 zeros", "bf16 repeats"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2048), (3, 5632), (7, 33)])
-def test_della_masks_are_the_torch_paths(shape, kind):
+def test_della_masks_are_the_torch_paths(shape, kind, wide):
     """DELLA's per-row ranks (equal magnitudes in index order) and keep probabilities, then its mask: on float32
     values, and on bfloat16 weights' task vectors whose lower 16 bits are all 0, or few or many not (the kernel's
-    counted ranks, and its sort)."""
+    counted ranks, and its sort); with the counting's AVX-512 form and without. "bf16 repeats": a few magnitudes
+    only, exact and loose ones in the same bins, so that 16 neighbours share bins (the vector form's conflicts)."""
     from composer.methods.sparsify import della_mask
 
-    if kind == "float32":
+    if kind == "bf16 repeats":
+        g = torch.Generator().manual_seed(15)
+        exact = torch.tensor([2.0**-8, 2.0**-8 * 1.5, 2.0**-7, 0.0])
+        pick = torch.randint(0, 4, shape, generator=g)
+        rows = exact[pick] * torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, -1.0)
+        bits = rows.view(torch.int32)
+        loose = (torch.rand(shape, generator=g) < 0.04) & (pick < 3)  # lower bits set: the same bins, loose
+        rows = torch.where(loose, (bits | torch.randint(1, 4, shape, generator=g, dtype=torch.int32)).view(torch.float32),
+                           rows)
+    elif kind == "float32":
         rows = _hostile(shape[0] * shape[1], 11).reshape(shape)
         rows[:, ::5] = 0.001  # runs of equal magnitudes, of both signs
         rows[:, 1::10] = -0.001
@@ -662,6 +681,25 @@ def test_the_avx2_build_gives_the_portable_builds_bits(monkeypatch):
     assert all(_same(a, b) if a.is_floating_point() else torch.equal(a, b) for a, b in zip(wide, narrow))
 
 
+def test_avx512_forms_follow_the_switch(monkeypatch):
+    """COMPOSER_NATIVE_AVX512=0 keeps DELLA's AVX-512 forms off from the library's load; use_wide turns them on
+    again where the CPU has them (whether it does: /proc/cpuinfo's flags, on Linux x86-64)."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    has = {"avx512f", "avx512cd", "avx512dq", "avx512_vpopcntdq"} <= flags
+    monkeypatch.setenv("COMPOSER_NATIVE_AVX512", "0")
+    native.reset()
+    try:
+        assert native.library() is not None
+        assert native.library().composer_wide() == 0
+        assert native.use_wide(True) == has
+    finally:
+        monkeypatch.delenv("COMPOSER_NATIVE_AVX512")
+        native.reset()
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_angle_lanes_are_the_torch_lanes_bit_for_bit(n, with_base):
@@ -858,12 +896,14 @@ def test_dare_pass_is_the_torch_chain(half, n):
     assert torch.equal(split_bits[: len(want_bits)], want_bits) and _same(split_lanes, want_lanes)
 
 
+@pytest.mark.parametrize("wide", [True, False], indirect=True, ids=["wide", "scalar"])
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("rows,width", [(1, 7), (3, 999), (5, 2048), (1, 70_000)])
-def test_della_pass_is_the_torch_chain(half, rows, width):
+@pytest.mark.parametrize("rows,width", [(1, 7), (3, 999), (5, 2048), (2, 4096 + 48), (1, 70_000)])
+def test_della_pass_is_the_torch_chain(half, rows, width, wide):
     """DELLA's rescale pass in one kernel: its packed mask is pack_mask of della_mask's (ranks, probabilities and
     bernoulli's draws from the same key), its lanes add_l1_lanes' of the deltas and that mask, on hostile values,
-    on bfloat16 inputs and on rows that take the radix sort (70,000 wide)."""
+    on bfloat16 inputs and on rows that take the radix sort (70,000 wide); with its AVX-512 forms and without
+    (rows of a multiple of 16, 2048 and 4144, take them: one tile, and a tile and a part)."""
     from composer.methods.common import add_l1_lanes, pack_mask
     from composer.methods.sparsify import della_mask
 
