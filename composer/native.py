@@ -550,20 +550,31 @@ void composer_ties_blend(const void *base, const void *const *xs, const int32_t 
         int64_t len = count - t0 < TILE ? count - t0 : TILE;
         const float *b = load(base, kinds[0], t0, len, tile_b);
         for (int32_t i = 0; i < n; i++) {  /* each task vector over the tile: loops the compiler vectorizes */
-            const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
             float *di = d[i];
             const float wi = w[i], li = lo[i], hi_ = hi[i], fi = factor[i];
             const int32_t lz = lowz[i], hz = highz[i], unb = unbounded[i], m = mode[i];
             const int32_t f = m != 0 && has_factor[i];
-            for (int64_t j = 0; j < len; j++) di[j] = x[j] - b[j];
+            if (kinds[1 + i] == 1) {  /* bfloat16: converted as it is subtracted */
+                const uint16_t *h = (const uint16_t *)xs[i] + t0;
+                for (int64_t j = 0; j < len; j++) di[j] = as_float((uint32_t)h[j] << 16) - b[j];
+            } else {
+                const float *x = load(xs[i], kinds[1 + i], t0, len, tile_x);
+                for (int64_t j = 0; j < len; j++) di[j] = x[j] - b[j];
+            }
+            if (m == 3 || m == 4) {  /* a mask drawn beforehand (DARE, DELLA), or the same packed
+                                        (composer.methods.common.pack_mask) from bit mask_start[i]: the mask, the
+                                        factor and the weight in one pass, each product rounded as the steps are */
+                const float *mi = (const float *)masks[i] + t0;
+                if (m == 4) {
+                    composer_unpack((const uint8_t *)masks[i], mask_start[i] + t0, len, unpacked);
+                    mi = unpacked;
+                }
+                if (f) for (int64_t j = 0; j < len; j++) di[j] = ((di[j] * mi[j]) * fi) * wi;
+                else for (int64_t j = 0; j < len; j++) di[j] = (di[j] * mi[j]) * wi;
+                continue;
+            }
             if (m == 1) {
                 for (int64_t j = 0; j < len; j++) di[j] = di[j] * 0.0f;
-            } else if (m == 3) {  /* a mask drawn beforehand (DARE, DELLA) */
-                const float *mi = (const float *)masks[i] + t0;
-                for (int64_t j = 0; j < len; j++) di[j] = di[j] * mi[j];
-            } else if (m == 4) {  /* the same, packed (composer.methods.common.pack_mask), from bit mask_start[i] */
-                composer_unpack((const uint8_t *)masks[i], mask_start[i] + t0, len, unpacked);
-                for (int64_t j = 0; j < len; j++) di[j] = di[j] * unpacked[j];
             } else if (m == 2) {  /* one loop per kind of step (a branch inside would stop the vectorizer) */
                 if (unb) {
                     if (lz) MASK_LOOP(at_zero, one) else MASK_LOOP(above_zero, one)
@@ -1263,6 +1274,11 @@ void composer_della_pass(const void *x, const void *b, const int32_t *kinds, int
         float *tx = tile_x, *tb = tile_b;
         Lanes l = lanes_in(lanes);
         for (int64_t r0 = 0; r0 < n; r0 += width) {
+            if (kinds[0] == 1 && kinds[1] == 1) {  /* bfloat16 both: converted as they are subtracted */
+                const uint16_t *hx = (const uint16_t *)x + r0, *hb = (const uint16_t *)b + r0;
+                for (int64_t j = 0; j < width; j++)
+                    deltas[r0 + j] = as_float((uint32_t)hx[j] << 16) - as_float((uint32_t)hb[j] << 16);
+            } else
             for (int64_t t0 = r0; t0 < r0 + width; t0 += TILE) {
                 int64_t len = r0 + width - t0 < TILE ? r0 + width - t0 : TILE;
                 const float *xt = load(x, kinds[0], t0, len, tx), *bt = load(b, kinds[1], t0, len, tb);
