@@ -461,9 +461,7 @@ def _fusion_blend(job: MergeJob, stats: tuple[int, Tensor, Tensor], a: int, b: i
     return base + (x - base) * mask
 
 
-# Any block blends alone (each element needs only its row's KL); blocks of FUSION_PIECE rather than the engine's
-# default steps: one kernel call per 2**20 elements instead of per 2**18, the same bytes.
-ARCEE_STREAMING = Streaming("row statistics", _fusion_blend, _fusion_prepare, grid=lambda job: FUSION_PIECE)
+ARCEE_STREAMING = Streaming("row statistics", _fusion_blend, _fusion_prepare)
 
 
 # ------------------------------------------------------------------------------------------------------- RAM
