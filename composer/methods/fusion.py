@@ -15,7 +15,7 @@ else:
     torch = LazyTorch(globals())
 
 from composer.methods.common import PackedMasks, float32 as _float32, lane_totals, unpack_mask
-from composer.methods.method import MergeJob, Streaming
+from composer.methods.method import MergeJob, Streaming, scratch
 from composer.methods.taskvectors import _sign_consensus
 
 # Checked against mergekit 0.1.5 (merge_methods/sce.py, arcee_fusion.py, ram.py): the same torch operations in the
@@ -321,13 +321,18 @@ def _fusion_importance(x: Tensor, b: Tensor) -> Tensor:
     return (x - b).abs() * _fusion_kl(x, b)
 
 
-def _fusion_kl(x: Tensor, b: Tensor) -> Tensor:
-    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row (along the last dim), keepdim."""
+def _fusion_kl(x: Tensor, b: Tensor, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row (along the last dim), keepdim; `work`: two float32
+    buffers of x's shape for the softmaxes (else fresh ones)."""
     eps = 1e-8
     # in place where the formula makes a new tensor (softmax(x) + eps, p / q, log, p * ...): the same operations
-    # on the same values, so the same bits, without four fresh temporaries per call
-    p = torch.nn.functional.softmax(x, dim=-1).add_(eps)
-    q = torch.nn.functional.softmax(b, dim=-1).add_(eps)
+    # on the same values, so the same bits, without four fresh temporaries per call (torch.softmax's out= is
+    # F.softmax's kernel: the same bits)
+    if work is None:
+        p, q = torch.nn.functional.softmax(x, dim=-1), torch.nn.functional.softmax(b, dim=-1)
+    else:
+        p, q = torch.softmax(x, -1, out=work[0]), torch.softmax(b, -1, out=work[1])
+    p, q = p.add_(eps), q.add_(eps)
     return torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True)
 
 
@@ -422,8 +427,13 @@ def _fusion_prepare(job: MergeJob) -> tuple[int, Tensor, Tensor]:
             sample.to(torch.int32).sort().values if job.numel < 2**31 else sample.sort().values).long()
 
     def piece(a: int, b: int) -> tuple[Tensor, Tensor]:
-        base, x = job.read_base(a, b).reshape(-1, width), job.read(other, a, b).reshape(-1, width)
-        kl = _fusion_kl(x, base)
+        # the four float32 temporaries (inputs, softmaxes) in the pass thread's own buffers where a piece fits
+        # (a lone long row may not): fresh 4 MB ones per piece cost page faults, each page zeroed by the kernel
+        # (~12% of a cold 1.1B merge's CPU time)
+        work = scratch("fusion", 4, b - a).unbind() if b - a <= 2 * FUSION_PIECE else (None,) * 4
+        base = job.read_base(a, b, work[0]).reshape(-1, width)
+        x = job.read(other, a, b, work[1]).reshape(-1, width)
+        kl = _fusion_kl(x, base, None if work[2] is None else (work[2].view(x.shape), work[3].view(x.shape)))
         if sample is None:
             return kl.reshape(-1), ((x - base).abs() * kl).reshape(-1)
         # the sampled elements only: the same operations on each (|x - base| times its row's KL)
