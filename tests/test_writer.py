@@ -139,10 +139,13 @@ def test_early_read_ahead_reads_inputs_in_plan_order_within_its_budget(models, w
     assert reads == []  # told to stop: nothing more is read
 
 
-def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_path):
+@pytest.mark.parametrize("staged", [False, True])
+def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_path, staged):
     """In a fresh interpreter a plan that computes (a merge: byte copies need no torch) starts the read-ahead once
     torch's core library has loaded and before the rest of torch's import has run (the seconds it is meant to
-    use); the output is still the model, byte for byte."""
+    use), with the whole EARLY_READ_BYTES to read, or only EARLY_READ_STAGED where the stager reads the merged
+    tensors' inputs (what the early read takes the stager leaves to the page cache and the map); the output is
+    still the model, byte for byte."""
     a, b = models["llama"], models["llama-b"]
     recipe = write_recipe(f"merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 0.3}}}}, "
                           f"{{model: {b}, parameters: {{weight: 0.7}}}}]\n")
@@ -150,19 +153,22 @@ def test_early_read_ahead_starts_while_torch_imports(models, write_recipe, tmp_p
 import sys
 import composer
 import composer.reading as reading
+import composer.staging as staging
+staging.STAGE_MIN = 1 if {staged} else 2**40  # the tiny models' tensors staged, or nothing
 seen = []
 real = reading.read_ahead
-def spy(plan, stop, *args):
+def spy(plan, stop, budget, stager):
     torch = sys.modules.get("torch")
-    seen.append(("torch._C" in sys.modules, hasattr(torch, "nn")))
-    return real(plan, stop, *args)
+    want = reading.EARLY_READ_STAGED if {staged} else reading.EARLY_READ_BYTES
+    seen.append(("torch._C" in sys.modules, hasattr(torch, "nn"), (stager is not None) == {staged}, budget == want))
+    return real(plan, stop, budget, stager)
 reading.read_ahead = spy
 composer.compose({str(recipe)!r}, {str(tmp_path / "early")!r})
 print(seen)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[(True, False)]"
+    assert proc.stdout.strip() == "[(True, False, True, True)]"
     ref = tmp_path / "ref"
     assert CliRunner().invoke(main, [str(recipe), "-o", str(ref), "-q"]).exit_code == 0  # torch loaded: no hook
     for shard in ref.glob("*.safetensors"):
