@@ -29,8 +29,9 @@ WILLNEED_PIECE = 2 * 2**20
 EARLY_READ_BYTES = 2 * 10**9
 # ... and where the stager reads the merged tensors' inputs (composer.staging), only as much as its buffer holds:
 # each byte the early read takes is one the stager does not stage, read through the page cache and then faulted
-# in through the map (on this VM 2-3x the CPU time of O_DIRECT). With the whole 2 GB a cold 1.1B arcee_fusion
-# ran 8.2-8.7 s (5.2-5.6 s of system time), with 300 MB 5.4-7.0 s (1-2.3 s); ties 6.7 -> 6.0 s; linear the same.
+# in through the map (on this VM 2-3x the CPU time of O_DIRECT). Measured with budgets of 0, 150, 300 and 600 MB
+# against 2 GB: a cold 1.1B arcee_fusion ran 8.2-8.7 s with 2 GB (5.2-5.6 s of system time), 5.4-7.0 s with 150-600
+# MB (1-2.3 s), 6.1-6.2 s with none; ties 6.7 -> 5.5-6.0 s; linear the same (5.5 s) with any of them.
 EARLY_READ_STAGED = 256 * 2**20
 EARLY_READ_PIECE = 4 * 2**20  # one request at a time (the disk's largest here, max_sectors_kb)
 
