@@ -31,7 +31,8 @@ EARLY_READ_BYTES = 2 * 10**9
 # each byte the early read takes is one the stager does not stage, read through the page cache and then faulted
 # in through the map (on this VM 2-3x the CPU time of O_DIRECT). Measured with budgets of 0, 150, 300 and 600 MB
 # against 2 GB: a cold 1.1B arcee_fusion ran 8.2-8.7 s with 2 GB (5.2-5.6 s of system time), 5.4-7.0 s with 150-600
-# MB (1-2.3 s), 6.1-6.2 s with none; ties 6.7 -> 5.5-6.0 s; linear the same (5.5 s) with any of them.
+# MB (1-2.3 s), 6.1-6.2 s with none; ties 5.1-6.9 s with the smaller budgets, 6.7 s with 2 GB (within its noise);
+# linear the same (5.5 s) with any of them.
 EARLY_READ_STAGED = 256 * 2**20
 EARLY_READ_PIECE = 4 * 2**20  # one request at a time (the disk's largest here, max_sectors_kb)
 
